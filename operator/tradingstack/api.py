@@ -1,0 +1,554 @@
+"""The TradingStack API (tradingstack.io/v1alpha1), declared once as pydantic models.
+
+The CRD's OpenAPI schema in crds/ is generated from these models (see crd.py), so every
+description, enum, bound and pattern here is what the API server enforces. Rules that span
+fields are written twice on purpose: as a pydantic validator (so `tradingstack render` fails
+offline) and as a CEL `x-kubernetes-validations` rule (so the API server rejects the object).
+tests/test_crd.py checks both reject the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "tradingstack.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TradingStack"
+PLURAL = "tradingstacks"
+SINGULAR = "tradingstack"
+SHORT_NAMES = ["tstack"]
+
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/tradingstack/tradingstack"
+DEFAULT_IMAGE_TAG = "0.1.0"
+
+# A symbol becomes one NATS subject token (market.tick.{SYMBOL}), so no dots or wildcards.
+SYMBOL_PATTERN = r"^[A-Z0-9][A-Z0-9_-]{0,31}$"
+# JetStream stream and durable names may not contain dots, spaces or wildcards.
+STREAM_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SUBJECT_PATTERN = r"^[A-Za-z0-9_*>-]+(\.[A-Za-z0-9_*>-]+)*$"
+# A Go duration as NATS and Kubernetes users write it: 24h, 90s, 1h30m.
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"
+# S3 bucket naming rules (lowercase, 3-63 characters, no leading or trailing dash or dot).
+BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+# QuestDB table and column names as this project allows them: plain identifiers.
+IDENTIFIER_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+URL_PATTERN = r"^[a-z][a-z0-9+.-]*://[^\s]+$"
+
+
+class ServiceName(StrEnum):
+    """The services a TradingStack runs; the value is the Kubernetes-facing name."""
+
+    GATEWAY = "gateway"
+    NORMALIZER = "normalizer"
+    SINK_TICKS = "sink-ticks"
+    SINK_ALT = "sink-alt"
+    RISK = "risk"
+    OMS = "oms"
+    EXEQ = "exeq"
+    PNL = "pnl"
+
+
+# Seed ports, kept as defaults so existing dashboards and clients keep working.
+DEFAULT_PORTS: dict[ServiceName, int] = {
+    ServiceName.GATEWAY: 8080,
+    ServiceName.NORMALIZER: 8091,
+    ServiceName.SINK_TICKS: 8111,
+    ServiceName.SINK_ALT: 8112,
+    ServiceName.RISK: 8095,
+    ServiceName.OMS: 8099,
+    ServiceName.EXEQ: 8098,
+    ServiceName.PNL: 8100,
+}
+
+
+class Model(BaseModel):
+    """Base for API types: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+def cel(rule: str, message: str) -> dict[str, str]:
+    return {"rule": rule, "message": message}
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
+
+
+class ResourceList(Model):
+    cpu: Quantity | None = Field(None, description="CPU, e.g. 100m or 1.")
+    memory: Quantity | None = Field(None, description="Memory, e.g. 128Mi or 1Gi.")
+
+
+class Resources(Model):
+    """Compute resources of one container, as in a Kubernetes container spec."""
+
+    requests: ResourceList = Field(
+        default_factory=lambda: ResourceList(cpu="50m", memory="128Mi"),
+        description="Minimum resources the scheduler reserves.",
+    )
+    limits: ResourceList = Field(
+        default_factory=lambda: ResourceList(memory="512Mi"),
+        description="Maximum resources; memory over the limit restarts the container.",
+    )
+
+
+class EnvVar(Model):
+    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=128, description="Variable name.")
+    value: str = Field("", max_length=4096, description="Variable value.")
+
+
+class ServiceSpec(Model):
+    """How one service runs. Every field is optional; omitted services run with defaults."""
+
+    enabled: bool = Field(True, description="Run this service. A disabled service's objects are removed.")
+    replicas: int = Field(1, ge=0, le=100, description="Number of pods.")
+    image: str | None = Field(
+        None,
+        max_length=512,
+        description="Full image reference overriding spec.image for this service.",
+    )
+    port: int | None = Field(
+        None, ge=1024, le=65535, description="HTTP port; defaults to the service's seed port."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Container resources.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment variables; they override the generated configuration.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+class Image(Model):
+    repository: str = Field(
+        DEFAULT_IMAGE_REPOSITORY, min_length=1, max_length=256, description="Image repository."
+    )
+    tag: str = Field(DEFAULT_IMAGE_TAG, min_length=1, max_length=128, description="Image tag.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes image pull policy."
+    )
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+class SecretKeyRef(Model):
+    """A Secret in the TradingStack's namespace holding S3 credentials."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", max_length=253, description="Key holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key holding the secret access key."
+    )
+
+
+class NatsEndpoint(Model):
+    url: str = Field(
+        "nats://nats:4222", pattern=URL_PATTERN, max_length=512, description="NATS server URL."
+    )
+
+
+class RedisEndpoint(Model):
+    url: str = Field(
+        "redis://redis:6379/0", pattern=URL_PATTERN, max_length=512, description="Redis URL."
+    )
+
+
+class QuestDBEndpoint(Model):
+    url: str = Field(
+        "http://questdb:9000",
+        pattern=URL_PATTERN,
+        max_length=512,
+        description="QuestDB HTTP endpoint (REST /exec and ILP /write).",
+    )
+
+
+class S3Endpoint(Model):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.endpoint) || !self.endpoint.startsWith('http://')"
+                " || (has(self.allowHttp) && self.allowHttp)",
+                "s3.endpoint uses plain http: set s3.allowHttp to true to allow it",
+            )
+        )
+    )
+
+    endpoint: str = Field(
+        "http://s3:8333", pattern=URL_PATTERN, max_length=512, description="S3 API endpoint URL."
+    )
+    region: str = Field("us-east-1", min_length=1, max_length=64, description="S3 region.")
+    bucket: str = Field(
+        "trader2025", pattern=BUCKET_PATTERN, max_length=63, description="Bucket holding the Delta Lake tables."
+    )
+    allow_http: bool = Field(
+        False,
+        description="Allow a plain-HTTP endpoint. Must be true when endpoint starts with http://.",
+    )
+    secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with S3 credentials; never put credentials in the spec."
+    )
+
+    @model_validator(mode="after")
+    def _plain_http_is_explicit(self) -> S3Endpoint:
+        if self.endpoint.startswith("http://") and not self.allow_http:
+            raise ValueError("s3.endpoint uses plain http: set s3.allowHttp to true to allow it")
+        return self
+
+
+class Infrastructure(Model):
+    """Where the platform's servers are. Defaults match the chart's in-cluster services."""
+
+    nats: NatsEndpoint = Field(default_factory=NatsEndpoint, description="NATS with JetStream.")
+    redis: RedisEndpoint = Field(default_factory=RedisEndpoint, description="Redis or Valkey.")
+    questdb: QuestDBEndpoint = Field(default_factory=QuestDBEndpoint, description="QuestDB.")
+    s3: S3Endpoint = Field(
+        default_factory=lambda: S3Endpoint(allow_http=True),
+        description="S3-compatible storage.",
+        # The in-cluster default endpoint is plain http, so its default allows it explicitly.
+        json_schema_extra={"default": {"allowHttp": True}},
+    )
+
+
+
+class StreamSpec(Model):
+    """A JetStream stream. Fields mirror the NATS stream configuration."""
+
+    name: str = Field(pattern=STREAM_NAME_PATTERN, max_length=64, description="Stream name.")
+    subjects: list[Annotated[str, Field(pattern=SUBJECT_PATTERN, max_length=256)]] = Field(
+        min_length=1,
+        max_length=32,
+        description="Subjects the stream captures.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    storage: Literal["file", "memory"] = Field("file", description="Storage type (immutable).")
+    retention: Literal["limits", "interest", "workqueue"] = Field(
+        "limits", description="Retention policy (immutable)."
+    )
+    discard: Literal["old", "new"] = Field("old", description="What to discard when full.")
+    max_age: str = Field(
+        "24h", pattern=DURATION_PATTERN, max_length=32, description="Maximum message age; 0s keeps forever."
+    )
+    max_bytes: int = Field(-1, ge=-1, description="Maximum stream size in bytes; -1 is unlimited.")
+    max_msgs: int = Field(-1, ge=-1, description="Maximum number of messages; -1 is unlimited.")
+    replicas: int = Field(1, ge=1, le=5, description="Number of stream replicas in a NATS cluster.")
+    duplicate_window: str | None = Field(
+        None,
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="Window for Nats-Msg-Id de-duplication (server default 2m).",
+    )
+
+    # Checked by the operator, not by CEL: duration() is too costly for the 1.24 API server's
+    # CEL budget, so such a spec is accepted and then reported as InvalidSpec in a condition.
+    @model_validator(mode="after")
+    def _window_within_age(self) -> StreamSpec:
+        if self.duplicate_window is None:
+            return self
+        age = parse_duration(self.max_age)
+        if age and parse_duration(self.duplicate_window) > age:
+            raise ValueError("duplicateWindow may not be longer than maxAge")
+        return self
+
+
+class BucketSpec(Model):
+    name: str = Field(pattern=BUCKET_PATTERN, max_length=63, description="Bucket name.")
+
+
+ColumnType = Literal[
+    "BOOLEAN", "BYTE", "SHORT", "INT", "LONG", "FLOAT", "DOUBLE", "CHAR",
+    "STRING", "VARCHAR", "SYMBOL", "DATE", "TIMESTAMP", "UUID", "LONG256", "IPV4",
+]  # fmt: skip
+
+
+class ColumnSpec(Model):
+    name: str = Field(pattern=IDENTIFIER_PATTERN, max_length=63, description="Column name.")
+    type: ColumnType = Field(description="QuestDB column type.")
+
+
+class TableSpec(Model):
+    """A QuestDB table with a designated timestamp."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.columns.exists(c, c.name == self.timestamp && c.type == 'TIMESTAMP')",
+                "the designated timestamp must be one of the columns, of type TIMESTAMP",
+            ),
+            cel(
+                "!has(self.dedupKeys) || size(self.dedupKeys) == 0 || self.timestamp in self.dedupKeys",
+                "dedupKeys must include the designated timestamp",
+            ),
+            cel("!self.wal || self.partitionBy != 'NONE'", "a WAL table must be partitioned"),
+        )
+    )
+
+    name: str = Field(pattern=IDENTIFIER_PATTERN, max_length=63, description="Table name.")
+    columns: list[ColumnSpec] = Field(
+        min_length=1,
+        max_length=64,
+        description="Columns, including the designated timestamp.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    timestamp: str = Field("ts", pattern=IDENTIFIER_PATTERN, max_length=63, description="Designated timestamp column.")
+    partition_by: Literal["NONE", "HOUR", "DAY", "WEEK", "MONTH", "YEAR"] = Field(
+        "DAY", description="Partitioning."
+    )
+    wal: bool = Field(True, description="Write-ahead-log table (needed for dedup and concurrent writers).")
+    dedup_keys: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN, max_length=63)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="DEDUP UPSERT KEYS, so a replay does not double-write.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    # "every dedup key is a column" is checked here only (its CEL cost is over budget).
+    @model_validator(mode="after")
+    def _questdb_rules(self) -> TableSpec:
+        types = {c.name: c.type for c in self.columns}
+        if types.get(self.timestamp) != "TIMESTAMP":
+            raise ValueError("the designated timestamp must be one of the columns, of type TIMESTAMP")
+        if any(k not in types for k in self.dedup_keys):
+            raise ValueError("every dedup key must be a column")
+        if self.dedup_keys and self.timestamp not in self.dedup_keys:
+            raise ValueError("dedupKeys must include the designated timestamp")
+        if self.wal and self.partition_by == "NONE":
+            raise ValueError("a WAL table must be partitioned")
+        return self
+
+
+class RiskLimit(Model):
+    """Per-symbol limits the risk service enforces."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.minQuantity <= self.maxQuantity", "minQuantity may not exceed maxQuantity")
+        )
+    )
+
+    symbol: str = Field(pattern=SYMBOL_PATTERN, max_length=32, description="Symbol the limits apply to.")
+    min_quantity: float = Field(0.0, ge=0, description="Smallest order quantity accepted.")
+    max_quantity: float = Field(1000.0, gt=0, description="Largest order quantity accepted.")
+    max_notional: float = Field(1_000_000.0, gt=0, description="Largest order notional (quantity x price).")
+    max_position: float = Field(10_000.0, gt=0, description="Largest absolute position after the order.")
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> RiskLimit:
+        if self.min_quantity > self.max_quantity:
+            raise ValueError("minQuantity may not exceed maxQuantity")
+        return self
+
+
+def _default_streams() -> list[StreamSpec]:
+    return [
+        StreamSpec(name="MARKET_TICKS", subjects=["market.tick.>"]),
+        StreamSpec(name="ALT_DATA", subjects=["alt.norm.>"]),
+        StreamSpec(name="MARKET_BARS", subjects=["market.bar.>"]),
+        StreamSpec(name="ORDERS", subjects=["orders.>"], max_age="168h"),
+        StreamSpec(name="FILLS", subjects=["fills.>"], max_age="168h"),
+        StreamSpec(name="DEAD_LETTER", subjects=["dlq.>"], max_age="168h"),
+    ]
+
+
+def _columns(**types: str) -> list[ColumnSpec]:
+    return [ColumnSpec.model_validate({"name": n, "type": t}) for n, t in types.items()]
+
+
+def _default_tables() -> list[TableSpec]:
+    return [
+        TableSpec(
+            name="ticks",
+            columns=_columns(
+                symbol="SYMBOL", exchange="SYMBOL", venue="SYMBOL", price="DOUBLE", size="DOUBLE",
+                volume="DOUBLE", bid="DOUBLE", ask="DOUBLE", ts="TIMESTAMP",
+            ),
+            dedup_keys=["ts", "symbol", "venue"],
+        ),
+        TableSpec(
+            name="ohlcv_1m",
+            columns=_columns(
+                symbol="SYMBOL", open="DOUBLE", high="DOUBLE", low="DOUBLE", close="DOUBLE",
+                volume="DOUBLE", trades="LONG", ts="TIMESTAMP",
+            ),
+            dedup_keys=["ts", "symbol"],
+        ),
+        TableSpec(
+            name="orders",
+            columns=_columns(
+                order_id="SYMBOL", client_order_id="VARCHAR", symbol="SYMBOL", side="SYMBOL",
+                order_type="SYMBOL", quantity="DOUBLE", limit_price="DOUBLE", status="SYMBOL",
+                ts="TIMESTAMP",
+            ),
+            dedup_keys=["ts", "order_id", "status"],
+        ),
+        TableSpec(
+            name="fills",
+            columns=_columns(
+                fill_id="SYMBOL", order_id="SYMBOL", symbol="SYMBOL", side="SYMBOL",
+                quantity="DOUBLE", price="DOUBLE", ts="TIMESTAMP",
+            ),
+            dedup_keys=["ts", "fill_id"],
+        ),
+        TableSpec(
+            name="positions",
+            columns=_columns(
+                symbol="SYMBOL", quantity="DOUBLE", avg_price="DOUBLE", realized_pnl="DOUBLE",
+                unrealized_pnl="DOUBLE", ts="TIMESTAMP",
+            ),
+        ),
+    ]  # fmt: skip
+
+
+_SERVICE_NAMES = [s.value for s in ServiceName]
+
+
+class TradingStackSpec(Model):
+    """Desired state of a trading platform. An empty spec runs all eight services with defaults."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.services) || self.services.all(k, k in " + repr(_SERVICE_NAMES) + ")",
+                "unknown service name; known services: " + ", ".join(_SERVICE_NAMES),
+            ),
+        )
+    )
+
+    paused: bool = Field(False, description="Stop reconciling; existing objects are left as they are.")
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="On delete, Retain keeps streams, buckets and tables; Delete removes them.",
+    )
+    image: Image = Field(default_factory=Image, description="Image every service runs.")
+    symbols: list[Annotated[str, Field(pattern=SYMBOL_PATTERN, max_length=32)]] = Field(
+        default_factory=lambda: ["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        min_length=1,
+        max_length=256,
+        description="Symbols traded.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    services: dict[str, ServiceSpec] = Field(
+        default_factory=dict,
+        max_length=len(ServiceName),
+        description="Per-service settings keyed by service name (" + ", ".join(_SERVICE_NAMES) + ").",
+    )
+    infrastructure: Infrastructure = Field(
+        default_factory=Infrastructure, description="Endpoints of NATS, Redis, QuestDB and S3."
+    )
+    streams: list[StreamSpec] = Field(
+        default_factory=_default_streams,
+        max_length=32,
+        description="JetStream streams; defaults to the platform's streams.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    buckets: list[BucketSpec] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Extra S3 buckets; the lake bucket (infrastructure.s3.bucket) is always included.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    tables: list[TableSpec] = Field(
+        default_factory=_default_tables,
+        max_length=32,
+        description="QuestDB tables; defaults to ticks, ohlcv_1m, orders, fills and positions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    risk_limits: list[RiskLimit] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Per-symbol risk limits; symbols without one get the risk service's defaults.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["symbol"]},
+    )
+    drift_check_interval_seconds: int = Field(
+        60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."
+    )
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: dict[str, ServiceSpec]) -> dict[str, ServiceSpec]:
+        unknown = sorted(set(value) - set(_SERVICE_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown service name(s) {', '.join(unknown)}; known services: {', '.join(_SERVICE_NAMES)}"
+            )
+        return value
+
+    def service(self, name: ServiceName) -> ServiceSpec:
+        return self.services.get(name.value) or ServiceSpec()
+
+    def enabled_services(self) -> list[ServiceName]:
+        return [s for s in ServiceName if self.service(s).enabled]
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(Model):
+    """A Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        max_length=1024,
+        description="Machine-readable CamelCase reason.",
+    )
+    message: str = Field("", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(
+        json_schema_extra={"format": "date-time"}, description="When status last changed."
+    )
+    observed_generation: int | None = Field(None, ge=0, description="Generation the condition is based on.")
+
+
+class ServiceStatus(Model):
+    name: str = Field(description="Service name.")
+    desired_replicas: int = Field(0, description="Replicas asked for.")
+    ready_replicas: int = Field(0, description="Replicas ready.")
+    available_replicas: int = Field(0, description="Replicas available.")
+    ready: bool = Field(False, description="All replicas of the current revision are available.")
+
+
+class TradingStackStatus(Model):
+    """Observed state, written only by the operator."""
+
+    observed_generation: int | None = Field(None, description="Last generation reconciled.")
+    phase: str | None = Field(None, description="Summary derived from the conditions.")
+    services_ready: str | None = Field(None, description="Ready services out of desired, e.g. 7/8.")
+    services: list[ServiceStatus] = Field(
+        default_factory=list,
+        description="Per-service readiness.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Standard conditions: Ready, ServicesReady, Progressing, Degraded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration string (the form CEL's duration() accepts)."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
