@@ -1,0 +1,113 @@
+"""The `tradingstack` command: crd, render, operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tradingstack import api
+from tradingstack.crd import crd_yaml
+from tradingstack.plan import InvalidSpecError, StackRef, build_plan, parse_spec
+
+
+def load_stacks(path: str) -> list[dict[str, Any]]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    stacks = [d for d in docs if d.get("kind") == api.KIND]
+    if not stacks:
+        raise InvalidSpecError(f"{path}: no {api.KIND} object found")
+    for doc in stacks:
+        if doc.get("apiVersion") != api.API_VERSION:
+            raise InvalidSpecError(f"{path}: apiVersion must be {api.API_VERSION}, not {doc.get('apiVersion')!r}")
+        if not (doc.get("metadata") or {}).get("name"):
+            raise InvalidSpecError(f"{path}: metadata.name is required")
+    return stacks
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    text = crd_yaml()
+    if args.check:
+        current = Path(args.check).read_text() if Path(args.check).exists() else ""
+        if current != text:
+            print(f"{args.check} is out of date: run `tradingstack crd > {args.check}`", file=sys.stderr)
+            return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    objects: list[dict[str, Any]] = []
+    for doc in load_stacks(args.file):
+        meta = doc["metadata"]
+        stack = StackRef(name=meta["name"], namespace=args.namespace or meta.get("namespace") or "default")
+        objects += build_plan(stack, parse_spec(doc.get("spec"))).objects
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False))
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    import tradingstack.handlers  # noqa: F401  (registers the handlers)
+
+    if not args.all_namespaces and not args.namespace:
+        print("give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or [],
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tradingstack", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API model")
+    crd.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs from the generated CRD")
+    crd.set_defaults(func=cmd_crd)
+
+    render = sub.add_parser("render", help="print the Kubernetes objects a TradingStack becomes")
+    render.add_argument("-f", "--file", required=True, help="TradingStack YAML file, or - for stdin")
+    render.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
+    render.set_defaults(func=cmd_render)
+
+    op = sub.add_parser("operator", help="run the operator")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="namespace to watch (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 to disable)")
+    op.add_argument("--log-format", choices=["json", "text"], default="json", help="log line format")
+    op.set_defaults(func=cmd_operator)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command != "operator":  # kopf configures the operator's own (JSON) logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        result: int = args.func(args)
+    except InvalidSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""kopf entry points. Thin on purpose: load the object, call the Reconciler, map errors.
+
+Importing this module registers the handlers in kopf's default registry.
+Handlers are sync functions (kopf runs them in its thread pool) because the Kubernetes
+client is blocking; kopf serialises handlers of one object, so there is one reconcile per
+TradingStack at a time, while child-event handlers may overlap it (every write is
+idempotent server-side apply, and status writes carry a resourceVersion precondition).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import kopf
+
+from tradingstack import api
+from tradingstack.kubeclient import KubeApiError, KubeClient
+from tradingstack.plan import LABEL_MANAGED_BY, MANAGER
+from tradingstack.reconciler import Reconciler
+from tradingstack.status import DeploymentState
+
+STACKS = (api.GROUP, api.VERSION, api.PLURAL)
+MANAGED = {LABEL_MANAGED_BY: MANAGER}
+# How often the timer wakes to see whether a stack's drift check (spec.driftCheckIntervalSeconds) is due.
+RESYNC_TICK = float(os.environ.get("TRADINGSTACK_RESYNC_TICK", "5"))
+MAX_BACKOFF = 300.0
+
+
+def backoff(retry: int) -> float:
+    """Exponential retry delay: 1, 2, 4 ... seconds, capped at five minutes."""
+    return min(2.0**retry, MAX_BACKOFF)
+
+
+def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message[:1024])
+
+
+def _owner_name(body: dict[str, Any]) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(api.GROUP + "/"):
+            return str(ref["name"])
+    return None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations so status holds only the documented schema.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tradingstack.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tradingstack.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "tradingstack.io/finalizer"
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 8
+    settings.watching.server_timeout = 300
+    memo.kube = KubeClient.from_environment()
+    memo.reconciler = Reconciler(memo.kube, events=post_event)
+    memo.last_full_pass = {}
+
+
+@kopf.on.cleanup()
+def close(memo: kopf.Memo, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    if kube is not None:
+        kube.close()
+
+
+@kopf.index(*STACKS)
+def stacks(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=MANAGED)
+def stack_deployments(
+    namespace: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], DeploymentState] | None:
+    owner = _owner_name(dict(body))
+    return {(namespace, owner): DeploymentState.from_object(dict(body))} if owner else None
+
+
+def _full_pass(memo: kopf.Memo, body: dict[str, Any], retry: int) -> None:
+    meta = body["metadata"]
+    memo.last_full_pass[(meta["namespace"], meta["name"])] = time.monotonic()
+    try:
+        memo.reconciler.reconcile(body)
+    except KubeApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
+
+
+@kopf.on.resume(*STACKS)
+@kopf.on.create(*STACKS)
+@kopf.on.update(*STACKS)
+def reconcile(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    _full_pass(memo, dict(body), retry)
+
+
+@kopf.timer(*STACKS, interval=RESYNC_TICK, initial_delay=RESYNC_TICK)
+def drift_check(body: kopf.Body, spec: kopf.Spec, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    interval = float(spec.get("driftCheckIntervalSeconds", 60))
+    if time.monotonic() - memo.last_full_pass.get(key, 0.0) >= interval:
+        _full_pass(memo, dict(body), retry)
+
+
+@kopf.on.delete(*STACKS)
+def finalize(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        memo.reconciler.delete(dict(body))
+    except KubeApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
+    memo.last_full_pass.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("v1", "services", labels=MANAGED)
+@kopf.on.event("v1", "configmaps", labels=MANAGED)
+def child_changed(
+    event: dict[str, Any],
+    body: kopf.Body,
+    namespace: str,
+    memo: kopf.Memo,
+    stacks: kopf.Index[tuple[str, str], dict[str, Any]],
+    stack_deployments: kopf.Index[tuple[str, str], DeploymentState],
+    **_: Any,
+) -> None:
+    child = dict(body)
+    owner = _owner_name(child)
+    if owner is None or (namespace, owner) not in stacks:
+        return
+    parent = next(iter(stacks[(namespace, owner)]))
+    kind, name = child.get("kind") or "", child["metadata"]["name"]
+    live = None if event.get("type") == "DELETED" else child
+    try:
+        memo.reconciler.repair_child(parent, kind, name, live)
+        if kind == "Deployment":
+            states = {s.name: s for s in stack_deployments.get((namespace, owner), [])}
+            memo.reconciler.refresh_status(parent, states)
+    except KubeApiError as exc:
+        # The next full pass retries with backoff; a watch handler must not wedge the stream.
+        logging.getLogger(__name__).warning("child %s/%s: %s", kind, name, exc)
+
+
+@kopf.on.probe(id="kubernetes")
+def kubernetes_reachable(memo: kopf.Memo, **_: Any) -> str:
+    memo.kube.request("GET", "/version")
+    return "ok"

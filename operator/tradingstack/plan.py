@@ -1,0 +1,348 @@
+"""The pure model of the desired state: a TradingStack -> a Plan.
+
+Nothing here talks to a server. The provisioners apply a Plan; `tradingstack render` prints
+its Kubernetes objects. Semantic rules the CRD schema cannot check (overlapping stream
+subjects, a consumer on a missing stream, names too long for Kubernetes) raise
+InvalidSpecError, which the operator reports as a condition instead of retrying.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tradingstack import api
+from tradingstack.api import ServiceName, StreamSpec, TableSpec, TradingStackSpec
+
+MANAGER = "tradingstack-operator"
+CHECKSUM_ANNOTATION = "tradingstack.io/config-checksum"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+DEAD_LETTER_PREFIX = "dlq"
+# Kubernetes Service names are DNS-1035 labels: at most 63 characters.
+MAX_OBJECT_NAME = 63
+# Services that read or write the lake and so get the S3 credentials.
+S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT})
+
+
+class InvalidSpecError(ValueError):
+    """The spec passed the CRD schema but cannot be realised; reported, never retried."""
+
+
+@dataclass(frozen=True)
+class StackRef:
+    """Identity of the TradingStack a plan is for."""
+
+    name: str
+    namespace: str
+    uid: str = ""
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class ConsumerPlan:
+    """A durable JetStream consumer one service reads through."""
+
+    stream: str
+    durable: str
+    filter_subject: str
+    service: ServiceName
+
+
+@dataclass(frozen=True)
+class Workload:
+    service: ServiceName
+    name: str
+    replicas: int
+    port: int
+    config: dict[str, str]
+
+
+@dataclass
+class Plan:
+    stack: StackRef
+    spec: TradingStackSpec
+    workloads: list[Workload]
+    objects: list[dict[str, Any]]
+    streams: list[StreamSpec]
+    consumers: list[ConsumerPlan]
+    buckets: list[str]
+    tables: list[TableSpec]
+    lake_tables: list[str] = field(default_factory=lambda: ["lake/market_ticks", "lake/alt_data"])
+
+    def object_keys(self) -> set[tuple[str, str]]:
+        return {(o["kind"], o["metadata"]["name"]) for o in self.objects}
+
+
+# Which durable consumer each service reads through: (stream, filter subject).
+_CONSUMERS: dict[ServiceName, tuple[str, str]] = {
+    ServiceName.NORMALIZER: ("MARKET_TICKS", "market.tick.>"),
+    ServiceName.SINK_TICKS: ("MARKET_TICKS", "market.tick.>"),
+    ServiceName.SINK_ALT: ("ALT_DATA", "alt.norm.>"),
+    ServiceName.EXEQ: ("ORDERS", "orders.routed.>"),
+    ServiceName.PNL: ("FILLS", "fills.>"),
+}
+
+
+def parse_spec(raw: dict[str, Any] | None) -> TradingStackSpec:
+    """Validate a raw spec; pydantic errors become one readable InvalidSpecError."""
+    try:
+        return TradingStackSpec.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidSpecError(problems) from None
+
+
+def selector_labels(stack: str, service: ServiceName) -> dict[str, str]:
+    return {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack, LABEL_COMPONENT: service.value}
+
+
+def common_labels(stack: str, service: ServiceName) -> dict[str, str]:
+    return {**selector_labels(stack, service), LABEL_PART_OF: "tradingstack", LABEL_MANAGED_BY: MANAGER}
+
+
+def owner_reference(stack: StackRef) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": stack.name,
+        "uid": stack.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def config_checksum(data: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _subjects_overlap(a: str, b: str) -> bool:
+    """True when some concrete subject matches both NATS subject patterns."""
+    ta, tb = a.split("."), b.split(".")
+    for x, y in zip(ta, tb, strict=False):
+        if ">" in (x, y):
+            return True  # '>' takes one or more tokens and the other side has one here
+        if x != y and "*" not in (x, y):
+            return False
+    return len(ta) == len(tb)
+
+
+def _check_streams(spec: TradingStackSpec) -> None:
+    owners: list[tuple[str, str]] = []
+    for stream in spec.streams:
+        for subject in stream.subjects:
+            for other_stream, other in owners:
+                if other_stream != stream.name and _subjects_overlap(subject, other):
+                    raise InvalidSpecError(
+                        f"streams {other_stream} and {stream.name} have overlapping subjects "
+                        f"{other!r} and {subject!r}; JetStream refuses that"
+                    )
+            owners.append((stream.name, subject))
+
+
+def plan_consumers(spec: TradingStackSpec) -> list[ConsumerPlan]:
+    streams = {s.name for s in spec.streams}
+    consumers = []
+    for service in spec.enabled_services():
+        if service not in _CONSUMERS:
+            continue
+        stream, subject = _CONSUMERS[service]
+        if stream not in streams:
+            raise InvalidSpecError(f"service {service.value} reads stream {stream}, which spec.streams lacks")
+        consumers.append(ConsumerPlan(stream=stream, durable=service.value, filter_subject=subject, service=service))
+    return consumers
+
+
+def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName, port: int) -> dict[str, str]:
+    """The environment a service reads (names documented in the README)."""
+    infra = spec.infrastructure
+    config = {
+        "SERVICE_NAME": service.value,
+        "STACK_NAME": stack.name,
+        "STACK_NAMESPACE": stack.namespace,
+        "PORT": str(port),
+        "SYMBOLS": ",".join(spec.symbols),
+        "NATS_URL": infra.nats.url,
+        "REDIS_URL": infra.redis.url,
+        "QUESTDB_URL": infra.questdb.url,
+        "S3_ENDPOINT_URL": infra.s3.endpoint,
+        "S3_BUCKET": infra.s3.bucket,
+        "AWS_REGION": infra.s3.region,
+        "AWS_ALLOW_HTTP": "true" if infra.s3.allow_http else "false",
+        "DEAD_LETTER_PREFIX": DEAD_LETTER_PREFIX,
+        "LOG_FORMAT": "json",
+        "OTEL_SERVICE_NAME": f"tradingstack-{service.value}",
+    }
+    if service in _CONSUMERS:
+        stream, subject = _CONSUMERS[service]
+        config |= {"NATS_STREAM": stream, "NATS_DURABLE": service.value, "NATS_FILTER_SUBJECT": subject}
+    if service == ServiceName.RISK and spec.risk_limits:
+        limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
+        config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))
+    config |= {env.name: env.value for env in spec.service(service).env}
+    return config
+
+
+def _config_map(stack: StackRef, workload: Workload) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(stack, workload),
+        "data": dict(sorted(workload.config.items())),
+    }
+
+
+def _metadata(stack: StackRef, workload: Workload) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": workload.name,
+        "namespace": stack.namespace,
+        "labels": common_labels(stack.name, workload.service),
+    }
+    if stack.uid:
+        meta["ownerReferences"] = [owner_reference(stack)]
+    return meta
+
+
+def _service(stack: StackRef, workload: Workload) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(stack, workload),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(stack.name, workload.service),
+            "ports": [{"name": "http", "port": workload.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http", "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> dict[str, Any]:
+    svc = spec.service(workload.service)
+    env: list[dict[str, Any]] = []
+    secret = spec.infrastructure.s3.secret_ref
+    if secret and workload.service in S3_SERVICES:
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    resources = svc.resources.model_dump(by_alias=True, exclude_none=True)
+    container: dict[str, Any] = {
+        "name": workload.service.value,
+        "image": svc.image or spec.image.reference,
+        "imagePullPolicy": spec.image.pull_policy,
+        "args": ["service", workload.service.value],
+        "envFrom": [{"configMapRef": {"name": workload.name}}],
+        "ports": [{"name": "http", "containerPort": workload.port, "protocol": "TCP"}],
+        "readinessProbe": _probe("/readyz", 5, 3),
+        "livenessProbe": _probe("/healthz", 10, 6),
+        "resources": {k: v for k, v in resources.items() if v},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if env:
+        container["env"] = env
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(stack, workload),
+        "spec": {
+            "replicas": workload.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(stack.name, workload.service)},
+            "template": {
+                "metadata": {
+                    "labels": common_labels(stack.name, workload.service),
+                    "annotations": {CHECKSUM_ANNOTATION: config_checksum(workload.config)},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
+    """The whole desired state of one TradingStack. Pure: same input, same output."""
+    longest = max((len(s.value) for s in ServiceName), default=0)
+    if len(stack.name) + 1 + longest > MAX_OBJECT_NAME:
+        raise InvalidSpecError(
+            f"name {stack.name!r} is too long: child names like {stack.name}-{ServiceName.SINK_TICKS.value} "
+            f"must fit in {MAX_OBJECT_NAME} characters (use at most {MAX_OBJECT_NAME - 1 - longest})"
+        )
+    _check_streams(spec)
+    consumers = plan_consumers(spec)
+    workloads = []
+    for service in spec.enabled_services():
+        svc = spec.service(service)
+        port = svc.port or api.DEFAULT_PORTS[service]
+        workloads.append(
+            Workload(
+                service=service,
+                name=f"{stack.name}-{service.value}",
+                replicas=svc.replicas,
+                port=port,
+                config=service_config(stack, spec, service, port),
+            )
+        )
+    objects: list[dict[str, Any]] = []
+    # Apply order: configuration before the Services and Deployments that use it.
+    objects += [_config_map(stack, w) for w in workloads]
+    objects += [_service(stack, w) for w in workloads]
+    objects += [_deployment(stack, spec, w) for w in workloads]
+    buckets = [spec.infrastructure.s3.bucket] + [b.name for b in spec.buckets]
+    return Plan(
+        stack=stack,
+        spec=spec,
+        workloads=workloads,
+        objects=objects,
+        streams=list(spec.streams),
+        consumers=consumers,
+        buckets=list(dict.fromkeys(buckets)),
+        tables=list(spec.tables),
+    )
+
+
+def plan_from_body(body: dict[str, Any]) -> Plan:
+    """Plan for a TradingStack object as the API server returns it."""
+    meta = body.get("metadata", {})
+    stack = StackRef(
+        name=meta["name"],
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+    )
+    return build_plan(stack, parse_spec(body.get("spec")))

@@ -1,0 +1,218 @@
+"""Conditions and status, computed purely from what was observed.
+
+Condition types and reasons are declared once here. `phase` is derived from the conditions
+and never set on its own; lastTransitionTime moves only when a condition's status flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from tradingstack.plan import Plan
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"  # every part of the platform is available and reconciled
+    SERVICES_READY = "ServicesReady"  # every enabled service's Deployment is fully rolled out
+    PROGRESSING = "Progressing"  # the operator or a rollout is moving towards the spec
+    DEGRADED = "Degraded"  # something needs a human: invalid spec, failed apply, failed rollout
+
+
+class Reason(StrEnum):
+    READY = "Ready"
+    NOT_READY = "NotReady"
+    ALL_SERVICES_READY = "AllServicesReady"
+    SERVICES_NOT_READY = "ServicesNotReady"
+    ROLLING_OUT = "RollingOut"
+    RECONCILED = "Reconciled"
+    PAUSED = "Paused"
+    AS_EXPECTED = "AsExpected"
+    INVALID_SPEC = "InvalidSpec"
+    APPLY_FAILED = "ApplyFailed"
+    ROLLOUT_FAILED = "RolloutFailed"
+
+
+class Phase(StrEnum):
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+    PAUSED = "Paused"
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """The parts of a Deployment's status that decide readiness."""
+
+    name: str
+    service: str
+    desired: int
+    ready: int
+    available: int
+    rolled_out: bool
+    failure: str | None  # a message when the Deployment's own conditions say the rollout failed
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> DeploymentState:
+        meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status") or {}
+        desired = int(spec.get("replicas", 1))
+        updated = int(status.get("updatedReplicas") or 0)
+        available = int(status.get("availableReplicas") or 0)
+        total = int(status.get("replicas") or 0)
+        observed = int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+        # The same test as `kubectl rollout status`: current generation observed, every replica
+        # updated, no old replicas left, all of them available.
+        rolled_out = observed and updated >= desired and total <= updated and available >= desired
+        failure = None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+                failure = cond.get("message") or "progress deadline exceeded"
+            if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+                failure = cond.get("message") or "replica failure"
+        return cls(
+            name=meta.get("name", ""),
+            service=(meta.get("labels") or {}).get("app.kubernetes.io/component", ""),
+            desired=desired,
+            ready=int(status.get("readyReplicas") or 0),
+            available=available,
+            rolled_out=rolled_out,
+            failure=failure,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one status computation looks at."""
+
+    generation: int
+    plan: Plan | None  # None when the spec is invalid
+    deployments: dict[str, DeploymentState]  # by Deployment name
+    paused: bool = False
+    invalid_spec: str | None = None
+    apply_error: str | None = None
+    changed: int = 0  # objects written by this pass
+
+
+def condition(type_: ConditionType, ok: bool, reason: Reason, message: str) -> dict[str, Any]:
+    return {"type": type_.value, "status": "True" if ok else "False", "reason": reason.value, "message": message}
+
+
+def _services(obs: Observation) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
+    """Per-service status, readiness problems, rollout failures and the ready count."""
+    rows, problems, failures, ready = [], [], [], 0
+    for workload in obs.plan.workloads if obs.plan else []:
+        state = obs.deployments.get(workload.name)
+        if state is None:
+            problems.append(f"{workload.service.value}: Deployment {workload.name} not found")
+            rows.append({"name": workload.service.value, "desiredReplicas": workload.replicas})
+            continue
+        ok = state.rolled_out and state.desired == workload.replicas
+        ready += ok
+        rows.append(
+            {
+                "name": workload.service.value,
+                "desiredReplicas": workload.replicas,
+                "readyReplicas": state.ready,
+                "availableReplicas": state.available,
+                "ready": ok,
+            }
+        )
+        if state.failure:
+            failures.append(f"{workload.service.value}: {state.failure}")
+        if not ok:
+            problems.append(f"{workload.service.value}: {state.available}/{workload.replicas} available")
+    return rows, problems, failures, ready
+
+
+def desired_conditions(obs: Observation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Conditions (without timestamps) and the other status fields for one observation."""
+    rows, problems, failures, ready = _services(obs)
+    total = len(obs.plan.workloads) if obs.plan else 0
+    if obs.invalid_spec is not None:
+        services = condition(ConditionType.SERVICES_READY, False, Reason.INVALID_SPEC, "spec is invalid")
+    elif problems:
+        services = condition(ConditionType.SERVICES_READY, False, Reason.SERVICES_NOT_READY, "; ".join(problems))
+    else:
+        services = condition(
+            ConditionType.SERVICES_READY, True, Reason.ALL_SERVICES_READY, f"{ready}/{total} services available"
+        )
+
+    if obs.invalid_spec is not None:
+        degraded = condition(ConditionType.DEGRADED, True, Reason.INVALID_SPEC, obs.invalid_spec)
+    elif obs.apply_error is not None:
+        degraded = condition(ConditionType.DEGRADED, True, Reason.APPLY_FAILED, obs.apply_error)
+    elif failures:
+        degraded = condition(ConditionType.DEGRADED, True, Reason.ROLLOUT_FAILED, "; ".join(failures))
+    else:
+        degraded = condition(ConditionType.DEGRADED, False, Reason.AS_EXPECTED, "no problems found")
+
+    if obs.paused:
+        progressing = condition(
+            ConditionType.PROGRESSING, False, Reason.PAUSED, "spec.paused is true: children are not reconciled"
+        )
+    elif degraded["status"] == "True":
+        progressing = condition(ConditionType.PROGRESSING, False, Reason(degraded["reason"]), degraded["message"])
+    elif problems or obs.changed:
+        msg = f"applied {obs.changed} change(s)" if obs.changed else "waiting for " + "; ".join(problems)
+        progressing = condition(ConditionType.PROGRESSING, True, Reason.ROLLING_OUT, msg)
+    else:
+        progressing = condition(ConditionType.PROGRESSING, False, Reason.RECONCILED, "spec fully applied")
+
+    is_ready = services["status"] == "True" and degraded["status"] == "False"
+    if is_ready:
+        ready_cond = condition(ConditionType.READY, True, Reason.READY, f"all {total} services available")
+    else:
+        blocker = degraded if degraded["status"] == "True" else services
+        ready_cond = condition(ConditionType.READY, False, Reason(blocker["reason"]), blocker["message"])
+
+    conditions = [ready_cond, services, progressing, degraded]
+    extra = {"services": rows, "servicesReady": f"{ready}/{total}", "phase": derive_phase(conditions).value}
+    return conditions, extra
+
+
+def derive_phase(conditions: list[dict[str, Any]]) -> Phase:
+    by_type = {c["type"]: c for c in conditions}
+    degraded = by_type.get(ConditionType.DEGRADED, {})
+    if degraded.get("status") == "True":
+        return Phase.FAILED if degraded.get("reason") == Reason.INVALID_SPEC else Phase.DEGRADED
+    if by_type.get(ConditionType.PROGRESSING, {}).get("reason") == Reason.PAUSED:
+        return Phase.PAUSED
+    if by_type.get(ConditionType.READY, {}).get("status") == "True":
+        return Phase.READY
+    return Phase.PROGRESSING
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    existing: list[dict[str, Any]], desired: list[dict[str, Any]], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """Upsert by type; keep lastTransitionTime unless the status flipped; keep unknown types."""
+    old = {c.get("type"): c for c in existing}
+    merged = []
+    for cond in desired:
+        prev = old.pop(cond["type"], None)
+        moved = prev is None or prev.get("status") != cond["status"]
+        merged.append(
+            {
+                **cond,
+                "lastTransitionTime": now if moved or prev is None else prev.get("lastTransitionTime", now),
+                "observedGeneration": generation,
+            }
+        )
+    # Conditions owned by other steps (StreamsReady, ...) are kept as they are.
+    merged.extend(old.values())
+    return merged
+
+
+def build_status(existing: dict[str, Any] | None, obs: Observation, now: str | None = None) -> dict[str, Any]:
+    """The complete new status object, given the current one."""
+    existing = existing or {}
+    conditions, extra = desired_conditions(obs)
+    merged = merge_conditions(existing.get("conditions") or [], conditions, obs.generation, now or now_rfc3339())
+    return {"observedGeneration": obs.generation, **extra, "conditions": merged}

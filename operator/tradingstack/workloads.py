@@ -1,0 +1,115 @@
+"""Kubernetes provisioner: the plan's ConfigMaps, Services and Deployments.
+
+Same verbs as every backend: observe (what exists), diff (what differs, readable), apply.
+Drift is "a field the plan sets has another value live"; fields the server defaults or other
+controllers own are not ours to fight, so a steady state reads and writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tradingstack.kubeclient import KubeClient
+from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, Plan
+
+KINDS = ("ConfigMap", "Service", "Deployment")
+
+
+@dataclass(frozen=True)
+class Change:
+    action: Literal["create", "update", "delete"]
+    kind: str
+    name: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.kind}/{self.name}" + (f" ({self.detail})" if self.detail else "")
+
+
+def first_difference(desired: Any, live: Any, path: str = "") -> str | None:
+    """Where `live` does not carry what `desired` says, or None when it does.
+
+    Maps: every desired key must match (extra live keys are server defaults). Lists: same
+    length, item by item, since the plan's lists (containers, ports) are ordered.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return path or "."
+        for key, value in desired.items():
+            found = first_difference(value, live.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(desired, list):
+        if not isinstance(live, list) or len(live) != len(desired):
+            return path
+        for i, (d, v) in enumerate(zip(desired, live, strict=True)):
+            found = first_difference(d, v, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if desired != live:
+        return path
+    return None
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def diff_object(desired: dict[str, Any], live: dict[str, Any] | None) -> Change | None:
+    name = desired["metadata"]["name"]
+    if live is None:
+        return Change("create", desired["kind"], name)
+    # apiVersion/kind are not echoed on list items; compare what the plan owns.
+    owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    where = first_difference(owned, live)
+    return Change("update", desired["kind"], name, f"{where.lstrip('.')} differs") if where else None
+
+
+class WorkloadProvisioner:
+    def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
+
+    def observe(self, plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
+        labels = {LABEL_INSTANCE: plan.stack.name, LABEL_MANAGED_BY: MANAGER}
+        live = {}
+        for kind in KINDS:
+            for obj in self.kube.list(kind, plan.stack.namespace, labels):
+                live[(kind, obj["metadata"]["name"])] = obj
+        return live
+
+    def diff(self, plan: Plan, live: dict[tuple[str, str], dict[str, Any]]) -> list[Change]:
+        changes = [
+            change
+            for obj in plan.objects
+            if (change := diff_object(obj, live.get((obj["kind"], obj["metadata"]["name"])))) is not None
+        ]
+        wanted = plan.object_keys()
+        for (kind, name), obj in sorted(live.items()):
+            # Only prune what this TradingStack owns; a same-labelled stranger is left alone.
+            if (kind, name) not in wanted and _owned_by(obj, plan.stack.uid):
+                changes.append(Change("delete", kind, name, "no longer in the spec"))
+        return changes
+
+    def apply(
+        self, plan: Plan, changes: list[Change], live: dict[tuple[str, str], dict[str, Any]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Make the changes; returns `live` as it stands afterwards."""
+        by_key = {(o["kind"], o["metadata"]["name"]): o for o in plan.objects}
+        after = dict(live)
+        for change in changes:
+            key = (change.kind, change.name)
+            if change.action == "delete":
+                self.kube.delete(change.kind, plan.stack.namespace, change.name)
+                after.pop(key, None)
+            else:
+                after[key] = self.kube.apply(by_key[key])
+        return after
+
+    def reconcile(self, plan: Plan) -> tuple[list[Change], dict[tuple[str, str], dict[str, Any]]]:
+        """Observe, diff, apply. Returns the changes made and the objects as they are now."""
+        live = self.observe(plan)
+        changes = self.diff(plan, live)
+        return changes, self.apply(plan, changes, live)
