@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from tradingstack import api
-from tradingstack.kubeclient import KubeApiError, KubeClient
+from tradingstack.kubeclient import KubeApiError, KubeClient, load_config
 from tradingstack.plan import LABEL_MANAGED_BY, MANAGER
 from tradingstack.reconciler import Reconciler
 from tradingstack.status import DeploymentState
@@ -43,6 +43,24 @@ def _owner_name(body: dict[str, Any]) -> str | None:
         if ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(api.GROUP + "/"):
             return str(ref["name"])
     return None
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as the operator's own client."""
+    config = load_config()
+    keys = config.api_key or {}
+    token = keys.get("BearerToken") or keys.get("authorization") or ""
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme="Bearer" if token else None,
+        token=token.removeprefix("Bearer ").strip() or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+        default_namespace=None,
+    )
 
 
 @kopf.on.startup()

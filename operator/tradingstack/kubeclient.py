@@ -9,6 +9,7 @@ verb and kind (Prometheus), which is how a no-op reconcile is shown to write not
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -53,7 +54,10 @@ def load_config() -> kubernetes.client.Configuration:
     try:
         kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)
+        # Read KUBECONFIG now: the kubernetes package only looks at it when first imported.
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=config
+        )
     return config
 
 

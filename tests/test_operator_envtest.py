@@ -1,0 +1,260 @@
+"""The operator against a real kube-apiserver (envtest), running in-process through kopf."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from conftest import OperatorRunner, wait_for
+from kubetools import (
+    children,
+    condition,
+    create_stack,
+    events_for,
+    get_stack,
+    patch_spec,
+    set_all_available,
+    set_available,
+    wait_children,
+    wait_condition,
+)
+
+from tradingstack.kubeclient import API_WRITES, KubeClient
+from tradingstack.plan import CHECKSUM_ANNOTATION
+from tradingstack.reconciler import Reconciler
+
+pytestmark = pytest.mark.envtest
+ALL_CHILDREN = 24  # eight services x (ConfigMap, Service, Deployment)
+
+
+def _checksum(deployment: dict[str, Any]) -> str:
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION])
+
+
+def _writes() -> float:
+    return sum(sample.value for metric in API_WRITES.collect() for sample in metric.samples
+               if sample.name.endswith("_total"))  # fmt: skip
+
+
+def test_empty_spec_creates_every_child_owned_by_the_stack(
+    kube: KubeClient, operator: OperatorRunner, namespace: str
+) -> None:
+    stack = create_stack(kube, namespace, "demo", {})
+    found = wait_children(kube, namespace, "demo", ALL_CHILDREN)
+
+    assert sorted(name for kind, name in found if kind == "Deployment") == sorted(
+        f"demo-{s}" for s in ("gateway", "normalizer", "sink-ticks", "sink-alt", "risk", "oms", "exeq", "pnl")
+    )
+    for obj in found.values():
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["uid"] == stack["metadata"]["uid"]
+        assert ref["controller"] is True
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tradingstack-operator"
+    oms_config = found[("ConfigMap", "demo-oms")]["data"]
+    assert oms_config["PORT"] == "8099"
+    assert oms_config["NATS_URL"] == "nats://nats:4222"
+
+    stack = wait_condition(kube, namespace, "demo", "Ready", "False", "ServicesNotReady")
+    assert stack["status"]["observedGeneration"] == stack["metadata"]["generation"]
+    assert stack["status"]["phase"] == "Progressing"
+    assert condition(stack, "Progressing")["status"] == "True"
+    assert wait_for(lambda: [e for e in events_for(kube, namespace, "demo") if e["reason"] == "Applied"])
+
+
+def test_ready_only_when_every_deployment_is_available(
+    kube: KubeClient, operator: OperatorRunner, namespace: str
+) -> None:
+    create_stack(kube, namespace, "avail", {})
+    wait_children(kube, namespace, "avail", ALL_CHILDREN)
+    for name in ("avail-gateway", "avail-normalizer", "avail-sink-ticks", "avail-sink-alt", "avail-risk"):
+        set_available(kube, namespace, name)
+    partly = wait_condition(kube, namespace, "avail", "ServicesReady", "False")
+    assert condition(partly, "Ready")["status"] == "False"
+
+    set_all_available(kube, namespace, "avail")
+    ready = wait_condition(kube, namespace, "avail", "Ready", "True")
+    assert ready["status"]["phase"] == "Ready"
+    assert ready["status"]["servicesReady"] == "8/8"
+    assert condition(ready, "Progressing")["reason"] == "Reconciled"
+    degraded_since = condition(ready, "Degraded")["lastTransitionTime"]
+    ready_since = condition(ready, "Ready")["lastTransitionTime"]
+
+    time.sleep(1.1)  # timestamps have one-second resolution
+    set_available(kube, namespace, "avail-oms", available=False)
+    lost = wait_condition(kube, namespace, "avail", "Ready", "False", "ServicesNotReady")
+    assert "oms: 0/1 available" in condition(lost, "Ready")["message"]
+    assert condition(lost, "Ready")["lastTransitionTime"] != ready_since
+    assert condition(lost, "Degraded")["lastTransitionTime"] == degraded_since  # did not flip
+    assert lost["status"]["servicesReady"] == "7/8"
+
+
+def test_spec_change_patches_children_and_rolls_pods(
+    kube: KubeClient, operator: OperatorRunner, namespace: str
+) -> None:
+    create_stack(kube, namespace, "chg", {})
+    before = wait_children(kube, namespace, "chg", ALL_CHILDREN)
+
+    patch_spec(kube, namespace, "chg", {"symbols": ["AAPL", "MSFT"], "services": {"oms": {"replicas": 3}}})
+
+    def changed() -> dict[tuple[str, str], dict[str, Any]] | None:
+        now = children(kube, namespace, "chg")
+        cm = now.get(("ConfigMap", "chg-gateway"), {}).get("data", {})
+        return now if cm.get("SYMBOLS") == "AAPL,MSFT" and now[("Deployment", "chg-oms")]["spec"]["replicas"] == 3 else None
+
+    after = wait_for(changed, what="symbols and replicas applied")
+    assert _checksum(after[("Deployment", "chg-gateway")]) != _checksum(before[("Deployment", "chg-gateway")])
+    stack = wait_for(lambda: (s := get_stack(kube, namespace, "chg"))["status"]["observedGeneration"] == 2 and s)
+    assert condition(stack, "Ready")["observedGeneration"] == 2
+
+    patch_spec(kube, namespace, "chg", {"services": {"pnl": {"enabled": False}}})
+    remaining = wait_children(kube, namespace, "chg", ALL_CHILDREN - 3)
+    assert not any(name == "chg-pnl" for _, name in remaining)
+
+
+def test_deleted_or_edited_children_are_restored(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
+    create_stack(kube, namespace, "heal", {})
+    before = wait_children(kube, namespace, "heal", ALL_CHILDREN)
+
+    kube.delete("Deployment", namespace, "heal-oms")
+    restored = wait_for(
+        lambda: (d := kube.get("Deployment", namespace, "heal-oms"))
+        and d["metadata"]["uid"] != before[("Deployment", "heal-oms")]["metadata"]["uid"]
+        and d,
+        what="heal-oms to be recreated",
+    )
+    assert restored["spec"]["replicas"] == 1
+
+    kube.request(
+        "PATCH", KubeClient.path("Deployment", namespace, "heal-risk"),
+        body={"spec": {"replicas": 5}}, content_type="application/merge-patch+json",
+    )  # fmt: skip
+    kube.request(
+        "PATCH", KubeClient.path("ConfigMap", namespace, "heal-risk"),
+        body={"data": {"NATS_URL": "nats://elsewhere:4222"}}, content_type="application/merge-patch+json",
+    )  # fmt: skip
+    wait_for(lambda: kube.get("Deployment", namespace, "heal-risk")["spec"]["replicas"] == 1, what="replicas back")
+    wait_for(
+        lambda: kube.get("ConfigMap", namespace, "heal-risk")["data"]["NATS_URL"] == "nats://nats:4222",
+        what="config restored",
+    )
+    assert any(e["reason"] == "Repaired" for e in events_for(kube, namespace, "heal"))
+
+
+def test_steady_state_resync_writes_nothing(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
+    create_stack(kube, namespace, "calm", {"driftCheckIntervalSeconds": 10})
+    wait_children(kube, namespace, "calm", ALL_CHILDREN)
+    set_all_available(kube, namespace, "calm")
+    wait_condition(kube, namespace, "calm", "Ready", "True")
+    time.sleep(1)  # let the last watch events settle
+
+    def versions() -> dict[Any, str]:
+        found = {key: o["metadata"]["resourceVersion"] for key, o in children(kube, namespace, "calm").items()}
+        found["stack"] = get_stack(kube, namespace, "calm")["metadata"]["resourceVersion"]
+        return found
+
+    before, writes = versions(), _writes()
+    # The same reconcile the operator's timer runs, made directly so the test need not wait for it.
+    outcome = Reconciler(kube).reconcile(get_stack(kube, namespace, "calm"))
+    assert outcome.changes == []
+    assert outcome.status_written is False
+    time.sleep(11)  # one drift-check interval: the operator's own timer pass happens too
+    assert _writes() == writes, "a no-op resync made API writes"
+    assert versions() == before
+
+
+def test_invalid_spec_that_passes_the_schema_is_reported_not_retried(
+    kube: KubeClient, operator: OperatorRunner, namespace: str
+) -> None:
+    overlapping = [
+        {"name": "MARKET_TICKS", "subjects": ["market.tick.>"]},
+        {"name": "EVERYTHING", "subjects": ["market.>"]},
+    ]
+    create_stack(kube, namespace, "bad", {"streams": overlapping})
+    stack = wait_condition(kube, namespace, "bad", "Degraded", "True", "InvalidSpec")
+    assert "overlapping subjects" in condition(stack, "Degraded")["message"]
+    assert condition(stack, "Ready")["reason"] == "InvalidSpec"
+    assert stack["status"]["phase"] == "Failed"
+    assert children(kube, namespace, "bad") == {}
+    assert wait_for(lambda: [e for e in events_for(kube, namespace, "bad") if e["type"] == "Warning"])
+
+    patch_spec(kube, namespace, "bad", {"streams": None})  # back to the defaults
+    wait_children(kube, namespace, "bad", ALL_CHILDREN)
+    wait_condition(kube, namespace, "bad", "Degraded", "False", "AsExpected")
+
+
+def test_paused_stack_is_left_alone_until_resumed(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
+    create_stack(kube, namespace, "nap", {})
+    wait_children(kube, namespace, "nap", ALL_CHILDREN)
+    patch_spec(kube, namespace, "nap", {"paused": True})
+    stack = wait_condition(kube, namespace, "nap", "Progressing", "False", "Paused")
+    assert stack["status"]["phase"] == "Paused"
+
+    kube.delete("Service", namespace, "nap-oms")
+    time.sleep(3)
+    assert kube.get("Service", namespace, "nap-oms") is None, "a paused stack was reconciled"
+
+    patch_spec(kube, namespace, "nap", {"paused": False})
+    wait_for(lambda: kube.get("Service", namespace, "nap-oms"), what="the Service to come back after resume")
+
+
+def test_api_errors_are_retried_until_they_clear(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
+    # A real fault from the real server: a quota that refuses the fourth ConfigMap.
+    quota = {"metadata": {"name": "few-configmaps"}, "spec": {"hard": {"count/configmaps": "3"}}}
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/resourcequotas", body=quota)
+    wait_for(
+        lambda: kube.request("GET", f"/api/v1/namespaces/{namespace}/resourcequotas/few-configmaps")
+        .get("status", {}).get("hard"),
+        what="the quota to be active",
+    )  # fmt: skip
+    create_stack(kube, namespace, "quota", {})
+    stack = wait_condition(kube, namespace, "quota", "Degraded", "True", "ApplyFailed")
+    assert "exceeded quota" in condition(stack, "Degraded")["message"]
+
+    kube.request("DELETE", f"/api/v1/namespaces/{namespace}/resourcequotas/few-configmaps")
+    wait_children(kube, namespace, "quota", ALL_CHILDREN)  # the backoff retry got through
+    wait_condition(kube, namespace, "quota", "Degraded", "False", timeout=60)
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+def test_delete_honours_deletion_policy(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, policy: str
+) -> None:
+    name = f"bye-{policy.lower()}"
+    create_stack(kube, namespace, name, {"deletionPolicy": policy})
+    wait_children(kube, namespace, name, ALL_CHILDREN)
+    wait_for(lambda: get_stack(kube, namespace, name)["metadata"].get("finalizers"), what="finalizer")
+
+    kube.request("DELETE", KubeClient.path("TradingStack", namespace, name))
+    wait_for(lambda: kube.get("TradingStack", namespace, name) is None, what="the stack to be gone")
+    reasons = {e["reason"]: e["message"] for e in events_for(kube, namespace, name)}
+    if policy == "Retain":
+        assert "stream MARKET_TICKS" in reasons["Retained"]
+        assert "Deleted" not in reasons
+    else:
+        assert "Deployment/bye-delete-oms" in reasons["Deleted"]
+    wait_for(lambda: children(kube, namespace, name) == {}, what="children removed")
+
+
+def test_operator_restart_mid_reconcile_converges_without_duplicates(
+    kube: KubeClient, operator: OperatorRunner, namespace: str
+) -> None:
+    operator.stop()
+    try:
+        create_stack(kube, namespace, "restart", {})
+        operator.start()
+        wait_for(lambda: children(kube, namespace, "restart"), what="the first children")
+        operator.stop()  # somewhere in the middle of the first pass (or just after it)
+        kube.delete("Deployment", namespace, "restart-gateway")
+        patch_spec(kube, namespace, "restart", {"services": {"oms": {"replicas": 2}}})
+    finally:
+        operator.start()
+    found = wait_for(
+        lambda: (c := children(kube, namespace, "restart")) and len(c) == ALL_CHILDREN
+        and c[("Deployment", "restart-oms")]["spec"]["replicas"] == 2 and c,
+        what="convergence after restart",
+    )  # fmt: skip
+    assert ("Deployment", "restart-gateway") in found
+    assert len([k for k in found if k[0] == "Deployment"]) == 8
+    stack = wait_for(lambda: (s := get_stack(kube, namespace, "restart"))["status"].get("observedGeneration") == 2 and s)
+    assert condition(stack, "Degraded")["status"] == "False"

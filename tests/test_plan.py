@@ -1,0 +1,122 @@
+"""The pure plan: a TradingStack spec -> Kubernetes objects, streams, consumers, buckets, tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tradingstack.api import ServiceName, TradingStackSpec
+from tradingstack.plan import (
+    CHECKSUM_ANNOTATION,
+    InvalidSpecError,
+    StackRef,
+    build_plan,
+    parse_spec,
+)
+
+STACK = StackRef(name="demo", namespace="trading", uid="1234", generation=3)
+
+
+def plan_for(spec: dict[str, Any]) -> Any:
+    return build_plan(STACK, parse_spec(spec))
+
+
+def by_key(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_empty_spec_renders_all_eight_services() -> None:
+    plan = plan_for({})
+    deployments = [o for o in plan.objects if o["kind"] == "Deployment"]
+    assert [d["metadata"]["name"] for d in deployments] == [f"demo-{s.value}" for s in ServiceName]
+    assert len(plan.objects) == 3 * len(ServiceName)
+    assert [s.name for s in plan.streams][:2] == ["MARKET_TICKS", "ALT_DATA"]
+    ticks = plan.streams[0]
+    assert (ticks.subjects, ticks.storage, ticks.retention, ticks.discard, ticks.max_age) == (
+        ["market.tick.>"], "file", "limits", "old", "24h",
+    )  # fmt: skip
+    assert plan.buckets == ["trader2025"]
+    assert {t.name for t in plan.tables} == {"ticks", "ohlcv_1m", "orders", "fills", "positions"}
+    assert {(c.stream, c.durable) for c in plan.consumers} >= {("MARKET_TICKS", "sink-ticks"), ("ALT_DATA", "sink-alt")}
+
+
+def test_children_carry_labels_owner_and_seed_ports() -> None:
+    objects = by_key(plan_for({}).objects)
+    oms = objects[("Deployment", "demo-oms")]
+    assert oms["metadata"]["namespace"] == "trading"
+    assert oms["metadata"]["ownerReferences"][0] | {"uid": "1234", "kind": "TradingStack", "controller": True} == (
+        oms["metadata"]["ownerReferences"][0]
+    )
+    labels = oms["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == "demo"
+    assert labels["app.kubernetes.io/component"] == "oms"
+    assert oms["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    container = oms["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == 8099
+    assert container["args"] == ["service", "oms"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert objects[("Service", "demo-gateway")]["spec"]["ports"][0]["port"] == 8080
+    assert objects[("ConfigMap", "demo-sink-ticks")]["data"]["NATS_DURABLE"] == "sink-ticks"
+
+
+def test_config_change_changes_checksum_only_where_config_changed() -> None:
+    base = by_key(plan_for({}).objects)
+    changed = by_key(plan_for({"services": {"oms": {"env": [{"name": "LOG_LEVEL", "value": "debug"}]}}}).objects)
+
+    def checksum(objs: dict[tuple[str, str], dict[str, Any]], name: str) -> str:
+        return str(objs[("Deployment", name)]["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION])
+
+    assert checksum(base, "demo-oms") != checksum(changed, "demo-oms")
+    assert checksum(base, "demo-risk") == checksum(changed, "demo-risk")
+    assert changed[("ConfigMap", "demo-oms")]["data"]["LOG_LEVEL"] == "debug"
+
+
+def test_plan_is_deterministic() -> None:
+    assert plan_for({"symbols": ["AAPL"]}).objects == plan_for({"symbols": ["AAPL"]}).objects
+
+
+def test_disabled_service_has_no_objects_and_no_consumer() -> None:
+    plan = plan_for({"services": {"sink-alt": {"enabled": False}}})
+    assert not any(o["metadata"]["name"] == "demo-sink-alt" for o in plan.objects)
+    assert "sink-alt" not in {c.durable for c in plan.consumers}
+
+
+def test_secret_ref_reaches_only_the_lake_writers() -> None:
+    objects = by_key(plan_for({"infrastructure": {"s3": {"allowHttp": True, "secretRef": {"name": "creds"}}}}).objects)
+    sink_env = objects[("Deployment", "demo-sink-ticks")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["name"] for e in sink_env} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert sink_env[0]["valueFrom"]["secretKeyRef"]["name"] == "creds"
+    assert "env" not in objects[("Deployment", "demo-oms")]["spec"]["template"]["spec"]["containers"][0]
+    assert not any("SECRET" in k for k in objects[("ConfigMap", "demo-sink-ticks")]["data"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"streams": [{"name": "A", "subjects": ["market.>"]}, {"name": "B", "subjects": ["market.tick.x"]}]},
+         "overlapping subjects"),
+        ({"streams": [{"name": "A", "subjects": ["a.*"]}, {"name": "B", "subjects": ["*.b"]}]}, "overlapping"),
+        ({"streams": [{"name": "ORDERS", "subjects": ["orders.>"]}]}, "reads stream MARKET_TICKS"),
+        ({"streams": [{"name": "S", "subjects": ["s.>"], "maxAge": "1m", "duplicateWindow": "2m"}]},
+         "duplicateWindow"),
+        ({"tables": [{"name": "t", "columns": [{"name": "ts", "type": "TIMESTAMP"}, {"name": "a", "type": "LONG"}],
+                      "dedupKeys": ["ts", "b"]}]}, "dedup key must be a column"),
+    ],
+)  # fmt: skip
+def test_semantic_errors_raise_invalid_spec(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpecError, match=message):
+        plan_for(spec)
+
+
+def test_disjoint_subjects_are_fine() -> None:
+    spec = {
+        "streams": [{"name": "A", "subjects": ["a.*"]}, {"name": "B", "subjects": ["a.b.c"]}],
+        "services": {s: {"enabled": False} for s in ("normalizer", "sink-ticks", "sink-alt", "exeq", "pnl")},
+    }
+    assert [s.name for s in plan_for(spec).streams] == ["A", "B"]
+
+
+def test_name_too_long_for_child_names() -> None:
+    with pytest.raises(InvalidSpecError, match="too long"):
+        build_plan(StackRef(name="x" * 60, namespace="ns"), TradingStackSpec())
