@@ -88,7 +88,9 @@ class Envtest:
 
 @pytest.fixture(scope="session")
 def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envtest]:
-    if not ENVTEST:
+    if not ENVTEST or not Path(ENVTEST, "kube-up").exists():
+        if os.environ.get("TRADINGSTACK_REQUIRE_ENVTEST"):
+            pytest.fail(f"TRADINGSTACK_REQUIRE_ENVTEST is set but there is no kube-up in {ENVTEST!r}")
         pytest.skip(
             "no Kubernetes API server: set TRADINGSTACK_ENVTEST=../shared/envtest "
             "(and apt-get install etcd-server) to run the envtest tests; `make test` does"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from conftest import wait_for
-
 from tradingstack import api
 from tradingstack.kubeclient import KubeApiError, KubeClient
 

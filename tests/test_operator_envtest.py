@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+
 from conftest import OperatorRunner, wait_for
 from kubetools import (
     children,
@@ -19,7 +20,6 @@ from kubetools import (
     wait_children,
     wait_condition,
 )
-
 from tradingstack.kubeclient import API_WRITES, KubeClient
 from tradingstack.plan import CHECKSUM_ANNOTATION
 from tradingstack.reconciler import Reconciler
@@ -100,7 +100,11 @@ def test_spec_change_patches_children_and_rolls_pods(
     def changed() -> dict[tuple[str, str], dict[str, Any]] | None:
         now = children(kube, namespace, "chg")
         cm = now.get(("ConfigMap", "chg-gateway"), {}).get("data", {})
-        return now if cm.get("SYMBOLS") == "AAPL,MSFT" and now[("Deployment", "chg-oms")]["spec"]["replicas"] == 3 else None
+        return (
+            now
+            if cm.get("SYMBOLS") == "AAPL,MSFT" and now[("Deployment", "chg-oms")]["spec"]["replicas"] == 3
+            else None
+        )
 
     after = wait_for(changed, what="symbols and replicas applied")
     assert _checksum(after[("Deployment", "chg-gateway")]) != _checksum(before[("Deployment", "chg-gateway")])
@@ -118,9 +122,11 @@ def test_deleted_or_edited_children_are_restored(kube: KubeClient, operator: Ope
 
     kube.delete("Deployment", namespace, "heal-oms")
     restored = wait_for(
-        lambda: (d := kube.get("Deployment", namespace, "heal-oms"))
-        and d["metadata"]["uid"] != before[("Deployment", "heal-oms")]["metadata"]["uid"]
-        and d,
+        lambda: (
+            (d := kube.get("Deployment", namespace, "heal-oms"))
+            and d["metadata"]["uid"] != before[("Deployment", "heal-oms")]["metadata"]["uid"]
+            and d
+        ),
         what="heal-oms to be recreated",
     )
     assert restored["spec"]["replicas"] == 1
@@ -256,5 +262,7 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(
     )  # fmt: skip
     assert ("Deployment", "restart-gateway") in found
     assert len([k for k in found if k[0] == "Deployment"]) == 8
-    stack = wait_for(lambda: (s := get_stack(kube, namespace, "restart"))["status"].get("observedGeneration") == 2 and s)
+    stack = wait_for(
+        lambda: (s := get_stack(kube, namespace, "restart"))["status"].get("observedGeneration") == 2 and s
+    )
     assert condition(stack, "Degraded")["status"] == "False"

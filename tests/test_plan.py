@@ -38,15 +38,19 @@ def test_empty_spec_renders_all_eight_services() -> None:
     )  # fmt: skip
     assert plan.buckets == ["trader2025"]
     assert {t.name for t in plan.tables} == {"ticks", "ohlcv_1m", "orders", "fills", "positions"}
-    assert {(c.stream, c.durable) for c in plan.consumers} >= {("MARKET_TICKS", "sink-ticks"), ("ALT_DATA", "sink-alt")}
+    assert {(c.stream, c.durable) for c in plan.consumers} >= {
+        ("MARKET_TICKS", "sink-ticks"),
+        ("ALT_DATA", "sink-alt"),
+    }
 
 
 def test_children_carry_labels_owner_and_seed_ports() -> None:
     objects = by_key(plan_for({}).objects)
     oms = objects[("Deployment", "demo-oms")]
     assert oms["metadata"]["namespace"] == "trading"
-    assert oms["metadata"]["ownerReferences"][0] | {"uid": "1234", "kind": "TradingStack", "controller": True} == (
-        oms["metadata"]["ownerReferences"][0]
+    assert (
+        oms["metadata"]["ownerReferences"][0] | {"uid": "1234", "kind": "TradingStack", "controller": True}
+        == (oms["metadata"]["ownerReferences"][0])
     )
     labels = oms["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == "demo"

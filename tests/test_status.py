@@ -18,9 +18,7 @@ def deployment(name: str, replicas: int, available: int, generation: int = 1, ob
 
 
 def all_available() -> dict[str, DeploymentState]:
-    return {
-        w.name: DeploymentState.from_object(deployment(w.name, w.replicas, w.replicas)) for w in PLAN.workloads
-    }
+    return {w.name: DeploymentState.from_object(deployment(w.name, w.replicas, w.replicas)) for w in PLAN.workloads}
 
 
 def by_type(status: dict) -> dict[str, dict]:

@@ -72,9 +72,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
 class Model(BaseModel):
     """Base for API types: camelCase on the wire, unknown fields rejected."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True)
 
 
 def cel(rule: str, message: str) -> dict[str, str]:
@@ -121,9 +119,7 @@ class ServiceSpec(Model):
         max_length=512,
         description="Full image reference overriding spec.image for this service.",
     )
-    port: int | None = Field(
-        None, ge=1024, le=65535, description="HTTP port; defaults to the service's seed port."
-    )
+    port: int | None = Field(None, ge=1024, le=65535, description="HTTP port; defaults to the service's seed port.")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
     env: list[EnvVar] = Field(
         default_factory=list,
@@ -134,9 +130,7 @@ class ServiceSpec(Model):
 
 
 class Image(Model):
-    repository: str = Field(
-        DEFAULT_IMAGE_REPOSITORY, min_length=1, max_length=256, description="Image repository."
-    )
+    repository: str = Field(DEFAULT_IMAGE_REPOSITORY, min_length=1, max_length=256, description="Image repository.")
     tag: str = Field(DEFAULT_IMAGE_TAG, min_length=1, max_length=128, description="Image tag.")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Kubernetes image pull policy."
@@ -151,24 +145,18 @@ class SecretKeyRef(Model):
     """A Secret in the TradingStack's namespace holding S3 credentials."""
 
     name: str = Field(min_length=1, max_length=253, description="Secret name.")
-    access_key_id_key: str = Field(
-        "AWS_ACCESS_KEY_ID", max_length=253, description="Key holding the access key id."
-    )
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, description="Key holding the access key id.")
     secret_access_key_key: str = Field(
         "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key holding the secret access key."
     )
 
 
 class NatsEndpoint(Model):
-    url: str = Field(
-        "nats://nats:4222", pattern=URL_PATTERN, max_length=512, description="NATS server URL."
-    )
+    url: str = Field("nats://nats:4222", pattern=URL_PATTERN, max_length=512, description="NATS server URL.")
 
 
 class RedisEndpoint(Model):
-    url: str = Field(
-        "redis://redis:6379/0", pattern=URL_PATTERN, max_length=512, description="Redis URL."
-    )
+    url: str = Field("redis://redis:6379/0", pattern=URL_PATTERN, max_length=512, description="Redis URL.")
 
 
 class QuestDBEndpoint(Model):
@@ -191,12 +179,13 @@ class S3Endpoint(Model):
         )
     )
 
-    endpoint: str = Field(
-        "http://s3:8333", pattern=URL_PATTERN, max_length=512, description="S3 API endpoint URL."
-    )
+    endpoint: str = Field("http://s3:8333", pattern=URL_PATTERN, max_length=512, description="S3 API endpoint URL.")
     region: str = Field("us-east-1", min_length=1, max_length=64, description="S3 region.")
     bucket: str = Field(
-        "trader2025", pattern=BUCKET_PATTERN, max_length=63, description="Bucket holding the Delta Lake tables."
+        "trader2025",
+        pattern=BUCKET_PATTERN,
+        max_length=63,
+        description="Bucket holding the Delta Lake tables.",
     )
     allow_http: bool = Field(
         False,
@@ -227,7 +216,6 @@ class Infrastructure(Model):
     )
 
 
-
 class StreamSpec(Model):
     """A JetStream stream. Fields mirror the NATS stream configuration."""
 
@@ -239,9 +227,7 @@ class StreamSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     storage: Literal["file", "memory"] = Field("file", description="Storage type (immutable).")
-    retention: Literal["limits", "interest", "workqueue"] = Field(
-        "limits", description="Retention policy (immutable)."
-    )
+    retention: Literal["limits", "interest", "workqueue"] = Field("limits", description="Retention policy (immutable).")
     discard: Literal["old", "new"] = Field("old", description="What to discard when full.")
     max_age: str = Field(
         "24h", pattern=DURATION_PATTERN, max_length=32, description="Maximum message age; 0s keeps forever."
@@ -308,9 +294,7 @@ class TableSpec(Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     timestamp: str = Field("ts", pattern=IDENTIFIER_PATTERN, max_length=63, description="Designated timestamp column.")
-    partition_by: Literal["NONE", "HOUR", "DAY", "WEEK", "MONTH", "YEAR"] = Field(
-        "DAY", description="Partitioning."
-    )
+    partition_by: Literal["NONE", "HOUR", "DAY", "WEEK", "MONTH", "YEAR"] = Field("DAY", description="Partitioning.")
     wal: bool = Field(True, description="Write-ahead-log table (needed for dedup and concurrent writers).")
     dedup_keys: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN, max_length=63)]] = Field(
         default_factory=list,

@@ -28,7 +28,7 @@ _KEPT_KEYS = {
 
 def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in node:
-        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+        target: dict[str, Any] = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
         # Sibling keys (a field's own description) win over the referenced model's.
         target.update({k: v for k, v in node.items() if k != "$ref"})
         return target
@@ -136,12 +136,20 @@ def crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         _condition_column("Ready"),
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-                         "description": "Summary of the conditions."},
-                        {"name": "Services", "type": "string", "jsonPath": ".status.servicesReady",
-                         "description": "Ready services out of desired."},
+                        {
+                            "name": "Phase",
+                            "type": "string",
+                            "jsonPath": ".status.phase",
+                            "description": "Summary of the conditions.",
+                        },
+                        {
+                            "name": "Services",
+                            "type": "string",
+                            "jsonPath": ".status.servicesReady",
+                            "description": "Ready services out of desired.",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],  # fmt: skip
+                    ],
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }
             ],

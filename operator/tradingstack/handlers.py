@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -35,7 +35,8 @@ def backoff(retry: int) -> float:
 
 
 def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message[:1024])
+    # kopf only reads apiVersion, kind and metadata of the body it is given; a plain dict serves.
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
 
 def _owner_name(body: dict[str, Any]) -> str | None:
@@ -87,14 +88,14 @@ def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index(*STACKS)
-def stacks(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+def stacks(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str | None, str], dict[str, Any]]:
     return {(namespace, name): dict(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=MANAGED)
 def stack_deployments(
-    namespace: str, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], DeploymentState] | None:
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], DeploymentState] | None:
     owner = _owner_name(dict(body))
     return {(namespace, owner): DeploymentState.from_object(dict(body))} if owner else None
 
@@ -116,11 +117,11 @@ def reconcile(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.timer(*STACKS, interval=RESYNC_TICK, initial_delay=RESYNC_TICK)
-def drift_check(body: kopf.Body, spec: kopf.Spec, retry: int, memo: kopf.Memo, **_: Any) -> None:
+def drift_check(body: kopf.Body, spec: kopf.Spec, memo: Any, **_: Any) -> None:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     interval = float(spec.get("driftCheckIntervalSeconds", 60))
     if time.monotonic() - memo.last_full_pass.get(key, 0.0) >= interval:
-        _full_pass(memo, dict(body), retry)
+        _full_pass(memo, dict(body), retry=0)  # a failed check simply runs again next interval
 
 
 @kopf.on.delete(*STACKS)
@@ -132,16 +133,17 @@ def finalize(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     memo.last_full_pass.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
 
 
+# kopf passes indices as keyword arguments by name, which its handler protocols cannot express.
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("v1", "services", labels=MANAGED)
-@kopf.on.event("v1", "configmaps", labels=MANAGED)
+@kopf.on.event("v1", "configmaps", labels=MANAGED)  # type: ignore[arg-type]
 def child_changed(
-    event: dict[str, Any],
+    event: kopf.RawEvent,
     body: kopf.Body,
-    namespace: str,
-    memo: kopf.Memo,
-    stacks: kopf.Index[tuple[str, str], dict[str, Any]],
-    stack_deployments: kopf.Index[tuple[str, str], DeploymentState],
+    namespace: str | None,
+    memo: Any,
+    stacks: kopf.Index[tuple[str | None, str], dict[str, Any]],
+    stack_deployments: kopf.Index[tuple[str | None, str], DeploymentState],
     **_: Any,
 ) -> None:
     child = dict(body)

@@ -19,9 +19,7 @@ from prometheus_client import Counter
 
 from tradingstack import api
 
-API_WRITES = Counter(
-    "tradingstack_kube_api_writes_total", "Write calls made to the Kubernetes API", ["verb", "kind"]
-)
+API_WRITES = Counter("tradingstack_kube_api_writes_total", "Write calls made to the Kubernetes API", ["verb", "kind"])
 
 _KIND_PATHS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),

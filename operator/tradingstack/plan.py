@@ -96,9 +96,7 @@ def parse_spec(raw: dict[str, Any] | None) -> TradingStackSpec:
     try:
         return TradingStackSpec.model_validate(raw or {})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors())
         raise InvalidSpecError(problems) from None
 
 

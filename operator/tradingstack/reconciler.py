@@ -114,7 +114,7 @@ class Reconciler:
             RECONCILES.labels("paused").inc()
             return outcome
 
-        live: dict[tuple[str, str], dict[str, Any]] = {}
+        live = {}
         try:
             changes, live = self.workloads.reconcile(plan)
             outcome.changes = changes
@@ -163,7 +163,9 @@ class Reconciler:
 
         def compute(current: dict[str, Any]) -> dict[str, Any]:
             status = current.get("status") or {}
-            previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), {})
+            previous: dict[str, Any] = next(
+                (c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), {}
+            )
             observation = Observation(
                 generation=int(status.get("observedGeneration") or 0),
                 plan=plan,

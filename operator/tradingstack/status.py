@@ -97,7 +97,12 @@ class Observation:
 
 
 def condition(type_: ConditionType, ok: bool, reason: Reason, message: str) -> dict[str, Any]:
-    return {"type": type_.value, "status": "True" if ok else "False", "reason": reason.value, "message": message}
+    return {
+        "type": type_.value,
+        "status": "True" if ok else "False",
+        "reason": reason.value,
+        "message": message,
+    }
 
 
 def _services(obs: Observation) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
@@ -137,7 +142,10 @@ def desired_conditions(obs: Observation) -> tuple[list[dict[str, Any]], dict[str
         services = condition(ConditionType.SERVICES_READY, False, Reason.SERVICES_NOT_READY, "; ".join(problems))
     else:
         services = condition(
-            ConditionType.SERVICES_READY, True, Reason.ALL_SERVICES_READY, f"{ready}/{total} services available"
+            ConditionType.SERVICES_READY,
+            True,
+            Reason.ALL_SERVICES_READY,
+            f"{ready}/{total} services available",
         )
 
     if obs.invalid_spec is not None:
@@ -151,7 +159,10 @@ def desired_conditions(obs: Observation) -> tuple[list[dict[str, Any]], dict[str
 
     if obs.paused:
         progressing = condition(
-            ConditionType.PROGRESSING, False, Reason.PAUSED, "spec.paused is true: children are not reconciled"
+            ConditionType.PROGRESSING,
+            False,
+            Reason.PAUSED,
+            "spec.paused is true: children are not reconciled",
         )
     elif degraded["status"] == "True":
         progressing = condition(ConditionType.PROGRESSING, False, Reason(degraded["reason"]), degraded["message"])

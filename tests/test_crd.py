@@ -1,0 +1,108 @@
+"""The CRD is generated from the pydantic model, and the API server enforces what the model does."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from kubetools import api_error, create_stack, get_stack
+from tradingstack import api
+from tradingstack.crd import CRD_FILE, crd, crd_yaml
+from tradingstack.kubeclient import KubeClient
+from tradingstack.plan import InvalidSpecError, parse_spec
+
+
+def test_checked_in_crd_matches_the_model() -> None:
+    assert (ROOT / CRD_FILE).read_text() == crd_yaml(), "crds/ is stale: run `make crd`"
+
+
+def test_crd_shape() -> None:
+    version = crd()["spec"]["versions"][0]
+    assert crd()["spec"]["names"]["shortNames"] == ["tstack"]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Ready", "Phase", "Services", "Age"]
+    schema = version["schema"]["openAPIV3Schema"]
+    text = yaml.safe_dump(schema)
+    assert "$ref" not in text
+    assert "anyOf" not in text
+    assert "title" not in text
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        # Structural: every property has a type and a description (what kubectl explain shows).
+        for name, sub in node.get("properties", {}).items():
+            assert "type" in sub, f"{path}.{name} has no type"
+            if path.startswith(".spec"):
+                assert sub.get("description"), f"{path}.{name} has no description"
+            walk(sub, f"{path}.{name}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}{{}}")
+
+    walk(schema["properties"]["spec"], ".spec")
+
+
+# Specs each rule must reject, with the text the API server's message must contain.
+INVALID_SPECS = [
+    pytest.param({"services": {"foo": {}}}, "unknown service name", id="unknown-service"),
+    pytest.param({"symbols": ["btc.usd"]}, "should match", id="symbol-pattern"),
+    pytest.param({"services": {"oms": {"replicas": -1}}}, "greater than or equal to 0", id="negative-replicas"),
+    pytest.param({"riskLimits": [{"symbol": "BTC", "minQuantity": 5, "maxQuantity": 1}]},
+                 "minQuantity may not exceed maxQuantity", id="min-above-max"),
+    pytest.param({"infrastructure": {"s3": {"endpoint": "http://minio:9000"}}}, "allowHttp", id="plain-http"),
+    pytest.param({"tables": [{"name": "t", "columns": [{"name": "a", "type": "LONG"}], "timestamp": "a"}]},
+                 "designated timestamp", id="timestamp-type"),
+    pytest.param({"tables": [{"name": "t", "columns": [{"name": "ts", "type": "TIMESTAMP"}, {"name": "a",
+                  "type": "LONG"}], "dedupKeys": ["a"]}]}, "include the designated timestamp", id="dedup-keys"),
+    pytest.param({"tables": [{"name": "t", "columns": [{"name": "ts", "type": "TIMESTAMP"}], "wal": True,
+                  "partitionBy": "NONE"}]}, "must be partitioned", id="wal-unpartitioned"),
+    pytest.param({"streams": [{"name": "S", "subjects": []}]}, "should have at least 1", id="stream-no-subjects"),
+    pytest.param({"deletionPolicy": "Orphan"}, "Unsupported value", id="deletion-policy-enum"),
+    pytest.param({"tables": [{"name": "t", "columns": [{"name": "ts", "type": "TIMESTAMPTZ"}]}]},
+                 "Unsupported value", id="column-type"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "message"), INVALID_SPECS)
+def test_model_rejects_invalid_spec(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpecError):
+        parse_spec(spec)
+
+
+@pytest.mark.envtest
+@pytest.mark.parametrize(("spec", "message"), INVALID_SPECS)
+def test_api_server_rejects_invalid_spec(
+    kube: KubeClient, crd: dict[str, Any], namespace: str, spec: dict[str, Any], message: str
+) -> None:
+    error = api_error(lambda: create_stack(kube, namespace, "invalid", spec))
+    assert error.status == 422
+    assert message in error.detail
+
+
+@pytest.mark.envtest
+def test_api_server_defaults_an_empty_spec_like_the_model(
+    kube: KubeClient, crd: dict[str, Any], namespace: str
+) -> None:
+    create_stack(kube, namespace, "defaults", {})
+    stored = get_stack(kube, namespace, "defaults")["spec"]
+    model = api.TradingStackSpec().model_dump(by_alias=True, exclude_none=True)
+    assert stored["infrastructure"] == model["infrastructure"]
+    assert stored["image"] == model["image"]
+    assert {k: stored[k] for k in ("paused", "deletionPolicy", "driftCheckIntervalSeconds")} == {
+        k: model[k] for k in ("paused", "deletionPolicy", "driftCheckIntervalSeconds")
+    }
+    assert parse_spec(stored) == parse_spec({})
+
+
+@pytest.mark.envtest
+@pytest.mark.parametrize("sample", ["minimal", "market-data-only", "full"])
+def test_samples_are_accepted(kube: KubeClient, crd: dict[str, Any], namespace: str, sample: str) -> None:
+    doc = yaml.safe_load((ROOT / "manifests" / "samples" / f"{sample}.yaml").read_text())
+    parse_spec(doc["spec"])
+    body = copy.deepcopy(doc)
+    kube.request("POST", KubeClient.path(api.KIND, namespace), body=body)
+    assert get_stack(kube, namespace, doc["metadata"]["name"])["spec"]
