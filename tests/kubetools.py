@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import wait_for
 from tradingstack import api
 from tradingstack.kubeclient import KubeApiError, KubeClient
+
+from conftest import wait_for
 
 CHILD_KINDS = ("ConfigMap", "Service", "Deployment")
 

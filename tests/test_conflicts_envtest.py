@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from kubetools import create_stack, get_stack
 from tradingstack.kubeclient import KubeClient
 from tradingstack.reconciler import StatusWriter
+
+from kubetools import create_stack, get_stack
 
 pytestmark = pytest.mark.envtest
 

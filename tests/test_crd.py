@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT
-from kubetools import api_error, create_stack, get_stack
 from tradingstack import api
 from tradingstack.crd import CRD_FILE, crd, crd_yaml
 from tradingstack.kubeclient import KubeClient
 from tradingstack.plan import InvalidSpecError, parse_spec
+
+from conftest import ROOT
+from kubetools import api_error, create_stack, get_stack
 
 
 def test_checked_in_crd_matches_the_model() -> None:

@@ -7,6 +7,10 @@ from typing import Any
 
 import pytest
 
+from tradingstack.kubeclient import API_WRITES, KubeClient
+from tradingstack.plan import CHECKSUM_ANNOTATION
+from tradingstack.reconciler import Reconciler
+
 from conftest import OperatorRunner, wait_for
 from kubetools import (
     children,
@@ -20,9 +24,6 @@ from kubetools import (
     wait_children,
     wait_condition,
 )
-from tradingstack.kubeclient import API_WRITES, KubeClient
-from tradingstack.plan import CHECKSUM_ANNOTATION
-from tradingstack.reconciler import Reconciler
 
 pytestmark = pytest.mark.envtest
 ALL_CHILDREN = 24  # eight services x (ConfigMap, Service, Deployment)
