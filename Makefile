@@ -36,6 +36,10 @@ lint: install ## ruff and mypy
 crd: install ## regenerate crds/ from the pydantic model
 	$(VENV)/bin/tradingstack crd > crds/tradingstack.io_tradingstacks.yaml
 
+.PHONY: manifests
+manifests: install ## regenerate manifests/install.yaml from the chart
+	$(PY) hack/render_manifests.py
+
 .PHONY: test
 test: install deps lint ## everything: lint, types, unit and envtest tests (pytest exit 5, no tests, fails)
 	$(PY) -m pytest

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing.
-# etcd-server: the envtest Kubernetes API server's storage.
+# etcd-server: the envtest Kubernetes API server's storage; shellcheck: the scripts' lint.
 set -euo pipefail
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v curl >/dev/null || missing+=(curl)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -eq 0 ]]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
   echo "test-deps: missing ${missing[*]}; install them (apt-get install ${missing[*]}) and run again" >&2

@@ -52,6 +52,37 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait until a TradingStack is Ready; print its conditions either way."""
+    import time
+
+    from tradingstack.kubeclient import KubeClient
+
+    kube = KubeClient.from_environment()
+    deadline = time.monotonic() + args.timeout
+    conditions: list[dict[str, Any]] = []
+    try:
+        while True:
+            stack = kube.get(api.KIND, args.namespace, args.name)
+            if stack is None:
+                print(f"{api.KIND} {args.namespace}/{args.name} not found", file=sys.stderr)
+            else:
+                conditions = (stack.get("status") or {}).get("conditions") or []
+                ready = next((c for c in conditions if c.get("type") == "Ready"), {})
+                if ready.get("status") == "True":
+                    print(f"{args.namespace}/{args.name} is Ready: {ready.get('message', '')}")
+                    return 0
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(2)
+    finally:
+        kube.close()
+    print(f"{args.namespace}/{args.name} not Ready after {args.timeout}s", file=sys.stderr)
+    for cond in conditions:
+        print(f"  {cond['type']}={cond['status']} ({cond.get('reason')}): {cond.get('message', '')}", file=sys.stderr)
+    return 1
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
@@ -85,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-f", "--file", required=True, help="TradingStack YAML file, or - for stdin")
     render.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
     render.set_defaults(func=cmd_render)
+
+    wait = sub.add_parser("wait", help="wait until a TradingStack is Ready (exit 1 on timeout)")
+    wait.add_argument("name", help="TradingStack name")
+    wait.add_argument("-n", "--namespace", default="default", help="its namespace")
+    wait.add_argument("--timeout", type=float, default=300, help="seconds to wait")
+    wait.set_defaults(func=cmd_wait)
 
     op = sub.add_parser("operator", help="run the operator")
     scope = op.add_mutually_exclusive_group()

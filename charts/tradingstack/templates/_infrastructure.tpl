@@ -1,0 +1,104 @@
+{{/*
+tradingstack.infrastructure: a StatefulSet with a data PVC, its Service, probes, resources and
+the hardened security context, for one infrastructure component. Takes a dict:
+  ctx (root), component (name suffix), values (the component's values), ports (list of
+  {name, port}), args (list), env (list), probe (readiness probe handler), dataPath.
+*/}}
+{{- define "tradingstack.infrastructure" -}}
+{{- $ctx := .ctx -}}
+{{- $name := printf "%s-%s" (include "tradingstack.fullname" $ctx) .component -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $name }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "tradingstack.labels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "tradingstack.selectorLabels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+  ports:
+    {{- range .ports }}
+    - name: {{ .name }}
+      port: {{ .port }}
+      targetPort: {{ .name }}
+      protocol: TCP
+    {{- end }}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: {{ $name }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "tradingstack.labels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+spec:
+  serviceName: {{ $name }}
+  replicas: 1
+  selector:
+    matchLabels:
+      {{- include "tradingstack.selectorLabels" (dict "ctx" $ctx "component" .component) | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "tradingstack.labels" (dict "ctx" $ctx "component" .component) | nindent 8 }}
+    spec:
+      automountServiceAccountToken: false
+      securityContext:
+        {{- toYaml $ctx.Values.infrastructure.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "tradingstack.image" (dict "image" .values.image "root" $ctx) }}
+          imagePullPolicy: {{ .values.image.pullPolicy }}
+          {{- with .args }}
+          args:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with .env }}
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          ports:
+            {{- range .ports }}
+            - name: {{ .name }}
+              containerPort: {{ .port }}
+              protocol: TCP
+            {{- end }}
+          readinessProbe:
+            {{- toYaml .probe | nindent 12 }}
+            periodSeconds: 10
+            timeoutSeconds: 5
+            failureThreshold: 3
+          livenessProbe:
+            {{- toYaml .probe | nindent 12 }}
+            initialDelaySeconds: 30
+            periodSeconds: 20
+            timeoutSeconds: 5
+            failureThreshold: 6
+          resources:
+            {{- toYaml .values.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $ctx.Values.infrastructure.containerSecurityContext | nindent 12 }}
+          volumeMounts:
+            - name: data
+              mountPath: {{ .dataPath }}
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: tmp
+          emptyDir: {}
+  volumeClaimTemplates:
+    - metadata:
+        name: data
+        labels:
+          {{- include "tradingstack.selectorLabels" (dict "ctx" $ctx "component" .component) | nindent 10 }}
+      spec:
+        accessModes: ["ReadWriteOnce"]
+        {{- with .values.persistence.storageClass }}
+        storageClassName: {{ . }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ .values.persistence.size }}
+{{- end -}}
