@@ -17,10 +17,11 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Histogram
 
 from tradingstack import api
+from tradingstack.changes import Change
 from tradingstack.kubeclient import KubeApiError, KubeClient
 from tradingstack.plan import InvalidSpecError, Plan, plan_from_body
 from tradingstack.status import DeploymentState, Observation, build_status
-from tradingstack.workloads import Change, WorkloadProvisioner, diff_object
+from tradingstack.workloads import WorkloadProvisioner, diff_object
 
 log = logging.getLogger(__name__)
 

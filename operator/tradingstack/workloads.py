@@ -7,24 +7,13 @@ controllers own are not ours to fight, so a steady state reads and writes nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from tradingstack.changes import Change
 from tradingstack.kubeclient import KubeClient
 from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, Plan
 
 KINDS = ("ConfigMap", "Service", "Deployment")
-
-
-@dataclass(frozen=True)
-class Change:
-    action: Literal["create", "update", "delete"]
-    kind: str
-    name: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.action} {self.kind}/{self.name}" + (f" ({self.detail})" if self.detail else "")
 
 
 def first_difference(desired: Any, live: Any, path: str = "") -> str | None:

@@ -1,0 +1,141 @@
+"""QuestDB provisioner: tables over the REST API (`GET /exec?query=`).
+
+Tables are created with `CREATE TABLE IF NOT EXISTS ... TIMESTAMP(ts) PARTITION BY ... WAL
+DEDUP UPSERT KEYS(...)`; a missing column is added with `ALTER TABLE ... ADD COLUMN`. A
+column of another type, another designated timestamp or partitioning is reported
+(ImmutableFieldChanged), never altered: that would rewrite or drop data.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from tradingstack.api import TableSpec
+from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
+from tradingstack.plan import Plan
+
+IMMUTABLE = "ImmutableFieldChanged"
+
+
+class QuestDBError(Exception):
+    def __init__(self, query: str, message: str) -> None:
+        super().__init__(f"QuestDB rejected {query!r}: {message}")
+        self.message = message
+
+
+def create_table_sql(table: TableSpec) -> str:
+    columns = ", ".join(f"{c.name} {c.type}" for c in table.columns)
+    sql = f"CREATE TABLE IF NOT EXISTS {table.name} ({columns}) TIMESTAMP({table.timestamp})"
+    sql += f" PARTITION BY {table.partition_by}"
+    sql += " WAL" if table.wal else " BYPASS WAL"
+    if table.dedup_keys:
+        sql += f" DEDUP UPSERT KEYS({', '.join(table.dedup_keys)})"
+    return sql
+
+
+@dataclass
+class LiveTable:
+    columns: dict[str, str]  # name -> type
+    designated: str | None
+    partition_by: str
+    wal: bool
+
+
+@dataclass
+class QuestDBProvisioner:
+    url: str
+    timeout: float = 5.0
+    backend = "tables"
+
+    def query(self, sql: str) -> dict[str, Any]:
+        target = f"{self.url.rstrip('/')}/exec?{urllib.parse.urlencode({'query': sql})}"
+        try:
+            with urllib.request.urlopen(target, timeout=self.timeout) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return body
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(detail).get("error", detail)
+            except ValueError:
+                message = detail
+            if exc.code >= 500:
+                raise UnreachableError(f"QuestDB at {self.url}: HTTP {exc.code}: {message}") from exc
+            raise QuestDBError(sql, message) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
+
+    def observe(self) -> dict[str, LiveTable]:
+        tables = self.query("SELECT table_name, designatedTimestamp, partitionBy, walEnabled FROM tables()")
+        live = {}
+        for name, designated, partition_by, wal in tables.get("dataset", []):
+            columns = self.query(f"SELECT \"column\", type FROM table_columns('{name}')")
+            live[name] = LiveTable(
+                columns={c: t for c, t in columns.get("dataset", [])},
+                designated=designated,
+                partition_by=partition_by,
+                wal=bool(wal),
+            )
+        return live
+
+    def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
+        result = BackendResult(self.backend, dry_run=dry_run)
+        live = self.observe()
+        for table in plan.tables:
+            try:
+                self._table(table, live.get(table.name), result)
+            except QuestDBError as exc:
+                result.problems.append(Problem("Table", table.name, "Rejected", exc.message))
+                result.items.append(ItemStatus(table.name, False, "Rejected", exc.message))
+        return result
+
+    def _table(self, table: TableSpec, live: LiveTable | None, result: BackendResult) -> None:
+        if live is None:
+            result.changes.append(Change("create", "Table", table.name))
+            if not result.dry_run:
+                self.query(create_table_sql(table))
+            result.items.append(
+                ItemStatus(table.name, not result.dry_run, "Created" if not result.dry_run else "Missing")
+            )
+            return
+        differences = []
+        if live.designated != table.timestamp:
+            differences.append(f"designated timestamp is {live.designated}, spec says {table.timestamp}")
+        if live.partition_by != table.partition_by:
+            differences.append(f"partitioned by {live.partition_by}, spec says {table.partition_by}")
+        if live.wal != table.wal:
+            differences.append(f"wal is {live.wal}, spec says {table.wal}")
+        for column in table.columns:
+            found = live.columns.get(column.name)
+            if found is not None and found != column.type:
+                differences.append(f"column {column.name} is {found}, spec says {column.type}")
+        if differences:
+            message = "; ".join(differences) + " (not altered: it would rewrite data)"
+            result.problems.append(Problem("Table", table.name, IMMUTABLE, message))
+            result.items.append(ItemStatus(table.name, False, IMMUTABLE, message))
+            return
+        missing = [c for c in table.columns if c.name not in live.columns]
+        for column in missing:
+            result.changes.append(Change("update", "Table", table.name, f"add column {column.name} {column.type}"))
+            if not result.dry_run:
+                self.query(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type}")
+        if missing:
+            names = ", ".join(c.name for c in missing)
+            reason = "ColumnsAdded" if not result.dry_run else "Drifted"
+            result.items.append(ItemStatus(table.name, not result.dry_run, reason, f"missing {names}"))
+        else:
+            result.items.append(ItemStatus(table.name, True, "InSync"))
+
+    def delete(self, plan: Plan) -> list[Change]:
+        deleted = []
+        live = self.observe()
+        for table in plan.tables:
+            if table.name in live:
+                self.query(f"DROP TABLE IF EXISTS {table.name}")
+                deleted.append(Change("delete", "Table", table.name))
+        return deleted

@@ -1,0 +1,131 @@
+"""S3 provisioner: the buckets, and the Delta tables' schemas inside the lake bucket.
+
+Credentials come from the caller (the operator reads the Secret named in secretRef; the CLI
+uses the standard AWS environment variables); they are never logged. Plain-HTTP endpoints
+are used only when the spec says allowHttp. Nothing is ever dropped: a missing column is
+added, a bucket or table that vanished is created again (empty, as it must be).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from deltalake import DeltaTable, Field, Schema
+from deltalake.exceptions import TableNotFoundError
+
+from tradingstack.api import S3Endpoint
+from tradingstack.changes import BackendResult, Change, ItemStatus, UnreachableError
+from tradingstack.lake import LAKE_TABLES, LakeTable
+from tradingstack.plan import Plan
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+    def __repr__(self) -> str:  # never print the secret, even in a traceback
+        return f"S3Credentials(access_key_id={self.access_key_id[:4]}...)"
+
+
+@dataclass
+class S3Provisioner:
+    endpoint: S3Endpoint
+    credentials: S3Credentials | None
+    backend = "buckets"
+
+    def _filesystem(self) -> pafs.S3FileSystem:
+        scheme, _, host = self.endpoint.endpoint.partition("://")
+        creds = self.credentials
+        return pafs.S3FileSystem(
+            access_key=creds.access_key_id if creds else None,
+            secret_key=creds.secret_access_key if creds else None,
+            anonymous=creds is None,
+            endpoint_override=host.rstrip("/"),
+            scheme=scheme,
+            region=self.endpoint.region,
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+            connect_timeout=3,
+            request_timeout=10,
+        )
+
+    def storage_options(self) -> dict[str, str]:
+        """Options for deltalake (validated here: it silently accepts unknown keys)."""
+        options = {
+            "AWS_ENDPOINT_URL": self.endpoint.endpoint,
+            "AWS_REGION": self.endpoint.region,
+            "AWS_ALLOW_HTTP": "true" if self.endpoint.allow_http else "false",
+        }
+        if self.credentials:
+            options["AWS_ACCESS_KEY_ID"] = self.credentials.access_key_id
+            options["AWS_SECRET_ACCESS_KEY"] = self.credentials.secret_access_key
+        return options
+
+    def _uri(self, table: LakeTable) -> str:
+        return f"s3://{self.endpoint.bucket}/{table.path}"
+
+    def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
+        result = BackendResult(self.backend, dry_run=dry_run)
+        fs = self._filesystem()
+        for bucket in plan.buckets:
+            try:
+                info = fs.get_file_info(bucket)
+            except OSError as exc:
+                raise UnreachableError(f"S3 at {self.endpoint.endpoint}: {exc}") from exc
+            if info.type == pafs.FileType.NotFound:
+                result.changes.append(Change("create", "Bucket", bucket))
+                if not dry_run:
+                    fs.create_dir(bucket)
+                result.items.append(ItemStatus(bucket, not dry_run, "Created" if not dry_run else "Missing"))
+            else:
+                result.items.append(ItemStatus(bucket, True, "InSync"))
+        lake_ready = any(i.name == self.endpoint.bucket and i.ready for i in result.items)
+        for table in LAKE_TABLES:
+            if lake_ready:
+                self._delta_table(table, result)
+            elif dry_run:  # the lake bucket itself is missing, so are its tables
+                name = f"{self.endpoint.bucket}/{table.path}"
+                result.changes.append(Change("create", "DeltaTable", name))
+                result.items.append(ItemStatus(name, False, "Missing"))
+        return result
+
+    def _delta_table(self, table: LakeTable, result: BackendResult) -> None:
+        name = f"{self.endpoint.bucket}/{table.path}"
+        options = self.storage_options()
+        try:
+            live = DeltaTable(self._uri(table), storage_options=options)
+        except TableNotFoundError:
+            result.changes.append(Change("create", "DeltaTable", name))
+            if not result.dry_run:
+                DeltaTable.create(
+                    self._uri(table), table.schema, partition_by=list(table.partition_by), storage_options=options
+                )
+            result.items.append(ItemStatus(name, not result.dry_run, "Created" if not result.dry_run else "Missing"))
+            return
+        present = {f.name for f in live.schema().fields}
+        missing = [f for f in table.schema if f.name not in present]
+        if missing:
+            names = ", ".join(f.name for f in missing)
+            result.changes.append(Change("update", "DeltaTable", name, f"add columns {names}"))
+            if not result.dry_run:
+                live.alter.add_columns(_added_columns(missing))
+            result.items.append(ItemStatus(name, not result.dry_run, "ColumnsAdded", f"added {names}"))
+            return
+        result.items.append(ItemStatus(name, True, "InSync"))
+
+    def delete(self, plan: Plan) -> list[Change]:
+        fs = self._filesystem()
+        deleted = []
+        for bucket in plan.buckets:
+            if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+                fs.delete_dir(bucket)  # objects first, then the bucket
+                deleted.append(Change("delete", "Bucket", bucket))
+        return deleted
+
+
+def _added_columns(fields: list[pa.Field]) -> list[Field]:
+    """Added columns are nullable: the rows already written have no value for them."""
+    return list(Schema.from_arrow(pa.schema([f.with_nullable(True) for f in fields])).fields)

@@ -1,0 +1,216 @@
+"""A strict test double of QuestDB's REST API (`/exec`), since QuestDB cannot run here.
+
+It parses the statements tradingstack sends and refuses what QuestDB refuses, with
+QuestDB-shaped errors (HTTP 400, `{"query", "error", "position"}`): unknown column types,
+a designated timestamp that is missing or not a TIMESTAMP, partitioning without one, WAL on
+an unpartitioned table, dedup on a non-WAL table or without the designated timestamp, an
+unknown table, a duplicate column. Anything it does not understand is refused too, so a
+query the real server would need to be checked against cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+TYPES = {
+    "BOOLEAN", "BYTE", "SHORT", "CHAR", "INT", "LONG", "FLOAT", "DOUBLE", "STRING", "VARCHAR",
+    "SYMBOL", "DATE", "TIMESTAMP", "UUID", "LONG256", "IPV4", "BINARY",
+}  # fmt: skip
+PARTITIONS = {"NONE", "HOUR", "DAY", "WEEK", "MONTH", "YEAR"}
+IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+
+CREATE = re.compile(
+    rf"^CREATE TABLE (?P<ine>IF NOT EXISTS )?(?P<name>{IDENT}) \((?P<cols>[^)]*)\)"
+    rf"(?: TIMESTAMP\((?P<ts>{IDENT})\))?(?: PARTITION BY (?P<part>\w+))?(?P<wal> WAL| BYPASS WAL)?"
+    rf"(?: DEDUP UPSERT KEYS\((?P<dedup>[^)]*)\))?$",
+    re.IGNORECASE,
+)
+ALTER_ADD = re.compile(rf"^ALTER TABLE (?P<name>{IDENT}) ADD COLUMN (?P<col>{IDENT}) (?P<type>\w+)$", re.IGNORECASE)
+DROP = re.compile(rf"^DROP TABLE (?P<ie>IF EXISTS )?(?P<name>{IDENT})$", re.IGNORECASE)
+SELECT_TABLES = re.compile(r"^SELECT (?P<cols>.+) FROM tables\(\)$", re.IGNORECASE)
+SELECT_COLUMNS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_columns\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
+
+
+class RejectedError(Exception):
+    pass
+
+
+@dataclass
+class Table:
+    columns: dict[str, str]
+    designated: str | None
+    partition_by: str
+    wal: bool
+    dedup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuestDBState:
+    tables: dict[str, Table] = field(default_factory=dict)
+    mutations: list[str] = field(default_factory=list)  # DDL that changed something
+    statements: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def execute(self, sql: str) -> dict[str, Any]:
+        sql = " ".join(sql.strip().rstrip(";").split())
+        with self.lock:
+            self.statements.append(sql)
+            for pattern, handler in (
+                (CREATE, self._create), (ALTER_ADD, self._alter), (DROP, self._drop),
+                (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns),
+            ):  # fmt: skip
+                match = pattern.match(sql)
+                if match:
+                    return handler(match)
+        raise RejectedError("unsupported statement (the test double only knows what tradingstack sends)")
+
+    def _create(self, m: re.Match[str]) -> dict[str, Any]:
+        name = m["name"].lower()
+        if name in self.tables:
+            if m["ine"]:
+                return {"ddl": "OK"}
+            raise RejectedError(f"table already exists [table={name}]")
+        columns: dict[str, str] = {}
+        for part in m["cols"].split(","):
+            words = part.split()
+            if len(words) != 2:
+                raise RejectedError(f"invalid column definition: {part.strip()!r}")
+            col, type_ = words[0].lower(), words[1].upper()
+            if type_ not in TYPES:
+                raise RejectedError(f"invalid type: {words[1]}")
+            if col in columns:
+                raise RejectedError(f"Duplicate column [name={col}]")
+            columns[col] = type_
+        ts = m["ts"].lower() if m["ts"] else None
+        if ts is not None:
+            if ts not in columns:
+                raise RejectedError(f"Invalid column: {ts}")
+            if columns[ts] != "TIMESTAMP":
+                raise RejectedError(f"TIMESTAMP column expected [actual={columns[ts]}]")
+        part = (m["part"] or "NONE").upper()
+        if part not in PARTITIONS:
+            raise RejectedError(f"'NONE', 'HOUR', 'DAY', 'WEEK', 'MONTH' or 'YEAR' expected, found {m['part']}")
+        if part != "NONE" and ts is None:
+            raise RejectedError("partitioning is possible only on tables with designated timestamps")
+        wal = (m["wal"] or "").strip().upper() == "WAL" or (m["wal"] is None and part != "NONE")
+        if (m["wal"] or "").strip().upper() == "WAL" and part == "NONE":
+            raise RejectedError("WAL Write Mode can only be used on partitioned tables")
+        dedup = [k.strip().lower() for k in m["dedup"].split(",")] if m["dedup"] else []
+        if dedup:
+            if not wal:
+                raise RejectedError("deduplication is possible only on WAL tables")
+            for key in dedup:
+                if key not in columns:
+                    raise RejectedError(f"deduplicate key column not found [column={key}]")
+            if ts not in dedup:
+                raise RejectedError("deduplicate key list must include dedicated timestamp column")
+        self.tables[name] = Table(columns, ts, part, wal, dedup)
+        self.mutations.append(f"create {name}")
+        return {"ddl": "OK"}
+
+    def _alter(self, m: re.Match[str]) -> dict[str, Any]:
+        table = self._table(m["name"])
+        col, type_ = m["col"].lower(), m["type"].upper()
+        if type_ not in TYPES:
+            raise RejectedError(f"invalid type: {m['type']}")
+        if col in table.columns:
+            raise RejectedError(f"column '{col}' already exists")
+        table.columns[col] = type_
+        self.mutations.append(f"alter {m['name'].lower()} add {col}")
+        return {"ddl": "OK"}
+
+    def _drop(self, m: re.Match[str]) -> dict[str, Any]:
+        name = m["name"].lower()
+        if name not in self.tables:
+            if m["ie"]:
+                return {"ddl": "OK"}
+            raise RejectedError(f"table does not exist [table={name}]")
+        del self.tables[name]
+        self.mutations.append(f"drop {name}")
+        return {"ddl": "OK"}
+
+    def _tables(self, m: re.Match[str]) -> dict[str, Any]:
+        rows = {
+            name: {
+                "table_name": name, "designatedTimestamp": t.designated, "partitionBy": t.partition_by,
+                "walEnabled": t.wal, "dedup": bool(t.dedup),
+            }
+            for name, t in sorted(self.tables.items())
+        }  # fmt: skip
+        return _select(m["cols"], list(rows.values()), {"table_name", "designatedTimestamp", "partitionBy",
+                                                         "walEnabled", "dedup"})  # fmt: skip
+
+    def _columns(self, m: re.Match[str]) -> dict[str, Any]:
+        table = self._table(m["name"])
+        rows = [
+            {"column": c, "type": t, "designated": c == table.designated, "upsertKey": c in table.dedup}
+            for c, t in table.columns.items()
+        ]
+        return _select(m["cols"], rows, {"column", "type", "designated", "upsertKey"})
+
+    def _table(self, name: str) -> Table:
+        table = self.tables.get(name.lower())
+        if table is None:
+            raise RejectedError(f"table does not exist [table={name}]")
+        return table
+
+
+def _select(projection: str, rows: list[dict[str, Any]], known: set[str]) -> dict[str, Any]:
+    names = [p.strip().strip('"') for p in projection.split(",")]
+    for name in names:
+        if name not in known:
+            raise RejectedError(f"Invalid column: {name}")
+    return {
+        "columns": [{"name": n, "type": "STRING"} for n in names],
+        "dataset": [[row[n] for n in names] for row in rows],
+        "count": len(rows),
+    }
+
+
+class QuestDBDouble:
+    """`with QuestDBDouble() as qdb:` serves on 127.0.0.1:<free port>; `qdb.url`, `qdb.state`."""
+
+    def __init__(self) -> None:
+        self.state = QuestDBState()
+        state = self.state
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                if url.path != "/exec":
+                    self._reply(404, {"error": "not found"})
+                    return
+                sql = parse_qs(url.query).get("query", [""])[0]
+                try:
+                    self._reply(200, {"query": sql, **state.execute(sql)})
+                except RejectedError as exc:
+                    self._reply(400, {"query": sql, "error": str(exc), "position": 0})
+
+            def _reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> QuestDBDouble:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
