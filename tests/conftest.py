@@ -7,7 +7,10 @@ does) and install etcd (Debian `etcd-server`). Without it the envtest tests skip
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -180,7 +183,8 @@ class OperatorRunner:
 
 
 @pytest.fixture(scope="session")
-def operator(crd: dict[str, Any]) -> Iterator[OperatorRunner]:
+def operator(crd: dict[str, Any], infra: dict[str, Any]) -> Iterator[OperatorRunner]:
+    # Depends on infra so the servers outlive the operator that talks to them.
     runner = OperatorRunner()
     runner.start()
     try:
@@ -193,5 +197,99 @@ def operator(crd: dict[str, Any]) -> Iterator[OperatorRunner]:
 def namespace(kube: Any) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": name}})
+    kube.request("POST", f"/api/v1/namespaces/{name}/secrets", body=lake_secret())
     yield name
     kube.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, what: str) -> None:
+    def accepting() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(accepting, 20, what)
+
+
+class NatsServer:
+    """A real nats-server with JetStream on a loopback port; stop() and start() again on the same port."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            pytest.skip("nats-server not installed (apt-get install nats-server; `make test` does)")
+        self.process = subprocess.Popen(
+            [binary, "-js", "-sd", str(self.root), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, f"nats-server on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_url() -> Iterator[str]:
+    """moto's S3 server (real HTTP, conditional puts) for real pyarrow and deltalake calls."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def questdb() -> Iterator[Any]:
+    from questdb_double import QuestDBDouble
+
+    with QuestDBDouble() as double:
+        yield double
+
+
+LAKE_SECRET = "lake-credentials"
+
+
+@pytest.fixture(scope="session")
+def infra(nats_server: NatsServer, s3_url: str, questdb: Any) -> dict[str, Any]:
+    """The spec block pointing a TradingStack at this session's real servers."""
+    return {
+        "infrastructure": {
+            "nats": {"url": nats_server.url},
+            "questdb": {"url": questdb.url},
+            "s3": {"endpoint": s3_url, "allowHttp": True, "secretRef": {"name": LAKE_SECRET}},
+        }
+    }
+
+
+def lake_secret() -> dict[str, Any]:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return {
+        "metadata": {"name": LAKE_SECRET},
+        "data": {"AWS_ACCESS_KEY_ID": b64("testing"), "AWS_SECRET_ACCESS_KEY": b64("testing-secret")},
+    }

@@ -9,7 +9,7 @@ import pytest
 
 from tradingstack.kubeclient import API_WRITES, KubeClient
 from tradingstack.plan import CHECKSUM_ANNOTATION
-from tradingstack.reconciler import Reconciler
+from tradingstack.reconciler import INFRA_CHANGES, Reconciler
 
 from conftest import OperatorRunner, wait_for
 from kubetools import (
@@ -33,15 +33,19 @@ def _checksum(deployment: dict[str, Any]) -> str:
     return str(deployment["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION])
 
 
-def _writes() -> float:
-    return sum(sample.value for metric in API_WRITES.collect() for sample in metric.samples
-               if sample.name.endswith("_total"))  # fmt: skip
+def _counted(counter: Any, namespace: str | None = None) -> float:
+    return sum(
+        sample.value
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and namespace in (None, sample.labels.get("namespace"))
+    )
 
 
 def test_empty_spec_creates_every_child_owned_by_the_stack(
-    kube: KubeClient, operator: OperatorRunner, namespace: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
-    stack = create_stack(kube, namespace, "demo", {})
+    stack = create_stack(kube, namespace, "demo", infra)
     found = wait_children(kube, namespace, "demo", ALL_CHILDREN)
 
     assert sorted(name for kind, name in found if kind == "Deployment") == sorted(
@@ -54,7 +58,7 @@ def test_empty_spec_creates_every_child_owned_by_the_stack(
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tradingstack-operator"
     oms_config = found[("ConfigMap", "demo-oms")]["data"]
     assert oms_config["PORT"] == "8099"
-    assert oms_config["NATS_URL"] == "nats://nats:4222"
+    assert oms_config["NATS_URL"] == infra["infrastructure"]["nats"]["url"]
 
     stack = wait_condition(kube, namespace, "demo", "Ready", "False", "ServicesNotReady")
     assert stack["status"]["observedGeneration"] == stack["metadata"]["generation"]
@@ -64,9 +68,9 @@ def test_empty_spec_creates_every_child_owned_by_the_stack(
 
 
 def test_ready_only_when_every_deployment_is_available(
-    kube: KubeClient, operator: OperatorRunner, namespace: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
-    create_stack(kube, namespace, "avail", {})
+    create_stack(kube, namespace, "avail", infra)
     wait_children(kube, namespace, "avail", ALL_CHILDREN)
     for name in ("avail-gateway", "avail-normalizer", "avail-sink-ticks", "avail-sink-alt", "avail-risk"):
         set_available(kube, namespace, name)
@@ -91,9 +95,9 @@ def test_ready_only_when_every_deployment_is_available(
 
 
 def test_spec_change_patches_children_and_rolls_pods(
-    kube: KubeClient, operator: OperatorRunner, namespace: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
-    create_stack(kube, namespace, "chg", {})
+    create_stack(kube, namespace, "chg", infra)
     before = wait_children(kube, namespace, "chg", ALL_CHILDREN)
 
     patch_spec(kube, namespace, "chg", {"symbols": ["AAPL", "MSFT"], "services": {"oms": {"replicas": 3}}})
@@ -117,8 +121,10 @@ def test_spec_change_patches_children_and_rolls_pods(
     assert not any(name == "chg-pnl" for _, name in remaining)
 
 
-def test_deleted_or_edited_children_are_restored(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
-    create_stack(kube, namespace, "heal", {})
+def test_deleted_or_edited_children_are_restored(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    create_stack(kube, namespace, "heal", infra)
     before = wait_children(kube, namespace, "heal", ALL_CHILDREN)
 
     kube.delete("Deployment", namespace, "heal-oms")
@@ -142,17 +148,23 @@ def test_deleted_or_edited_children_are_restored(kube: KubeClient, operator: Ope
     )  # fmt: skip
     wait_for(lambda: kube.get("Deployment", namespace, "heal-risk")["spec"]["replicas"] == 1, what="replicas back")
     wait_for(
-        lambda: kube.get("ConfigMap", namespace, "heal-risk")["data"]["NATS_URL"] == "nats://nats:4222",
+        lambda: (
+            kube.get("ConfigMap", namespace, "heal-risk")["data"]["NATS_URL"] == infra["infrastructure"]["nats"]["url"]
+        ),
         what="config restored",
     )
     assert any(e["reason"] == "Repaired" for e in events_for(kube, namespace, "heal"))
 
 
-def test_steady_state_resync_writes_nothing(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
-    create_stack(kube, namespace, "calm", {"driftCheckIntervalSeconds": 10})
+def test_steady_state_resync_writes_nothing(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any], questdb: Any
+) -> None:
+    create_stack(kube, namespace, "calm", {**infra, "driftCheckIntervalSeconds": 10})
     wait_children(kube, namespace, "calm", ALL_CHILDREN)
     set_all_available(kube, namespace, "calm")
-    wait_condition(kube, namespace, "calm", "Ready", "True")
+    ready = wait_condition(kube, namespace, "calm", "Ready", "True")
+    assert [s["name"] for s in ready["status"]["streams"]][:2] == ["MARKET_TICKS", "ALT_DATA"]
+    assert all(item["ready"] for key in ("streams", "buckets", "tables") for item in ready["status"][key])
     time.sleep(1)  # let the last watch events settle
 
     def versions() -> dict[Any, str]:
@@ -160,24 +172,28 @@ def test_steady_state_resync_writes_nothing(kube: KubeClient, operator: Operator
         found["stack"] = get_stack(kube, namespace, "calm")["metadata"]["resourceVersion"]
         return found
 
-    before, writes = versions(), _writes()
+    before, writes, infra_writes = versions(), _counted(API_WRITES, namespace), _counted(INFRA_CHANGES)
+    ddl = list(questdb.state.mutations)
     # The same reconcile the operator's timer runs, made directly so the test need not wait for it.
     outcome = Reconciler(kube).reconcile(get_stack(kube, namespace, "calm"))
     assert outcome.changes == []
+    assert outcome.infra_changes() == []
     assert outcome.status_written is False
     time.sleep(11)  # one drift-check interval: the operator's own timer pass happens too
-    assert _writes() == writes, "a no-op resync made API writes"
+    assert _counted(API_WRITES, namespace) == writes, "a no-op resync made API writes"
+    assert _counted(INFRA_CHANGES) == infra_writes, "a no-op resync changed streams, buckets or tables"
+    assert questdb.state.mutations == ddl
     assert versions() == before
 
 
 def test_invalid_spec_that_passes_the_schema_is_reported_not_retried(
-    kube: KubeClient, operator: OperatorRunner, namespace: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
     overlapping = [
         {"name": "MARKET_TICKS", "subjects": ["market.tick.>"]},
         {"name": "EVERYTHING", "subjects": ["market.>"]},
     ]
-    create_stack(kube, namespace, "bad", {"streams": overlapping})
+    create_stack(kube, namespace, "bad", {**infra, "streams": overlapping})
     stack = wait_condition(kube, namespace, "bad", "Degraded", "True", "InvalidSpec")
     assert "overlapping subjects" in condition(stack, "Degraded")["message"]
     assert condition(stack, "Ready")["reason"] == "InvalidSpec"
@@ -190,8 +206,10 @@ def test_invalid_spec_that_passes_the_schema_is_reported_not_retried(
     wait_condition(kube, namespace, "bad", "Degraded", "False", "AsExpected")
 
 
-def test_paused_stack_is_left_alone_until_resumed(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
-    create_stack(kube, namespace, "nap", {})
+def test_paused_stack_is_left_alone_until_resumed(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    create_stack(kube, namespace, "nap", infra)
     wait_children(kube, namespace, "nap", ALL_CHILDREN)
     patch_spec(kube, namespace, "nap", {"paused": True})
     stack = wait_condition(kube, namespace, "nap", "Progressing", "False", "Paused")
@@ -205,7 +223,9 @@ def test_paused_stack_is_left_alone_until_resumed(kube: KubeClient, operator: Op
     wait_for(lambda: kube.get("Service", namespace, "nap-oms"), what="the Service to come back after resume")
 
 
-def test_api_errors_are_retried_until_they_clear(kube: KubeClient, operator: OperatorRunner, namespace: str) -> None:
+def test_api_errors_are_retried_until_they_clear(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
     # A real fault from the real server: a quota that refuses the fourth ConfigMap.
     quota = {"metadata": {"name": "few-configmaps"}, "spec": {"hard": {"count/configmaps": "3"}}}
     kube.request("POST", f"/api/v1/namespaces/{namespace}/resourcequotas", body=quota)
@@ -214,7 +234,7 @@ def test_api_errors_are_retried_until_they_clear(kube: KubeClient, operator: Ope
         .get("status", {}).get("hard"),
         what="the quota to be active",
     )  # fmt: skip
-    create_stack(kube, namespace, "quota", {})
+    create_stack(kube, namespace, "quota", infra)
     stack = wait_condition(kube, namespace, "quota", "Degraded", "True", "ApplyFailed")
     assert "exceeded quota" in condition(stack, "Degraded")["message"]
 
@@ -225,11 +245,12 @@ def test_api_errors_are_retried_until_they_clear(kube: KubeClient, operator: Ope
 
 @pytest.mark.parametrize("policy", ["Retain", "Delete"])
 def test_delete_honours_deletion_policy(
-    kube: KubeClient, operator: OperatorRunner, namespace: str, policy: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any], questdb: Any, policy: str
 ) -> None:
     name = f"bye-{policy.lower()}"
-    create_stack(kube, namespace, name, {"deletionPolicy": policy})
+    create_stack(kube, namespace, name, {**infra, "deletionPolicy": policy})
     wait_children(kube, namespace, name, ALL_CHILDREN)
+    wait_condition(kube, namespace, name, "TablesReady", "True")
     wait_for(lambda: get_stack(kube, namespace, name)["metadata"].get("finalizers"), what="finalizer")
 
     kube.request("DELETE", KubeClient.path("TradingStack", namespace, name))
@@ -238,17 +259,22 @@ def test_delete_honours_deletion_policy(
     if policy == "Retain":
         assert "stream MARKET_TICKS" in reasons["Retained"]
         assert "Deleted" not in reasons
+        assert "ticks" in questdb.state.tables
     else:
         assert "Deployment/bye-delete-oms" in reasons["Deleted"]
+        assert "Stream/MARKET_TICKS" in reasons["Deleted"]
+        assert "Bucket/trader2025" in reasons["Deleted"]
+        assert "Table/ticks" in reasons["Deleted"]
+        assert "ticks" not in questdb.state.tables
     wait_for(lambda: children(kube, namespace, name) == {}, what="children removed")
 
 
 def test_operator_restart_mid_reconcile_converges_without_duplicates(
-    kube: KubeClient, operator: OperatorRunner, namespace: str
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
     operator.stop()
     try:
-        create_stack(kube, namespace, "restart", {})
+        create_stack(kube, namespace, "restart", infra)
         operator.start()
         wait_for(lambda: children(kube, namespace, "restart"), what="the first children")
         operator.stop()  # somewhere in the middle of the first pass (or just after it)

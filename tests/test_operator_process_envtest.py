@@ -66,7 +66,7 @@ def test_operator_process_serves_liveness_and_metrics(
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "tradingstack_kube_api_writes_total"
-        and sample.labels == {"verb": "apply", "kind": "Deployment"}
+        and sample.labels == {"verb": "apply", "kind": "Deployment", "namespace": namespace}
     ]
-    assert applies, "no Deployment applies counted"
+    assert applies, f"no Deployment applies counted in {namespace}: {text}"
     assert applies[0] >= 8  # one per service, plus any repair

@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "tradingstack.io"
@@ -509,6 +509,16 @@ class ServiceStatus(Model):
     ready: bool = Field(False, description="All replicas of the current revision are available.")
 
 
+class InfraItemStatus(Model):
+    name: str = Field(description="Stream, bucket or table name.")
+    ready: bool = Field(False, description="It exists as the spec declares.")
+    reason: str = Field("", description="InSync, Missing, Drifted (dry runs), ImmutableFieldChanged, Rejected.")
+    message: str = Field("", description="Detail.")
+
+
+_ITEM_LIST: dict[str, JsonValue] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
 class TradingStackStatus(Model):
     """Observed state, written only by the operator."""
 
@@ -520,9 +530,20 @@ class TradingStackStatus(Model):
         description="Per-service readiness.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+    streams: list[InfraItemStatus] = Field(
+        default_factory=list, description="Per-stream state.", json_schema_extra=_ITEM_LIST
+    )
+    buckets: list[InfraItemStatus] = Field(
+        default_factory=list, description="Per-bucket and Delta table state.", json_schema_extra=_ITEM_LIST
+    )
+    tables: list[InfraItemStatus] = Field(
+        default_factory=list, description="Per-QuestDB-table state.", json_schema_extra=_ITEM_LIST
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Standard conditions: Ready, ServicesReady, Progressing, Degraded.",
+        description=(
+            "Standard conditions: Ready, ServicesReady, StreamsReady, BucketsReady, TablesReady, Progressing, Degraded."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
 

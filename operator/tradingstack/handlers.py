@@ -17,9 +17,10 @@ from typing import Any, cast
 import kopf
 
 from tradingstack import api
+from tradingstack.changes import UnreachableError
 from tradingstack.kubeclient import KubeApiError, KubeClient, load_config
 from tradingstack.plan import LABEL_MANAGED_BY, MANAGER
-from tradingstack.reconciler import Reconciler
+from tradingstack.reconciler import BackendsNotReadyError, Reconciler
 from tradingstack.status import DeploymentState
 
 STACKS = (api.GROUP, api.VERSION, api.PLURAL)
@@ -105,7 +106,7 @@ def _full_pass(memo: kopf.Memo, body: dict[str, Any], retry: int) -> None:
     memo.last_full_pass[(meta["namespace"], meta["name"])] = time.monotonic()
     try:
         memo.reconciler.reconcile(body)
-    except KubeApiError as exc:
+    except (KubeApiError, BackendsNotReadyError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
 
 
@@ -128,7 +129,7 @@ def drift_check(body: kopf.Body, spec: kopf.Spec, memo: Any, **_: Any) -> None:
 def finalize(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
         memo.reconciler.delete(dict(body))
-    except KubeApiError as exc:
+    except (KubeApiError, UnreachableError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     memo.last_full_pass.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
 
@@ -156,7 +157,10 @@ def child_changed(
     try:
         memo.reconciler.repair_child(parent, kind, name, live)
         if kind == "Deployment":
-            states = {s.name: s for s in stack_deployments.get((namespace, owner), [])}
+
+            def states() -> dict[str, DeploymentState]:
+                return {s.name: s for s in stack_deployments.get((namespace, owner), [])}
+
             memo.reconciler.refresh_status(parent, states)
     except KubeApiError as exc:
         # The next full pass retries with backoff; a watch handler must not wedge the stream.

@@ -19,7 +19,9 @@ from prometheus_client import Counter
 
 from tradingstack import api
 
-API_WRITES = Counter("tradingstack_kube_api_writes_total", "Write calls made to the Kubernetes API", ["verb", "kind"])
+API_WRITES = Counter(
+    "tradingstack_kube_api_writes_total", "Write calls made to the Kubernetes API", ["verb", "kind", "namespace"]
+)
 
 _KIND_PATHS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
@@ -122,7 +124,7 @@ class KubeClient:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply: creates when missing, takes over fields others changed."""
         meta = obj["metadata"]
-        API_WRITES.labels("apply", obj["kind"]).inc()
+        API_WRITES.labels("apply", obj["kind"], meta["namespace"]).inc()
         result: dict[str, Any] = self.request(
             "PATCH",
             self.path(obj["kind"], meta["namespace"], meta["name"]),
@@ -133,7 +135,7 @@ class KubeClient:
         return result
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
-        API_WRITES.labels("delete", kind).inc()
+        API_WRITES.labels("delete", kind, namespace).inc()
         try:
             self.request("DELETE", self.path(kind, namespace, name), body={"propagationPolicy": "Background"})
         except KubeApiError as exc:
@@ -143,7 +145,7 @@ class KubeClient:
         return True
 
     def merge_patch_status(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        API_WRITES.labels("patch-status", kind).inc()
+        API_WRITES.labels("patch-status", kind, namespace).inc()
         result: dict[str, Any] = self.request(
             "PATCH",
             self.path(kind, namespace, name, "status"),

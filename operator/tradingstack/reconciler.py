@@ -8,6 +8,8 @@ load the object, call into here and translate the few named errors into kopf's r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -16,10 +18,11 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
 
-from tradingstack import api
-from tradingstack.changes import Change
+from tradingstack import api, backends
+from tradingstack.backends import Provisioner, S3Credentials
+from tradingstack.changes import BackendResult, Change
 from tradingstack.kubeclient import KubeApiError, KubeClient
-from tradingstack.plan import InvalidSpecError, Plan, plan_from_body
+from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, InvalidSpecError, Plan, plan_from_body
 from tradingstack.status import DeploymentState, Observation, build_status
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
@@ -28,6 +31,16 @@ log = logging.getLogger(__name__)
 RECONCILES = Counter("tradingstack_reconciles_total", "Reconcile passes", ["result"])
 RECONCILE_SECONDS = Histogram("tradingstack_reconcile_duration_seconds", "Duration of reconcile passes")
 STATUS_WRITES = Counter("tradingstack_status_writes_total", "Status subresource writes")
+INFRA_CHANGES = Counter(
+    "tradingstack_infra_changes_total", "Streams, buckets and tables created, updated or deleted", ["backend", "action"]
+)
+
+
+class BackendsNotReadyError(Exception):
+    """A backend was unreachable or failed; the pass is retried with backoff (status already says why)."""
+
+
+BackendFactory = Callable[[Plan], list[Provisioner]]
 
 
 class EventSink(Protocol):
@@ -47,6 +60,10 @@ class Outcome:
     invalid_spec: str | None = None
     apply_error: KubeApiError | None = None
     status_written: bool = False
+    backends: dict[str, BackendResult] = field(default_factory=dict)
+
+    def infra_changes(self) -> list[Change]:
+        return [c for r in self.backends.values() for c in r.changes]
 
 
 class StatusWriter:
@@ -86,12 +103,38 @@ def deployment_states(objects: Iterable[dict[str, Any]]) -> dict[str, Deployment
     }
 
 
+def s3_credentials(kube: KubeClient, plan: Plan) -> tuple[S3Credentials | None, str | None]:
+    """Credentials from the Secret named in secretRef, or why there are none. Never logged."""
+    ref = plan.spec.infrastructure.s3.secret_ref
+    if ref is None:
+        return None, None
+    secret = kube.get("Secret", plan.stack.namespace, ref.name)
+    if secret is None:
+        return None, f"Secret {ref.name} (spec.infrastructure.s3.secretRef) not found in {plan.stack.namespace}"
+    data = secret.get("data") or {}
+    try:
+        key_id = base64.b64decode(data[ref.access_key_id_key]).decode()
+        secret_key = base64.b64decode(data[ref.secret_access_key_key]).decode()
+    except KeyError as missing:
+        return None, f"Secret {ref.name} has no key {missing}"
+    except (binascii.Error, UnicodeDecodeError):
+        return None, f"Secret {ref.name} holds undecodable credentials"
+    return S3Credentials(key_id, secret_key), None
+
+
 class Reconciler:
-    def __init__(self, kube: KubeClient, events: EventSink = no_events) -> None:
+    def __init__(
+        self, kube: KubeClient, events: EventSink = no_events, backend_factory: BackendFactory | None = None
+    ) -> None:
         self.kube = kube
         self.events = events
         self.workloads = WorkloadProvisioner(kube)
         self.status = StatusWriter(kube)
+        self.backend_factory = backend_factory or self._provisioners
+
+    def _provisioners(self, plan: Plan) -> list[Provisioner]:
+        credentials, problem = s3_credentials(self.kube, plan)
+        return backends.provisioners(plan, credentials, problem)
 
     def reconcile(self, body: dict[str, Any]) -> Outcome:
         """One full pass. Raises KubeApiError only for retryable API failures (after writing status)."""
@@ -104,58 +147,78 @@ class Reconciler:
         except InvalidSpecError as exc:
             outcome = Outcome(plan=None, invalid_spec=str(exc))
             self.events(body, "Warning", "InvalidSpec", str(exc))
-            self._write(namespace, name, generation, outcome, {}, paused)
+            self._write(namespace, name, generation, outcome, paused)
             RECONCILES.labels("invalid").inc()
             return outcome
 
         outcome = Outcome(plan=plan)
         if paused:
-            live = self.workloads.observe(plan)
-            outcome.status_written = self._write(namespace, name, generation, outcome, live, paused)
+            outcome.status_written = self._write(namespace, name, generation, outcome, paused)
             RECONCILES.labels("paused").inc()
             return outcome
 
-        live = {}
         try:
-            changes, live = self.workloads.reconcile(plan)
-            outcome.changes = changes
+            outcome.changes = self.workloads.reconcile(plan)
         except KubeApiError as exc:
             outcome.apply_error = exc
             self.events(body, "Warning", "ApplyFailed", str(exc))
-        if outcome.changes:
+        # Infrastructure is reconciled even when the workloads failed: they do not depend on each other.
+        for provisioner in self.backend_factory(plan):
+            result = backends.run(provisioner, plan)
+            outcome.backends[result.backend] = result
+            for change in result.changes:
+                INFRA_CHANGES.labels(result.backend, change.action).inc()
+            for problem in result.problems:
+                self.events(body, "Warning", problem.reason, str(problem))
+        applied = outcome.changes + outcome.infra_changes()
+        if applied:
             # One event per pass, not one per object: a first apply touches dozens of them.
-            summary = ", ".join(str(c) for c in outcome.changes)
-            self.events(body, "Normal", "Applied", f"{len(outcome.changes)} change(s): {summary}")
-        outcome.status_written = self._write(namespace, name, generation, outcome, live, paused)
+            summary = ", ".join(str(c) for c in applied)
+            self.events(body, "Normal", "Applied", f"{len(applied)} change(s): {summary}")
+        outcome.status_written = self._write(namespace, name, generation, outcome, paused)
         RECONCILE_SECONDS.observe(time.monotonic() - started)
         if outcome.apply_error is not None:
             RECONCILES.labels("error").inc()
             raise outcome.apply_error
-        RECONCILES.labels("changed" if outcome.changes else "unchanged").inc()
+        failing = [
+            r.unreachable or "; ".join(map(str, r.problems))
+            for r in outcome.backends.values()
+            if r.unreachable or any(p.reason == "ProvisionFailed" for p in r.problems)
+        ]
+        if failing:
+            RECONCILES.labels("error").inc()
+            raise BackendsNotReadyError("; ".join(failing))
+        RECONCILES.labels("changed" if outcome.changes or outcome.infra_changes() else "unchanged").inc()
         return outcome
 
-    def _write(
-        self,
-        namespace: str,
-        name: str,
-        generation: int,
-        outcome: Outcome,
-        live: dict[tuple[str, str], dict[str, Any]],
-        paused: bool,
-    ) -> bool:
-        observation = Observation(
-            generation=generation,
-            plan=outcome.plan,
-            deployments=deployment_states(o for (kind, _), o in live.items() if kind == "Deployment"),
-            paused=paused,
-            invalid_spec=outcome.invalid_spec,
-            apply_error=str(outcome.apply_error) if outcome.apply_error else None,
-            changed=len(outcome.changes),
-        )
-        return self.status.write(namespace, name, lambda current: build_status(current.get("status"), observation))
+    def _write(self, namespace: str, name: str, generation: int, outcome: Outcome, paused: bool) -> bool:
+        def compute(current: dict[str, Any]) -> dict[str, Any]:
+            # Deployments are listed again here, after the (slow) infrastructure step: a status
+            # computed from the list taken before it could overwrite a newer one with stale readiness.
+            observation = Observation(
+                generation=generation,
+                plan=outcome.plan,
+                deployments=self._deployment_states(outcome.plan) if outcome.plan else {},
+                paused=paused,
+                invalid_spec=outcome.invalid_spec,
+                apply_error=str(outcome.apply_error) if outcome.apply_error else None,
+                changed=len(outcome.changes),
+                backends=outcome.backends or None,
+            )
+            return build_status(current.get("status"), observation)
 
-    def refresh_status(self, body: dict[str, Any], deployments: dict[str, DeploymentState]) -> bool:
-        """Recompute status from watched Deployments, keeping the last reconciled generation."""
+        return self.status.write(namespace, name, compute)
+
+    def _deployment_states(self, plan: Plan) -> dict[str, DeploymentState]:
+        labels = {LABEL_INSTANCE: plan.stack.name, LABEL_MANAGED_BY: MANAGER}
+        return deployment_states(self.kube.list("Deployment", plan.stack.namespace, labels))
+
+    def refresh_status(self, body: dict[str, Any], deployments: Callable[[], dict[str, DeploymentState]]) -> bool:
+        """Recompute status from watched Deployments, keeping the last reconciled generation.
+
+        `deployments` is called at write time, after the object is read, so a write that lost a
+        race recomputes from newer data instead of overwriting newer status with an older view.
+        """
         meta = body["metadata"]
         try:
             plan = plan_from_body(body)
@@ -164,13 +227,15 @@ class Reconciler:
 
         def compute(current: dict[str, Any]) -> dict[str, Any]:
             status = current.get("status") or {}
+            if not status.get("observedGeneration"):
+                return {}  # no full pass yet: it writes the first status, with its generation
             previous: dict[str, Any] = next(
                 (c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), {}
             )
             observation = Observation(
                 generation=int(status.get("observedGeneration") or 0),
                 plan=plan,
-                deployments=deployments,
+                deployments=deployments(),
                 paused=bool((current.get("spec") or {}).get("paused")),
                 # An apply failure stays reported until a reconcile pass succeeds.
                 apply_error=previous.get("message") if previous.get("reason") == "ApplyFailed" else None,
@@ -208,8 +273,13 @@ class Reconciler:
             kept += [f"table {t.name}" for t in plan.tables]
             self.events(body, "Normal", "Retained", "deletionPolicy Retain keeps " + ", ".join(kept))
             return kept
-        live = self.workloads.observe(plan)
         deleted = []
+        # Data first: if a backend is unreachable, the finalizer holds and the delete is retried.
+        for provisioner in self.backend_factory(plan):
+            for change in provisioner.delete(plan):
+                INFRA_CHANGES.labels(provisioner.backend, "delete").inc()
+                deleted.append(f"{change.kind}/{change.name}")
+        live = self.workloads.observe(plan)
         for (kind, obj_name), _obj in sorted(live.items()):
             if self.kube.delete(kind, plan.stack.namespace, obj_name):
                 deleted.append(f"{kind}/{obj_name}")

@@ -11,12 +11,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from tradingstack.changes import BackendResult
 from tradingstack.plan import Plan
 
 
 class ConditionType(StrEnum):
     READY = "Ready"  # every part of the platform is available and reconciled
     SERVICES_READY = "ServicesReady"  # every enabled service's Deployment is fully rolled out
+    STREAMS_READY = "StreamsReady"  # every JetStream stream and consumer exists as declared
+    BUCKETS_READY = "BucketsReady"  # every bucket and lake Delta table exists as declared
+    TABLES_READY = "TablesReady"  # every QuestDB table exists as declared
     PROGRESSING = "Progressing"  # the operator or a rollout is moving towards the spec
     DEGRADED = "Degraded"  # something needs a human: invalid spec, failed apply, failed rollout
 
@@ -33,6 +37,21 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     APPLY_FAILED = "ApplyFailed"
     ROLLOUT_FAILED = "RolloutFailed"
+    PROVISIONED = "Provisioned"  # the backend holds everything the spec declares
+    UNREACHABLE = "Unreachable"  # the backend's server did not answer; retried with backoff
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # the spec changes a field the server cannot change
+    REJECTED = "Rejected"  # the server refused a statement
+    SECRET_NOT_FOUND = "SecretNotFound"  # the Secret named in secretRef is missing or incomplete
+    PROVISION_FAILED = "ProvisionFailed"  # any other backend error
+
+
+# The condition each backend reports, in the order Ready looks at them.
+BACKEND_CONDITIONS = {
+    "streams": ConditionType.STREAMS_READY,
+    "buckets": ConditionType.BUCKETS_READY,
+    "tables": ConditionType.TABLES_READY,
+}
+_BACKEND_NOUNS = {"streams": "streams and consumers", "buckets": "buckets and Delta tables", "tables": "tables"}
 
 
 class Phase(StrEnum):
@@ -94,6 +113,7 @@ class Observation:
     invalid_spec: str | None = None
     apply_error: str | None = None
     changed: int = 0  # objects written by this pass
+    backends: dict[str, BackendResult] | None = None  # None: no infrastructure pass this time
 
 
 def condition(type_: ConditionType, ok: bool, reason: Reason, message: str) -> dict[str, Any]:
@@ -132,8 +152,26 @@ def _services(obs: Observation) -> tuple[list[dict[str, Any]], list[str], list[s
     return rows, problems, failures, ready
 
 
-def desired_conditions(obs: Observation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Conditions (without timestamps) and the other status fields for one observation."""
+def backend_condition(result: BackendResult) -> dict[str, Any]:
+    type_ = BACKEND_CONDITIONS[result.backend]
+    if result.unreachable is not None:
+        return condition(type_, False, Reason.UNREACHABLE, result.unreachable)
+    if result.problems:
+        known = {r.value for r in Reason}
+        first = result.problems[0].reason
+        reason = Reason(first) if first in known else Reason.PROVISION_FAILED
+        return condition(type_, False, reason, "; ".join(str(p) for p in result.problems))
+    # The state, not the actions taken to reach it (those are events): a steady pass rewrites nothing.
+    return condition(type_, True, Reason.PROVISIONED, f"all {_BACKEND_NOUNS[result.backend]} in place")
+
+
+def desired_conditions(
+    obs: Observation, existing: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Conditions (without timestamps) and the other status fields for one observation.
+
+    Backend conditions not recomputed by this observation are taken from `existing` for Ready.
+    """
     rows, problems, failures, ready = _services(obs)
     total = len(obs.plan.workloads) if obs.plan else 0
     if obs.invalid_spec is not None:
@@ -166,21 +204,40 @@ def desired_conditions(obs: Observation) -> tuple[list[dict[str, Any]], dict[str
         )
     elif degraded["status"] == "True":
         progressing = condition(ConditionType.PROGRESSING, False, Reason(degraded["reason"]), degraded["message"])
-    elif problems or obs.changed:
-        msg = f"applied {obs.changed} change(s)" if obs.changed else "waiting for " + "; ".join(problems)
-        progressing = condition(ConditionType.PROGRESSING, True, Reason.ROLLING_OUT, msg)
+    elif problems:
+        # State, not actions: a change applied this pass shows up as a rollout still to finish.
+        progressing = condition(
+            ConditionType.PROGRESSING, True, Reason.ROLLING_OUT, "waiting for " + "; ".join(problems)
+        )
     else:
         progressing = condition(ConditionType.PROGRESSING, False, Reason.RECONCILED, "spec fully applied")
 
-    is_ready = services["status"] == "True" and degraded["status"] == "False"
-    if is_ready:
-        ready_cond = condition(ConditionType.READY, True, Reason.READY, f"all {total} services available")
+    fresh = [backend_condition(r) for r in (obs.backends or {}).values()]
+    old = {c.get("type"): c for c in existing or []}
+    backend_conds = [
+        next((c for c in fresh if c["type"] == t), None) or old.get(t.value) for t in BACKEND_CONDITIONS.values()
+    ]
+    # Before the first infrastructure pass there is nothing to say yet: not ready, not failed.
+    blockers = [degraded] if degraded["status"] == "True" else []
+    blockers += [c for c in [services, *backend_conds] if c is not None and c["status"] != "True"]
+    missing = [t.value for t, c in zip(BACKEND_CONDITIONS.values(), backend_conds, strict=True) if c is None]
+    if blockers:
+        ready_cond = condition(ConditionType.READY, False, Reason(blockers[0]["reason"]), blockers[0]["message"])
+    elif missing and obs.invalid_spec is None:
+        ready_cond = condition(
+            ConditionType.READY, False, Reason.NOT_READY, "infrastructure not checked yet: " + ", ".join(missing)
+        )
     else:
-        blocker = degraded if degraded["status"] == "True" else services
-        ready_cond = condition(ConditionType.READY, False, Reason(blocker["reason"]), blocker["message"])
+        message = f"all {total} services and infrastructure ready"
+        ready_cond = condition(ConditionType.READY, True, Reason.READY, message)
 
-    conditions = [ready_cond, services, progressing, degraded]
-    extra = {"services": rows, "servicesReady": f"{ready}/{total}", "phase": derive_phase(conditions).value}
+    # Always the same order, whether a backend condition is fresh or carried over: a reordered
+    # list is a changed list, and a steady state must write nothing.
+    conditions = [ready_cond, services, *(c for c in backend_conds if c is not None), progressing, degraded]
+    extra: dict[str, Any] = {"services": rows, "servicesReady": f"{ready}/{total}"}
+    for result in (obs.backends or {}).values():
+        extra[result.backend] = [item.as_status() for item in result.items]
+    extra["phase"] = derive_phase(conditions).value
     return conditions, extra
 
 
@@ -224,6 +281,6 @@ def merge_conditions(
 def build_status(existing: dict[str, Any] | None, obs: Observation, now: str | None = None) -> dict[str, Any]:
     """The complete new status object, given the current one."""
     existing = existing or {}
-    conditions, extra = desired_conditions(obs)
+    conditions, extra = desired_conditions(obs, existing.get("conditions"))
     merged = merge_conditions(existing.get("conditions") or [], conditions, obs.generation, now or now_rfc3339())
     return {"observedGeneration": obs.generation, **extra, "conditions": merged}

@@ -82,23 +82,16 @@ class WorkloadProvisioner:
                 changes.append(Change("delete", kind, name, "no longer in the spec"))
         return changes
 
-    def apply(
-        self, plan: Plan, changes: list[Change], live: dict[tuple[str, str], dict[str, Any]]
-    ) -> dict[tuple[str, str], dict[str, Any]]:
-        """Make the changes; returns `live` as it stands afterwards."""
+    def apply(self, plan: Plan, changes: list[Change]) -> None:
         by_key = {(o["kind"], o["metadata"]["name"]): o for o in plan.objects}
-        after = dict(live)
         for change in changes:
-            key = (change.kind, change.name)
             if change.action == "delete":
                 self.kube.delete(change.kind, plan.stack.namespace, change.name)
-                after.pop(key, None)
             else:
-                after[key] = self.kube.apply(by_key[key])
-        return after
+                self.kube.apply(by_key[(change.kind, change.name)])
 
-    def reconcile(self, plan: Plan) -> tuple[list[Change], dict[tuple[str, str], dict[str, Any]]]:
-        """Observe, diff, apply. Returns the changes made and the objects as they are now."""
-        live = self.observe(plan)
-        changes = self.diff(plan, live)
-        return changes, self.apply(plan, changes, live)
+    def reconcile(self, plan: Plan) -> list[Change]:
+        """Observe, diff, apply; returns the changes made."""
+        changes = self.diff(plan, self.observe(plan))
+        self.apply(plan, changes)
+        return changes

@@ -149,7 +149,7 @@ class JetStreamProvisioner:
             if not result.dry_run:
                 await jsm.add_stream(desired)
             result.items.append(
-                ItemStatus(spec.name, not result.dry_run, "Created" if not result.dry_run else "Missing")
+                ItemStatus(spec.name, not result.dry_run, "InSync" if not result.dry_run else "Missing")
             )
             return
         mutable, immutable = diff_stream(desired, live)
@@ -163,7 +163,7 @@ class JetStreamProvisioner:
             if not result.dry_run:
                 await jsm.update_stream(desired)
             result.items.append(
-                ItemStatus(spec.name, not result.dry_run, "Updated" if not result.dry_run else "Drifted")
+                ItemStatus(spec.name, not result.dry_run, "InSync" if not result.dry_run else "Drifted")
             )
             return
         result.items.append(ItemStatus(spec.name, True, "InSync"))

@@ -100,7 +100,7 @@ class QuestDBProvisioner:
             if not result.dry_run:
                 self.query(create_table_sql(table))
             result.items.append(
-                ItemStatus(table.name, not result.dry_run, "Created" if not result.dry_run else "Missing")
+                ItemStatus(table.name, not result.dry_run, "InSync" if not result.dry_run else "Missing")
             )
             return
         differences = []
@@ -126,8 +126,8 @@ class QuestDBProvisioner:
                 self.query(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type}")
         if missing:
             names = ", ".join(c.name for c in missing)
-            reason = "ColumnsAdded" if not result.dry_run else "Drifted"
-            result.items.append(ItemStatus(table.name, not result.dry_run, reason, f"missing {names}"))
+            reason, message = ("InSync", "") if not result.dry_run else ("Drifted", f"missing {names}")
+            result.items.append(ItemStatus(table.name, not result.dry_run, reason, message))
         else:
             result.items.append(ItemStatus(table.name, True, "InSync"))
 

@@ -16,7 +16,7 @@ from deltalake import DeltaTable, Field, Schema
 from deltalake.exceptions import TableNotFoundError
 
 from tradingstack.api import S3Endpoint
-from tradingstack.changes import BackendResult, Change, ItemStatus, UnreachableError
+from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
 from tradingstack.lake import LAKE_TABLES, LakeTable
 from tradingstack.plan import Plan
 
@@ -34,6 +34,7 @@ class S3Credentials:
 class S3Provisioner:
     endpoint: S3Endpoint
     credentials: S3Credentials | None
+    credentials_error: str | None = None  # e.g. the Secret in secretRef is missing
     backend = "buckets"
 
     def _filesystem(self) -> pafs.S3FileSystem:
@@ -69,6 +70,9 @@ class S3Provisioner:
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
         result = BackendResult(self.backend, dry_run=dry_run)
+        if self.credentials_error:
+            result.problems.append(Problem("Secret", "secretRef", "SecretNotFound", self.credentials_error))
+            return result
         fs = self._filesystem()
         for bucket in plan.buckets:
             try:
@@ -79,13 +83,19 @@ class S3Provisioner:
                 result.changes.append(Change("create", "Bucket", bucket))
                 if not dry_run:
                     fs.create_dir(bucket)
-                result.items.append(ItemStatus(bucket, not dry_run, "Created" if not dry_run else "Missing"))
+                result.items.append(ItemStatus(bucket, not dry_run, "InSync" if not dry_run else "Missing"))
             else:
                 result.items.append(ItemStatus(bucket, True, "InSync"))
         lake_ready = any(i.name == self.endpoint.bucket and i.ready for i in result.items)
         for table in LAKE_TABLES:
             if lake_ready:
-                self._delta_table(table, result)
+                try:
+                    self._delta_table(table, result)
+                except OSError as exc:
+                    # deltalake reports transport failures as OSError with the cause in the text.
+                    if "connect" in str(exc).lower():
+                        raise UnreachableError(f"S3 at {self.endpoint.endpoint}: {exc}") from exc
+                    raise
             elif dry_run:  # the lake bucket itself is missing, so are its tables
                 name = f"{self.endpoint.bucket}/{table.path}"
                 result.changes.append(Change("create", "DeltaTable", name))
@@ -103,7 +113,7 @@ class S3Provisioner:
                 DeltaTable.create(
                     self._uri(table), table.schema, partition_by=list(table.partition_by), storage_options=options
                 )
-            result.items.append(ItemStatus(name, not result.dry_run, "Created" if not result.dry_run else "Missing"))
+            result.items.append(ItemStatus(name, not result.dry_run, "InSync" if not result.dry_run else "Missing"))
             return
         present = {f.name for f in live.schema().fields}
         missing = [f for f in table.schema if f.name not in present]
@@ -112,17 +122,25 @@ class S3Provisioner:
             result.changes.append(Change("update", "DeltaTable", name, f"add columns {names}"))
             if not result.dry_run:
                 live.alter.add_columns(_added_columns(missing))
-            result.items.append(ItemStatus(name, not result.dry_run, "ColumnsAdded", f"added {names}"))
+            reason = "InSync" if not result.dry_run else "Drifted"
+            result.items.append(
+                ItemStatus(name, not result.dry_run, reason, "" if not result.dry_run else f"missing {names}")
+            )
             return
         result.items.append(ItemStatus(name, True, "InSync"))
 
     def delete(self, plan: Plan) -> list[Change]:
+        if self.credentials_error:
+            raise UnreachableError(self.credentials_error)
         fs = self._filesystem()
         deleted = []
-        for bucket in plan.buckets:
-            if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
-                fs.delete_dir(bucket)  # objects first, then the bucket
-                deleted.append(Change("delete", "Bucket", bucket))
+        try:
+            for bucket in plan.buckets:
+                if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+                    fs.delete_dir(bucket)  # objects first, then the bucket
+                    deleted.append(Change("delete", "Bucket", bucket))
+        except OSError as exc:
+            raise UnreachableError(f"S3 at {self.endpoint.endpoint}: {exc}") from exc
         return deleted
 
 

@@ -1,0 +1,299 @@
+"""Provisioners against real servers: nats-server, moto's S3 server with deltalake, the QuestDB double."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pyarrow.fs as pafs
+import pytest
+from conftest import NatsServer, free_port
+from deltalake import DeltaTable
+from questdb_double import QuestDBDouble
+
+from tradingstack import backends
+from tradingstack.api import S3Endpoint
+from tradingstack.backends.jetstream import JetStreamProvisioner
+from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack.backends.s3 import S3Credentials, S3Provisioner
+from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
+from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
+
+CREDS = S3Credentials("testing", "testing-secret")
+
+
+def plan_for(spec: dict[str, Any] | None = None) -> Plan:
+    return build_plan(StackRef("demo", "ns"), parse_spec(spec or {}))
+
+
+@pytest.fixture
+def nats_alone(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own: the operator tests' stacks share the session one."""
+    server = NatsServer(tmp_path / "js")
+    server.start()
+    yield server
+    server.stop()
+
+
+def js_call(url: str, fn: Any) -> Any:
+    async def run() -> Any:
+        nc = await nats.connect(url)
+        try:
+            return await fn(nc.jsm(), nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+# --- JetStream ---------------------------------------------------------------------------------
+
+
+def test_streams_and_consumers_from_nothing_then_nothing_to_do(nats_alone: NatsServer) -> None:
+    plan = plan_for()
+    provisioner = JetStreamProvisioner(nats_alone.url)
+    first = provisioner.reconcile(plan)
+    assert {c.name for c in first.changes if c.kind == "Stream"} == {s.name for s in plan.streams}
+    assert {c.name for c in first.changes if c.kind == "Consumer"} == {
+        f"{c.stream}/{c.durable}" for c in plan.consumers
+    }
+    assert first.ok
+
+    second = provisioner.reconcile(plan)
+    assert second.changes == []
+    assert all(item.ready and item.reason == "InSync" for item in second.items)
+
+    async def inspect(jsm: Any, _: Any) -> tuple[Any, Any]:
+        return (await jsm.stream_info("MARKET_TICKS")).config, (await jsm.consumer_info("MARKET_TICKS", "sink-ticks"))
+
+    stream, consumer = js_call(nats_alone.url, inspect)
+    assert stream.subjects == ["market.tick.>"]
+    assert stream.max_age == pytest.approx(24 * 3600)
+    assert stream.storage == "file"
+    assert stream.discard == "old"
+    assert consumer.config.filter_subject == "market.tick.>"
+    assert consumer.config.ack_policy == "explicit"
+
+
+def test_hand_edited_max_age_is_repaired(nats_alone: NatsServer) -> None:
+    plan = plan_for()
+    provisioner = JetStreamProvisioner(nats_alone.url)
+    provisioner.reconcile(plan)
+
+    async def shorten(jsm: Any, _: Any) -> None:
+        config = (await jsm.stream_info("MARKET_TICKS")).config
+        config.max_age = 60.0
+        config.duplicate_window = 30.0  # the server refuses a window longer than max_age
+        await jsm.update_stream(config)
+
+    js_call(nats_alone.url, shorten)
+    result = provisioner.reconcile(plan)
+    assert [str(c) for c in result.changes] == ["update Stream/MARKET_TICKS (max_age drifted)"]
+
+    async def max_age(jsm: Any, _: Any) -> float:
+        return float((await jsm.stream_info("MARKET_TICKS")).config.max_age)
+
+    assert js_call(nats_alone.url, max_age) == pytest.approx(24 * 3600)
+
+
+def test_immutable_storage_change_is_reported_and_the_data_kept(nats_alone: NatsServer) -> None:
+    provisioner = JetStreamProvisioner(nats_alone.url)
+    provisioner.reconcile(plan_for())
+
+    async def publish(_: Any, js: Any) -> None:
+        for i in range(5):
+            await js.publish("market.tick.BTCUSDT", f"tick {i}".encode())
+
+    js_call(nats_alone.url, publish)
+    streams = [{"name": "MARKET_TICKS", "subjects": ["market.tick.>"], "storage": "memory"}]
+    only_ticks = {"streams": streams, "services": {s: {"enabled": False} for s in ("sink-alt", "exeq", "pnl")}}
+    result = provisioner.reconcile(plan_for(only_ticks))
+    (problem,) = result.problems
+    assert problem.reason == "ImmutableFieldChanged"
+    assert "storage is file, spec says memory" in problem.message
+    assert not result.ok
+
+    async def messages(jsm: Any, _: Any) -> int:
+        return int((await jsm.stream_info("MARKET_TICKS")).state.messages)
+
+    assert js_call(nats_alone.url, messages) == 5
+
+
+def test_nats_down_is_unreachable_then_recovers(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "js", port=free_port())
+    plan = plan_for()
+    down = backends.run(JetStreamProvisioner(server.url), plan)
+    assert down.unreachable is not None
+    assert server.url in down.unreachable
+    server.start()
+    try:
+        up = backends.run(JetStreamProvisioner(server.url), plan)
+        assert up.unreachable is None
+        assert up.ok
+    finally:
+        server.stop()
+
+
+def test_delete_removes_the_streams(nats_alone: NatsServer) -> None:
+    provisioner = JetStreamProvisioner(nats_alone.url)
+    plan = plan_for()
+    provisioner.reconcile(plan)
+    assert {c.name for c in provisioner.delete(plan)} == {s.name for s in plan.streams}
+    assert len(provisioner.reconcile(plan, dry_run=True).changes) > len(plan.streams)
+
+
+# --- S3 and Delta Lake ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lake(s3_url: str) -> tuple[S3Endpoint, Plan]:
+    bucket = f"lake-{uuid.uuid4().hex[:10]}"
+    spec = {"infrastructure": {"s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket}}}
+    plan = plan_for(spec)
+    return plan.spec.infrastructure.s3, plan
+
+
+def test_buckets_and_delta_tables_from_nothing(lake: tuple[S3Endpoint, Plan]) -> None:
+    endpoint, plan = lake
+    provisioner = S3Provisioner(endpoint, CREDS)
+    first = provisioner.reconcile(plan)
+    assert [str(c) for c in first.changes] == [
+        f"create Bucket/{endpoint.bucket}",
+        f"create DeltaTable/{endpoint.bucket}/lake/market_ticks",
+        f"create DeltaTable/{endpoint.bucket}/lake/alt_data",
+    ]
+    for table in LAKE_TABLES:
+        live = DeltaTable(f"s3://{endpoint.bucket}/{table.path}", storage_options=provisioner.storage_options())
+        assert live.metadata().partition_columns == list(table.partition_by)
+        assert [f.name for f in live.schema().fields] == table.schema.names
+    assert provisioner.reconcile(plan).changes == []
+
+
+def test_deleted_bucket_and_missing_column_are_repaired(lake: tuple[S3Endpoint, Plan], s3_url: str) -> None:
+    endpoint, plan = lake
+    provisioner = S3Provisioner(endpoint, CREDS)
+    # A table made by an older writer, without the columns added since.
+    old_schema = MARKET_TICKS.schema.remove(MARKET_TICKS.schema.get_field_index("ingest_ts"))
+    fs = provisioner._filesystem()
+    fs.create_dir(endpoint.bucket)
+    DeltaTable.create(
+        f"s3://{endpoint.bucket}/{MARKET_TICKS.path}", old_schema, partition_by=["symbol", "dt"],
+        storage_options=provisioner.storage_options(),
+    )  # fmt: skip
+    result = provisioner.reconcile(plan)
+    assert f"update DeltaTable/{endpoint.bucket}/lake/market_ticks (add columns ingest_ts)" in map(str, result.changes)
+    live = DeltaTable(f"s3://{endpoint.bucket}/{MARKET_TICKS.path}", storage_options=provisioner.storage_options())
+    assert "ingest_ts" in [f.name for f in live.schema().fields]
+
+    extra = f"extra-{uuid.uuid4().hex[:8]}"
+    plan = plan_for({**plan.spec.model_dump(by_alias=True, exclude_none=True), "buckets": [{"name": extra}]})
+    provisioner.reconcile(plan)
+    fs.delete_dir(extra)
+    assert fs.get_file_info(extra).type == pafs.FileType.NotFound
+    assert [str(c) for c in provisioner.reconcile(plan).changes] == [f"create Bucket/{extra}"]
+    assert fs.get_file_info(extra).type == pafs.FileType.Directory
+
+
+def test_missing_secret_is_reported_not_guessed(lake: tuple[S3Endpoint, Plan]) -> None:
+    endpoint, plan = lake
+    result = S3Provisioner(endpoint, None, credentials_error="Secret lake-credentials not found").reconcile(plan)
+    assert [p.reason for p in result.problems] == ["SecretNotFound"]
+    assert result.changes == []
+
+
+def test_credentials_never_show_in_reprs() -> None:
+    assert "testing-secret" not in repr(CREDS)
+    assert "testing-secret" not in repr(S3Provisioner(S3Endpoint(endpoint="https://s3.example"), CREDS))
+
+
+def test_s3_down_is_unreachable(lake: tuple[S3Endpoint, Plan]) -> None:
+    endpoint, plan = lake
+    nowhere = endpoint.model_copy(update={"endpoint": f"http://127.0.0.1:{free_port()}"})
+    result = backends.run(S3Provisioner(nowhere, CREDS), plan)
+    assert result.unreachable is not None
+
+
+def test_delete_removes_buckets_with_their_tables(lake: tuple[S3Endpoint, Plan]) -> None:
+    endpoint, plan = lake
+    provisioner = S3Provisioner(endpoint, CREDS)
+    provisioner.reconcile(plan)
+    assert [str(c) for c in provisioner.delete(plan)] == [f"delete Bucket/{endpoint.bucket}"]
+    assert provisioner._filesystem().get_file_info(endpoint.bucket).type == pafs.FileType.NotFound
+
+
+# --- QuestDB -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def qdb() -> Iterator[QuestDBDouble]:
+    with QuestDBDouble() as double:
+        yield double
+
+
+def test_tables_from_nothing_then_nothing_to_do(qdb: QuestDBDouble) -> None:
+    plan = plan_for()
+    provisioner = QuestDBProvisioner(qdb.url)
+    first = provisioner.reconcile(plan)
+    assert [c.name for c in first.changes] == ["ticks", "ohlcv_1m", "orders", "fills", "positions"]
+    ticks = qdb.state.tables["ticks"]
+    assert (ticks.designated, ticks.partition_by, ticks.wal) == ("ts", "DAY", True)
+    assert ticks.dedup == ["ts", "symbol", "venue"]
+    assert ticks.columns["symbol"] == "SYMBOL"
+    mutations = list(qdb.state.mutations)
+    assert provisioner.reconcile(plan).changes == []
+    assert qdb.state.mutations == mutations
+
+
+def test_missing_column_is_added_and_a_changed_type_reported(qdb: QuestDBDouble) -> None:
+    plan = plan_for()
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan)
+    del qdb.state.tables["fills"].columns["price"]  # an older table without the column
+    qdb.state.tables["orders"].columns["quantity"] = "LONG"  # someone changed a type by hand
+    result = provisioner.reconcile(plan)
+    assert [str(c) for c in result.changes] == ["update Table/fills (add column price DOUBLE)"]
+    assert qdb.state.tables["fills"].columns["price"] == "DOUBLE"
+    (problem,) = result.problems
+    assert problem.reason == "ImmutableFieldChanged"
+    assert "column quantity is LONG, spec says DOUBLE" in problem.message
+    assert qdb.state.tables["orders"].columns["quantity"] == "LONG", "a type change must never be applied"
+
+
+def test_questdb_down_is_unreachable() -> None:
+    result = backends.run(QuestDBProvisioner(f"http://127.0.0.1:{free_port()}"), plan_for())
+    assert result.unreachable is not None
+
+
+def test_delete_drops_the_tables(qdb: QuestDBDouble) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    assert len(provisioner.delete(plan_for())) == 5
+    assert qdb.state.tables == {}
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        ("CREATE TABLE t (a LONG, ts TIMESTAMPTZ) TIMESTAMP(ts) PARTITION BY DAY WAL", "invalid type"),
+        ("CREATE TABLE t (a LONG, ts LONG) TIMESTAMP(ts) PARTITION BY DAY WAL", "TIMESTAMP column expected"),
+        ("CREATE TABLE t (a LONG, ts TIMESTAMP) TIMESTAMP(x) PARTITION BY DAY WAL", "Invalid column"),
+        ("CREATE TABLE t (a LONG, ts TIMESTAMP) PARTITION BY DAY", "designated timestamp"),
+        ("CREATE TABLE t (a LONG, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY NONE WAL", "partitioned tables"),
+        ("CREATE TABLE t (a LONG, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL DEDUP UPSERT KEYS(a)",
+         "dedicated timestamp"),
+        ("CREATE TABLE t (a LONG, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY BYPASS WAL DEDUP UPSERT KEYS(ts)",
+         "only on WAL tables"),
+        ("CREATE TABLE t (a LONG, a DOUBLE, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY", "Duplicate column"),
+        ("ALTER TABLE nope ADD COLUMN a LONG", "table does not exist"),
+        ("SELECT * FROM trades", "unsupported statement"),
+    ],
+)  # fmt: skip
+def test_the_questdb_double_rejects_what_questdb_rejects(qdb: QuestDBDouble, sql: str, error: str) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    with pytest.raises(Exception, match=error):
+        provisioner.query(sql)
+    assert qdb.state.mutations == []
