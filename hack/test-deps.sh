@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing.
-# etcd-server: the envtest Kubernetes API server's storage; shellcheck: the scripts' lint.
+# etcd-server: the envtest Kubernetes API server's storage; shellcheck: the scripts' lint;
+# nats-server (JetStream) and redis-server: the real servers the provisioners and services use.
 set -euo pipefail
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
@@ -8,6 +9,8 @@ command -v curl >/dev/null || missing+=(curl)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v nats-server >/dev/null || missing+=(nats-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -eq 0 ]]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
   echo "test-deps: missing ${missing[*]}; install them (apt-get install ${missing[*]}) and run again" >&2

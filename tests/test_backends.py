@@ -11,10 +11,9 @@ from typing import Any
 import nats
 import pyarrow.fs as pafs
 import pytest
-from conftest import NatsServer, free_port
 from deltalake import DeltaTable
-from questdb_double import QuestDBDouble
 
+from questdb_double import QuestDBDouble
 from tradingstack import backends
 from tradingstack.api import S3Endpoint
 from tradingstack.backends.jetstream import JetStreamProvisioner
@@ -22,6 +21,8 @@ from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
+
+from conftest import NatsServer, free_port
 
 CREDS = S3Credentials("testing", "testing-secret")
 

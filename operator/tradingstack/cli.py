@@ -52,6 +52,49 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_credentials() -> Any:
+    """Outside Kubernetes, S3 credentials come from the standard AWS environment variables."""
+    import os
+
+    from tradingstack.backends import S3Credentials
+
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return S3Credentials(key, secret) if key and secret else None
+
+
+def _infrastructure(args: argparse.Namespace, dry_run: bool, fail_on_drift: bool) -> int:
+    """Shared by provision and check: run every backend for every stack in the file, report."""
+    from tradingstack import backends
+
+    clean = True
+    for doc in load_stacks(args.file):
+        meta = doc["metadata"]
+        plan = build_plan(StackRef(meta["name"], meta.get("namespace") or "default"), parse_spec(doc.get("spec")))
+        for provisioner in backends.provisioners(plan, _env_credentials()):
+            result = backends.run(provisioner, plan, dry_run=dry_run)
+            verb = "would" if dry_run else "did"
+            for change in result.changes:
+                print(f"{meta['name']}: {result.backend}: {verb} {change}")
+            for problem in result.problems:
+                print(f"{meta['name']}: {result.backend}: {problem.reason}: {problem}", file=sys.stderr)
+            if result.unreachable:
+                print(f"{meta['name']}: {result.backend}: unreachable: {result.unreachable}", file=sys.stderr)
+            if not result.changes and result.ok:
+                print(f"{meta['name']}: {result.backend}: in sync")
+            healthy = result.unreachable is None and not result.problems
+            clean = clean and healthy and not (fail_on_drift and result.changes)
+    return 0 if clean else 1
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    return _infrastructure(args, dry_run=args.dry_run, fail_on_drift=False)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 when anything drifted, is missing, unreachable or cannot be fixed."""
+    return _infrastructure(args, dry_run=True, fail_on_drift=True)
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     """Wait until a TradingStack is Ready; print its conditions either way."""
     import time
@@ -116,6 +159,17 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-f", "--file", required=True, help="TradingStack YAML file, or - for stdin")
     render.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
     render.set_defaults(func=cmd_render)
+
+    provision = sub.add_parser(
+        "provision", help="create or repair the streams, buckets and tables of a TradingStack file, no Kubernetes"
+    )
+    provision.add_argument("-f", "--file", required=True, help="TradingStack YAML file, or - for stdin")
+    provision.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    provision.set_defaults(func=cmd_provision)
+
+    check = sub.add_parser("check", help="exit 1 and say what drifted when the infrastructure is not as declared")
+    check.add_argument("-f", "--file", required=True, help="TradingStack YAML file, or - for stdin")
+    check.set_defaults(func=cmd_check)
 
     wait = sub.add_parser("wait", help="wait until a TradingStack is Ready (exit 1 on timeout)")
     wait.add_argument("name", help="TradingStack name")

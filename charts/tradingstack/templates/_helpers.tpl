@@ -116,6 +116,9 @@ s3:
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end -}}
 
 {{/* tradingstack.validateValues: every value rule, reported at once before rendering. */}}
