@@ -126,6 +126,17 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from tradingstack_services import runner
+
+    try:
+        runner.serve(args.name)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
     from prometheus_client import start_http_server
@@ -177,6 +188,10 @@ def parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=300, help="seconds to wait")
     wait.set_defaults(func=cmd_wait)
 
+    service = sub.add_parser("service", help="run one service (the container entrypoint of every service)")
+    service.add_argument("name", help="gateway, normalizer, sink-ticks, sink-alt, risk, oms, exeq or pnl")
+    service.set_defaults(func=cmd_service)
+
     op = sub.add_parser("operator", help="run the operator")
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", help="namespace to watch (repeatable)")
@@ -190,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command != "operator":  # kopf configures the operator's own (JSON) logging
+    if args.command not in ("operator", "service"):  # both configure their own (JSON) logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         result: int = args.func(args)

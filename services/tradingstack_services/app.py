@@ -1,0 +1,58 @@
+"""The FastAPI app every service starts from: /healthz, /readyz (real dependency checks), /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+# A readiness check raises (or times out) when its dependency is not usable right now.
+Check = Callable[[], Awaitable[None]]
+CHECK_TIMEOUT = 1.0
+
+
+async def _run(check: Check) -> str | None:
+    try:
+        await asyncio.wait_for(check(), CHECK_TIMEOUT)
+    except Exception as exc:  # any failure means not ready; its text is the answer
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+def create_app(
+    name: str,
+    checks: dict[str, Check],
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
+    app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive and serving; says nothing about dependencies."""
+        return {"status": "ok", "service": name}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready only when every dependency answers right now; 503 names the ones that do not."""
+        results = await asyncio.gather(*(_run(c) for c in checks.values()))
+        failed = {dep: err for dep, err in zip(checks, results, strict=True) if err is not None}
+        body: dict[str, Any] = {
+            "status": "ready" if not failed else "not ready",
+            "checks": {dep: failed.get(dep, "ok") for dep in checks},
+        }
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def no_lifespan(_: FastAPI) -> AsyncIterator[None]:
+    yield

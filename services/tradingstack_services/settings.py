@@ -1,0 +1,55 @@
+"""Service configuration from the environment: the names the operator's ConfigMaps set."""
+
+from __future__ import annotations
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Everything a service reads. Names match plan.service_config (and the README)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True)
+
+    SERVICE_NAME: str
+    PORT: int = Field(8080, ge=1, le=65535)
+    SYMBOLS: str = "BTCUSDT,ETHUSDT,SOLUSDT"
+    NATS_URL: str = "nats://127.0.0.1:4222"
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    QUESTDB_URL: str = "http://127.0.0.1:9000"
+    S3_ENDPOINT_URL: str = "http://127.0.0.1:9000"
+    S3_BUCKET: str = "trader2025"
+    AWS_REGION: str = "us-east-1"
+    AWS_ALLOW_HTTP: bool = False
+    AWS_ACCESS_KEY_ID: str | None = None
+    AWS_SECRET_ACCESS_KEY: str | None = Field(None, repr=False)
+    NATS_STREAM: str | None = None
+    NATS_DURABLE: str | None = None
+    NATS_FILTER_SUBJECT: str | None = None
+    DEAD_LETTER_PREFIX: str = "dlq"
+    LOG_FORMAT: str = "json"
+    # gateway
+    TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
+    REPLAY_FILE: str | None = None
+    # sinks
+    SINK_MAX_ROWS: int = Field(50_000, ge=1)
+    SINK_MAX_AGE_SECONDS: float = Field(1.0, ge=0.1, description="flush at least this often; at most one commit/s")
+    SINK_FETCH_BATCH: int = Field(5_000, ge=1)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def symbols(self) -> list[str]:
+        return [s.strip() for s in self.SYMBOLS.split(",") if s.strip()]
+
+    def storage_options(self) -> dict[str, str]:
+        options = {
+            "AWS_ENDPOINT_URL": self.S3_ENDPOINT_URL,
+            "AWS_REGION": self.AWS_REGION,
+            "AWS_ALLOW_HTTP": "true" if self.AWS_ALLOW_HTTP else "false",
+        }
+        if self.AWS_ACCESS_KEY_ID and self.AWS_SECRET_ACCESS_KEY:
+            options |= {
+                "AWS_ACCESS_KEY_ID": self.AWS_ACCESS_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": self.AWS_SECRET_ACCESS_KEY,
+            }
+        return options
