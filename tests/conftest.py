@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -252,14 +253,23 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @pytest.fixture(scope="session")
 def s3_url() -> Iterator[str]:
-    """moto's S3 server (real HTTP, conditional puts) for real pyarrow and deltalake calls."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server (real HTTP, conditional puts) for real pyarrow and deltalake calls.
 
+    In its own process: deltalake's Rust client can hold the GIL while it waits on a socket,
+    which would starve a server thread in this process.
+    """
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, f"moto S3 server on {port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """sink-ticks and sink-alt: a durable pull consumer into a Delta table, at least once, without duplicates.
 
 - Messages are acknowledged only after the Delta commit that holds them succeeded.
-- Each commit records the highest stream sequence it holds (commit metadata). After a
-  crash between commit and ack, the redelivered messages at or below that mark are
-  acknowledged and skipped: nothing lost, nothing written twice. This relies on one sink
-  replica per consumer (the default), which receives the stream in order.
+- Each commit records the stream sequences it holds, as ranges, in its commit metadata.
+  After a crash between commit and ack, a redelivered message whose sequence a recent
+  commit already holds is acknowledged and skipped: nothing lost, nothing written twice.
+  A single high-water mark would not do: redeliveries of a dead sink's uncommitted
+  messages arrive after newer ones. One sink replica per consumer (the default).
 - Flushes on size (SINK_MAX_ROWS) or age (SINK_MAX_AGE_SECONDS, default 1 s): about one
   commit per second per table at most under load.
 - A malformed message goes to `{DEAD_LETTER_PREFIX}.{stream}.{reason}` with the reason in
@@ -38,7 +39,9 @@ from tradingstack_services.ticks import InvalidMessageError, parse_tick
 
 log = logging.getLogger(__name__)
 
-SEQ_KEY = "tradingstack.stream_seq"
+SEQ_KEY = "tradingstack.stream_seqs"
+# How many recent commits to read back on start: redeliveries come from the last few seconds.
+LOOKBACK_COMMITS = 1000
 ROWS = Counter("tradingstack_sink_rows_total", "Rows committed to Delta", ["table"])
 COMMITS = Counter("tradingstack_sink_commits_total", "Delta commits", ["table"])
 DEAD = Counter("tradingstack_sink_dead_lettered_total", "Messages sent to the dead-letter stream", ["table", "reason"])
@@ -46,6 +49,42 @@ SKIPPED = Counter("tradingstack_sink_duplicates_skipped_total", "Redelivered mes
 COMMIT_SECONDS = Histogram("tradingstack_sink_commit_seconds", "Time to commit one batch to Delta", ["table"])
 
 RowMaker = Callable[[Msg, int], dict[str, Any]]
+
+
+class SequenceRanges:
+    """A set of stream sequences kept as merged [low, high] ranges (contiguous runs stay tiny)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+
+    def add_run(self, low: int, high: int) -> None:
+        self.ranges.append([low, high])
+        self.ranges.sort()
+        merged: list[list[int]] = []
+        for lo, hi in self.ranges:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.ranges = merged
+
+    def __contains__(self, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in self.ranges)
+
+    @staticmethod
+    def encode(seqs: list[int]) -> str:
+        runs: list[list[int]] = []
+        for seq in sorted(seqs):
+            if runs and seq == runs[-1][1] + 1:
+                runs[-1][1] = seq
+            else:
+                runs.append([seq, seq])
+        return ",".join(f"{lo}-{hi}" for lo, hi in runs)
+
+    def add_encoded(self, text: str) -> None:
+        for run in filter(None, text.split(",")):
+            lo, _, hi = run.partition("-")
+            self.add_run(int(lo), int(hi or lo))
 
 
 def tick_row(msg: Msg, seq: int) -> dict[str, Any]:
@@ -88,10 +127,11 @@ class LakeSink:
     settings: ServiceSettings
     table: LakeTable
     make_row: RowMaker
-    high_water: int = 0
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    pending: list[Msg] = field(default_factory=list)
+    committed: SequenceRanges = field(default_factory=SequenceRanges)
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by stream sequence
+    pending: dict[int, Msg] = field(default_factory=dict)  # the latest delivery of each
     oldest: float | None = None
+    rows_committed: int = 0
 
     @property
     def uri(self) -> str:
@@ -101,18 +141,19 @@ class LakeSink:
     def name(self) -> str:
         return self.table.path.rsplit("/", 1)[-1]
 
-    def read_high_water(self) -> int:
-        """The highest stream sequence already committed, from the table's commit history."""
+    def read_committed(self) -> SequenceRanges:
+        """The stream sequences recent commits hold, from the table's commit history."""
+        ranges = SequenceRanges()
         try:
             table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
         except TableNotFoundError:
-            return 0
-        for commit in table.history(100):  # newest first; other writers' commits lack the key
+            return ranges
+        for commit in table.history(LOOKBACK_COMMITS):  # other writers' commits lack the key
             if SEQ_KEY in commit:
-                return int(commit[SEQ_KEY])
-        return 0
+                ranges.add_encoded(str(commit[SEQ_KEY]))
+        return ranges
 
-    def _commit(self, batch: pa.Table, max_seq: int) -> None:
+    def _commit(self, batch: pa.Table, seqs: str) -> None:
         for attempt in range(5):
             try:
                 write_deltalake(
@@ -121,7 +162,7 @@ class LakeSink:
                     mode="append",
                     partition_by=list(self.table.partition_by),
                     storage_options=self.settings.storage_options(),
-                    commit_properties=CommitProperties(custom_metadata={SEQ_KEY: str(max_seq)}),
+                    commit_properties=CommitProperties(custom_metadata={SEQ_KEY: seqs}),
                 )
                 return
             except CommitFailedError:
@@ -132,17 +173,18 @@ class LakeSink:
     async def flush(self) -> None:
         if not self.rows:
             return
-        max_seq = max(row["stream_seq"] for row in self.rows)
-        batch = pa.Table.from_pylist(self.rows, schema=self.table.schema)
+        seqs = list(self.rows)
+        batch = pa.Table.from_pylist(list(self.rows.values()), schema=self.table.schema)
         started = time.monotonic()
-        await asyncio.to_thread(self._commit, batch, max_seq)
+        await asyncio.to_thread(self._commit, batch, SequenceRanges.encode(seqs))
         COMMIT_SECONDS.labels(self.name).observe(time.monotonic() - started)
         COMMITS.labels(self.name).inc()
-        ROWS.labels(self.name).inc(len(self.rows))
-        self.high_water = max_seq
-        for msg in self.pending:  # only now: the rows are durable
+        ROWS.labels(self.name).inc(len(seqs))
+        self.rows_committed += len(seqs)
+        self.committed.add_encoded(SequenceRanges.encode(seqs))
+        for msg in self.pending.values():  # only now: the rows are durable
             await msg.ack()
-        self.rows, self.pending, self.oldest = [], [], None
+        self.rows, self.pending, self.oldest = {}, {}, None
 
     async def dead_letter(self, js: Any, msg: Msg, seq: int, error: InvalidMessageError) -> None:
         stream = self.settings.NATS_STREAM or "unknown"
@@ -159,17 +201,20 @@ class LakeSink:
 
     async def handle(self, js: Any, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
-        if seq <= self.high_water:
+        if seq in self.committed:
             SKIPPED.labels(self.name).inc()
             await msg.ack()  # committed before a crash, redelivered after it
+            return
+        if seq in self.rows:
+            self.pending[seq] = msg  # redelivered while its batch is still open: ack the latest
             return
         try:
             row = self.make_row(msg, seq)
         except InvalidMessageError as error:
             await self.dead_letter(js, msg, seq, error)
             return
-        self.rows.append(row)
-        self.pending.append(msg)
+        self.rows[seq] = row
+        self.pending[seq] = msg
         if self.oldest is None:
             self.oldest = time.monotonic()
 
@@ -181,8 +226,8 @@ class LakeSink:
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
         js = nc.jetstream()
-        self.high_water = await asyncio.to_thread(self.read_high_water)
-        log.info("sink %s starts after stream sequence %d", self.name, self.high_water)
+        self.committed = await asyncio.to_thread(self.read_committed)
+        log.info("sink %s starts; recent commits hold sequences %s", self.name, self.committed.ranges[-3:])
         sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
         while not stop.is_set():
             try:
