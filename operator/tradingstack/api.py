@@ -83,6 +83,14 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
 
+def keyed_list(*keys: str) -> dict[str, JsonValue]:
+    """A list merged by key on the server (server-side apply, strategic merge), unique per key."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+UNIQUE_SET: dict[str, JsonValue] = {"x-kubernetes-list-type": "set"}
+
+
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
 
 
@@ -125,7 +133,7 @@ class ServiceSpec(Model):
         default_factory=list,
         max_length=64,
         description="Extra environment variables; they override the generated configuration.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
 
 
@@ -224,7 +232,7 @@ class StreamSpec(Model):
         min_length=1,
         max_length=32,
         description="Subjects the stream captures.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=UNIQUE_SET,
     )
     storage: Literal["file", "memory"] = Field("file", description="Storage type (immutable).")
     retention: Literal["limits", "interest", "workqueue"] = Field("limits", description="Retention policy (immutable).")
@@ -291,7 +299,7 @@ class TableSpec(Model):
         min_length=1,
         max_length=64,
         description="Columns, including the designated timestamp.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
     timestamp: str = Field("ts", pattern=IDENTIFIER_PATTERN, max_length=63, description="Designated timestamp column.")
     partition_by: Literal["NONE", "HOUR", "DAY", "WEEK", "MONTH", "YEAR"] = Field("DAY", description="Partitioning.")
@@ -300,7 +308,7 @@ class TableSpec(Model):
         default_factory=list,
         max_length=16,
         description="DEDUP UPSERT KEYS, so a replay does not double-write.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=UNIQUE_SET,
     )
 
     # "every dedup key is a column" is checked here only (its CEL cost is over budget).
@@ -426,7 +434,7 @@ class TradingStackSpec(Model):
         min_length=1,
         max_length=256,
         description="Symbols traded.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=UNIQUE_SET,
     )
     services: dict[str, ServiceSpec] = Field(
         default_factory=dict,
@@ -440,25 +448,25 @@ class TradingStackSpec(Model):
         default_factory=_default_streams,
         max_length=32,
         description="JetStream streams; defaults to the platform's streams.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
     buckets: list[BucketSpec] = Field(
         default_factory=list,
         max_length=32,
         description="Extra S3 buckets; the lake bucket (infrastructure.s3.bucket) is always included.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
     tables: list[TableSpec] = Field(
         default_factory=_default_tables,
         max_length=32,
         description="QuestDB tables; defaults to ticks, ohlcv_1m, orders, fills and positions.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
     risk_limits: list[RiskLimit] = Field(
         default_factory=list,
         max_length=256,
         description="Per-symbol risk limits; symbols without one get the risk service's defaults.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["symbol"]},
+        json_schema_extra=keyed_list("symbol"),
     )
     drift_check_interval_seconds: int = Field(
         60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."
@@ -516,7 +524,7 @@ class InfraItemStatus(Model):
     message: str = Field("", description="Detail.")
 
 
-_ITEM_LIST: dict[str, JsonValue] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+_ITEM_LIST = keyed_list("name")
 
 
 class TradingStackStatus(Model):
@@ -528,7 +536,7 @@ class TradingStackStatus(Model):
     services: list[ServiceStatus] = Field(
         default_factory=list,
         description="Per-service readiness.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra=keyed_list("name"),
     )
     streams: list[InfraItemStatus] = Field(
         default_factory=list, description="Per-stream state.", json_schema_extra=_ITEM_LIST
@@ -544,7 +552,7 @@ class TradingStackStatus(Model):
         description=(
             "Standard conditions: Ready, ServicesReady, StreamsReady, BucketsReady, TablesReady, Progressing, Degraded."
         ),
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        json_schema_extra=keyed_list("type"),
     )
 
 
