@@ -8,11 +8,15 @@ table must end with every tick exactly once.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +24,8 @@ from typing import Any
 
 import nats
 import pytest
+import uvicorn
 from deltalake import DeltaTable, QueryBuilder
-from fastapi.testclient import TestClient
 from nats.js import api as js_api
 
 from tradingstack.backends import S3Credentials
@@ -195,25 +199,55 @@ def test_a_sink_killed_mid_batch_loses_nothing_and_duplicates_nothing(platform: 
     assert len({r["stream_seq"] for r in rows}) == count
 
 
+class LiveServer:
+    """The service app served by uvicorn on a loopback port, as in its container."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 20, "uvicorn to start")
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode()
+
+
 def test_readyz_follows_nats(platform: Any) -> None:
     server, _, env = platform
     app = gateway.create(settings_from(env, SERVICE_NAME="gateway", TICK_RATE="5"))
-    with TestClient(app) as client:
-        assert client.get("/healthz").json()["status"] == "ok"
-        wait_for(lambda: client.get("/readyz").status_code == 200, 10, "ready with NATS up")
-        wait_for(lambda: client.get("/ticker/BTCUSDT").status_code == 200, 10, "a first tick")
-        assert client.get("/ticker/NOPE").status_code == 404
-        assert {t["symbol"] for t in client.get("/tickers").json()} == {"BTCUSDT", "ETHUSDT"}
+    with LiveServer(app) as client:
+        assert client.get("/healthz")[1]["status"] == "ok"
+        wait_for(lambda: client.get("/readyz")[0] == 200, 10, "ready with NATS up")
+        wait_for(lambda: client.get("/ticker/BTCUSDT")[0] == 200, 10, "a first tick")
+        assert client.get("/ticker/NOPE")[0] == 404
+        assert {t["symbol"] for t in client.get("/tickers")[1]} == {"BTCUSDT", "ETHUSDT"}
 
         server.stop()
-        down = wait_for(lambda: (r := client.get("/readyz")).status_code == 503 and r, 10, "503 with NATS down")
-        assert down.json()["checks"]["nats"] != "ok"
-        assert client.get("/healthz").status_code == 200  # alive, just not ready
+        _, body = wait_for(lambda: (r := client.get("/readyz"))[0] == 503 and r, 10, "503 with NATS down")
+        assert body["checks"]["nats"] != "ok"
+        assert client.get("/healthz")[0] == 200  # alive, just not ready
 
         server.start()
-        wait_for(lambda: client.get("/readyz").status_code == 200, 20, "ready again with NATS back")
-        metrics = client.get("/metrics").text
-        assert "tradingstack_gateway_ticks_published_total" in metrics
+        wait_for(lambda: client.get("/readyz")[0] == 200, 20, "ready again with NATS back")
+        assert "tradingstack_gateway_ticks_published_total" in client.get("/metrics")[1]
 
 
 def test_unknown_and_pending_services_say_so() -> None:
