@@ -7,6 +7,7 @@ controllers own are not ours to fight, so a steady state reads and writes nothin
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from tradingstack.changes import Change
@@ -14,6 +15,26 @@ from tradingstack.kubeclient import KubeClient
 from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, Plan
 
 KINDS = ("ConfigMap", "Service", "Deployment")
+
+
+_QUANTITY_SUFFIXES = {
+    "m": Decimal("0.001"), "": Decimal(1), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
+    "T": Decimal(10**12), "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+}  # fmt: skip
+
+
+def quantity(text: str) -> Decimal | None:
+    """A Kubernetes resource quantity's value ("500m" == "0.5"), or None when it is not one."""
+    for suffix in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if suffix and text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        suffix, number = "", text
+    try:
+        return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    except InvalidOperation:
+        return None
 
 
 def first_difference(desired: Any, live: Any, path: str = "") -> str | None:
@@ -39,6 +60,11 @@ def first_difference(desired: Any, live: Any, path: str = "") -> str | None:
                 return found
         return None
     if desired != live:
+        # The API server rewrites quantities to canonical form ("0.5" -> "500m"): same value, no drift.
+        if ".resources." in path and isinstance(desired, str) and isinstance(live, str):
+            value = quantity(desired)
+            if value is not None and value == quantity(live):
+                return None
         return path
     return None
 
