@@ -31,11 +31,11 @@ from nats.js import api as js_api
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
-from tradingstack.lake import MARKET_TICKS
+from tradingstack.lake import ALT_DATA, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 from tradingstack_services import gateway
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.sink import LakeSink, tick_row
+from tradingstack_services.sink import DEAD, LakeSink, alt_row, tick_row
 
 from conftest import NatsServer, free_port, wait_for
 
@@ -255,3 +255,38 @@ def test_unknown_and_pending_services_say_so() -> None:
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 2
     assert "not implemented yet" in result.stderr
+
+
+def test_alt_data_lands_in_its_own_table(platform: Any) -> None:
+    server, _, env = platform
+    settings = settings_from(env, SERVICE_NAME="sink-alt", NATS_STREAM="ALT_DATA", NATS_DURABLE="sink-alt",
+                             NATS_FILTER_SUBJECT="alt.norm.>", SINK_MAX_AGE_SECONDS="0.3")  # fmt: skip
+    records = [
+        json.dumps({"record_id": f"r{i}", "event_ts": "2026-01-02T09:30:00Z", "source": "news", "symbol": "aapl",
+                    "kind": "sentiment", "value": i / 10, "payload": {"headline": f"h{i}"}}).encode()
+        for i in range(50)
+    ]  # fmt: skip
+    records.append(b'{"symbol": "AAPL"}')  # no source, no timestamp
+    asyncio.run(publish_raw(server.url, "alt.norm.news", records))
+
+    async def consume() -> LakeSink:
+        sink = LakeSink(settings, ALT_DATA, alt_row)
+        nc = await nats.connect(server.url)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(nc, stop))
+        deadline = time.monotonic() + 30
+        while sink.rows_committed < 50 and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a counter)
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+        await nc.close()
+        return sink
+
+    assert asyncio.run(consume()).rows_committed == 50
+    dead = [s.value for m in DEAD.collect() for s in m.samples
+            if s.name.endswith("_total") and s.labels == {"table": "alt_data", "reason": "invalid_alt"}]  # fmt: skip
+    assert dead == [1.0]
+    table = DeltaTable(f"s3://{settings.S3_BUCKET}/{ALT_DATA.path}", storage_options=settings.storage_options())
+    result = QueryBuilder().register("alt", table).execute("SELECT symbol, count(*) AS n FROM alt GROUP BY symbol")
+    rows = [row for batch in result for row in zip(*(c.to_pylist() for c in batch.columns), strict=True)]
+    assert rows == [("AAPL", 50)]
