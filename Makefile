@@ -44,6 +44,10 @@ manifests: install ## regenerate manifests/install.yaml from the chart
 test: install deps lint ## everything: lint, types, unit and envtest tests (pytest exit 5, no tests, fails)
 	$(PY) -m pytest
 
+.PHONY: bench
+bench: install deps ## benchmarks against floors measured in the same run (bench/results.json)
+	$(PY) -m bench $(BENCH_ARGS)
+
 .PHONY: up
 up: ## kind cluster + image + helm install + sample TradingStack, then wait for Ready
 	hack/kind-up.sh
