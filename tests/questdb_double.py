@@ -35,6 +35,13 @@ ALTER_ADD = re.compile(rf"^ALTER TABLE (?P<name>{IDENT}) ADD COLUMN (?P<col>{IDE
 DROP = re.compile(rf"^DROP TABLE (?P<ie>IF EXISTS )?(?P<name>{IDENT})$", re.IGNORECASE)
 SELECT_TABLES = re.compile(r"^SELECT (?P<cols>.+) FROM tables\(\)$", re.IGNORECASE)
 SELECT_COLUMNS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_columns\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
+# The one aggregate the normaliser runs: a bar rebuilt from the ticks of one symbol and minute.
+SELECT_BAR = re.compile(
+    rf"^SELECT first\((?P<p>{IDENT})\), max\((?P=p)\), min\((?P=p)\), last\((?P=p)\), sum\((?P<s>{IDENT})\), count\(\) "
+    rf"FROM (?P<name>{IDENT}) WHERE symbol = '(?P<symbol>[A-Z0-9_-]+)' AND ts >= '(?P<start>[^']+)' "
+    rf"AND ts < '(?P<end>[^']+)'$",
+    re.IGNORECASE,
+)
 
 
 class RejectedError(Exception):
@@ -48,6 +55,14 @@ class Table:
     partition_by: str
     wal: bool
     dedup: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def upsert(self, row: dict[str, Any]) -> None:
+        """Insert, or replace the row with the same dedup key values (DEDUP UPSERT KEYS)."""
+        if self.dedup:
+            key = [row.get(k) for k in self.dedup]
+            self.rows = [r for r in self.rows if [r.get(k) for k in self.dedup] != key]
+        self.rows.append(row)
 
 
 @dataclass
@@ -63,7 +78,7 @@ class QuestDBState:
             self.statements.append(sql)
             for pattern, handler in (
                 (CREATE, self._create), (ALTER_ADD, self._alter), (DROP, self._drop),
-                (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns),
+                (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns), (SELECT_BAR, self._bar),
             ):  # fmt: skip
                 match = pattern.match(sql)
                 if match:
@@ -154,11 +169,89 @@ class QuestDBState:
         ]
         return _select(m["cols"], rows, {"column", "type", "designated", "upsertKey"})
 
+    def _bar(self, m: re.Match[str]) -> dict[str, Any]:
+        table = self._table(m["name"])
+        for col in (m["p"], m["s"], "symbol", "ts"):
+            if col not in table.columns:
+                raise RejectedError(f"Invalid column: {col}")
+        start, end = _micros(m["start"]), _micros(m["end"])
+        rows = sorted(
+            (r for r in table.rows if r.get("symbol") == m["symbol"] and start <= r["ts"] < end),
+            key=lambda r: r["ts"],
+        )
+        prices = [r[m["p"]] for r in rows if r.get(m["p"]) is not None]
+        sizes = [r[m["s"]] for r in rows if r.get(m["s"]) is not None]
+        row = [prices[0], max(prices), min(prices), prices[-1], sum(sizes), len(rows)] if rows else [None] * 5 + [0]
+        return {"columns": [{"name": n} for n in ("first", "max", "min", "last", "sum", "count")],
+                "dataset": [row], "count": 1}  # fmt: skip
+
+    def write_ilp(self, body: str) -> None:
+        """ILP over HTTP, with auto-creation of tables and columns off (as the chart configures it)."""
+        with self.lock:
+            parsed = [_parse_line(n, line, self.tables) for n, line in enumerate(body.splitlines(), 1) if line.strip()]
+            for name, row in parsed:  # all lines valid: apply them
+                self.tables[name].upsert(row)
+            self.mutations.extend(f"write {name}" for name, _ in parsed)
+
     def _table(self, name: str) -> Table:
         table = self.tables.get(name.lower())
         if table is None:
             raise RejectedError(f"table does not exist [table={name}]")
         return table
+
+
+def _micros(text: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1_000_000)
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    return [part.replace("\\" + sep, sep) for part in re.split(rf"(?<!\\){re.escape(sep)}", text)]
+
+
+def _parse_line(number: int, line: str, tables: dict[str, Table]) -> tuple[str, dict[str, Any]]:
+    def fail(message: str) -> RejectedError:
+        return RejectedError(f"line {number}: {message}")
+
+    parts = _split_unescaped(line.strip(), " ")
+    if len(parts) != 3:
+        raise fail("expected 'table,tags fields timestamp' (the double requires the timestamp)")
+    head, fields, stamp = parts
+    name, *tags = _split_unescaped(head, ",")
+    table = tables.get(name)
+    if table is None:
+        raise fail(f"table does not exist [table={name}] (auto-creation is off)")
+    row: dict[str, Any] = {}
+    for tag in tags:
+        col, _, value = tag.partition("=")
+        if table.columns.get(col) != "SYMBOL":
+            raise fail(f"tag {col} must be a SYMBOL column, is {table.columns.get(col)}")
+        row[col] = value
+    for item in _split_unescaped(fields, ","):
+        col, _, value = item.partition("=")
+        kind = table.columns.get(col)
+        if kind is None:
+            raise fail(f"column {col} does not exist (auto-creation is off)")
+        if value.endswith("i") and value[:-1].lstrip("-").isdigit():
+            if kind not in ("LONG", "INT", "SHORT", "BYTE"):
+                raise fail(f"cast error: integer into {kind} column {col}")
+            row[col] = int(value[:-1])
+        elif value.startswith('"'):
+            if kind not in ("STRING", "VARCHAR"):
+                raise fail(f"cast error: string into {kind} column {col}")
+            row[col] = value.strip('"')
+        else:
+            if kind not in ("DOUBLE", "FLOAT"):
+                raise fail(f"cast error: float into {kind} column {col}")
+            try:
+                row[col] = float(value)
+            except ValueError:
+                raise fail(f"invalid number {value!r} for column {col}") from None
+    if not stamp.isdigit() or table.designated is None:
+        raise fail("invalid timestamp")
+    row[table.designated] = int(stamp) // 1000  # nanoseconds -> microseconds, QuestDB's resolution
+    return name, row
 
 
 def _select(projection: str, rows: list[dict[str, Any]], known: set[str]) -> dict[str, Any]:
@@ -181,6 +274,20 @@ class QuestDBDouble:
         state = self.state
 
         class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                url = urlparse(self.path)
+                if url.path != "/write":
+                    self._reply(404, {"error": "not found"})
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                try:
+                    state.write_ilp(body)
+                except RejectedError as exc:
+                    self._reply(400, {"code": "invalid", "message": str(exc), "line": 0, "errorId": "double"})
+                    return
+                self.send_response(204)
+                self.end_headers()
+
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 if url.path != "/exec":

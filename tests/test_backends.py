@@ -298,3 +298,22 @@ def test_the_questdb_double_rejects_what_questdb_rejects(qdb: QuestDBDouble, sql
     with pytest.raises(Exception, match=error):
         provisioner.query(sql)
     assert qdb.state.mutations == []
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("nope,symbol=A price=1.0 1767346200000000000", "table does not exist"),
+        ("ticks,symbol=A price=1i 1767346200000000000", "integer into DOUBLE"),
+        ('ticks,symbol=A price="x" 1767346200000000000', "string into DOUBLE"),
+        ("ticks,symbol=A colour=1.0 1767346200000000000", "column colour does not exist"),
+        ("ticks,price=1.0 size=1.0 1767346200000000000", "must be a SYMBOL column"),
+        ("ticks,symbol=A price=1.0", "timestamp"),
+    ],
+)
+def test_the_questdb_double_rejects_bad_line_protocol(qdb: QuestDBDouble, line: str, error: str) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    with pytest.raises(Exception, match=error):
+        provisioner.write_ilp(["ticks,symbol=A price=1.0 1767346200000000000", line])  # all or nothing
+    assert qdb.state.tables["ticks"].rows == []

@@ -55,7 +55,7 @@ class Bar:
             for name, value in (("open", self.open), ("high", self.high), ("low", self.low),
                                 ("close", self.close), ("volume", self.volume))
         )  # fmt: skip
-        return f"{BAR_TABLE},symbol={_tag(self.symbol)} {fields},trades={self.trades}i {nanos}"
+        return f"{BAR_TABLE},symbol={ilp_tag(self.symbol)} {fields},trades={self.trades}i {nanos}"
 
 
 def _float(value: float) -> str:
@@ -65,7 +65,7 @@ def _float(value: float) -> str:
     return text
 
 
-def _tag(value: str) -> str:
+def ilp_tag(value: str) -> str:
     # ILP escapes for tag values: comma, equals and space.
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 

@@ -12,13 +12,18 @@ from tradingstack_services.settings import ServiceSettings
 
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
-    from tradingstack_services import gateway, sink
+    from tradingstack_services import gateway, normalizer, sink
 
-    return {"gateway": gateway.create, "sink-ticks": sink.create_ticks, "sink-alt": sink.create_alt}
+    return {
+        "gateway": gateway.create,
+        "normalizer": normalizer.create,
+        "sink-ticks": sink.create_ticks,
+        "sink-alt": sink.create_alt,
+    }
 
 
 # Services the operator deploys whose code is not written yet (see services/README.md).
-PENDING = {"normalizer", "risk", "oms", "exeq", "pnl"}
+PENDING = {"risk", "oms", "exeq", "pnl"}
 
 
 def build(name: str) -> FastAPI:

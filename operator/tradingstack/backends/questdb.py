@@ -70,6 +70,29 @@ class QuestDBProvisioner:
         except (urllib.error.URLError, OSError) as exc:
             raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
 
+    def write_ilp(self, lines: list[str]) -> None:
+        """Line protocol over HTTP (`POST /write`): all lines are stored, or none and QuestDBError says why."""
+        request = urllib.request.Request(
+            f"{self.url.rstrip('/')}/write?precision=n",
+            data=("\n".join(lines) + "\n").encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain; charset=utf-8"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(detail).get("message", detail)
+            except ValueError:
+                message = detail
+            if exc.code >= 500:
+                raise UnreachableError(f"QuestDB at {self.url}: HTTP {exc.code}: {message}") from exc
+            raise QuestDBError(f"{len(lines)} ILP line(s)", message) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
+
     def observe(self) -> dict[str, LiveTable]:
         tables = self.query("SELECT table_name, designatedTimestamp, partitionBy, walEnabled FROM tables()")
         live = {}

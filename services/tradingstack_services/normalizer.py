@@ -1,0 +1,154 @@
+"""normalizer: ticks -> validated, typed ticks and one-minute OHLCV bars, in QuestDB and on NATS.
+
+Restart-safe without keeping state: each batch of ticks is first written to QuestDB's
+`ticks` table (deduplicated on ts, symbol, venue, so a redelivery rewrites the same row),
+then every bar the batch touched is rebuilt from that table with one aggregate query and
+upserted into `ohlcv_1m` (deduplicated on ts, symbol), then published on
+`market.bar.{SYMBOL}`, and only then are the ticks acknowledged. A crash anywhere before
+the ack replays the batch into the same rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi import FastAPI
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack_services import bus
+from tradingstack_services.app import create_app
+from tradingstack_services.bars import Bar, ilp_tag, minute_of
+from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick
+
+log = logging.getLogger(__name__)
+TICKS = Counter("tradingstack_normalizer_ticks_total", "Ticks normalised and stored")
+BARS = Counter("tradingstack_normalizer_bar_updates_total", "Bar upserts written and published")
+DEAD = Counter("tradingstack_normalizer_dead_lettered_total", "Ticks sent to the dead-letter stream", ["reason"])
+
+
+def tick_line(tick: Tick) -> str:
+    tags = "".join(f",{k}={ilp_tag(v)}" for k, v in (("symbol", tick.symbol), ("exchange", tick.exchange),
+                                                       ("venue", tick.venue)) if v)  # fmt: skip
+    fields = ",".join(
+        f"{k}={float(v)!r}"
+        for k, v in (("price", tick.price), ("size", tick.size), ("volume", tick.volume), ("bid", tick.bid),
+                     ("ask", tick.ask))
+        if v is not None
+    )  # fmt: skip
+    nanos = int(tick.event_ts.timestamp() * 1_000_000) * 1_000
+    return f"ticks{tags} {fields} {nanos}"
+
+
+def _iso(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Normalizer:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL)
+
+    def rebuild(self, symbol: str, minute: datetime) -> Bar | None:
+        sql = (
+            "SELECT first(price), max(price), min(price), last(price), sum(size), count() FROM ticks "
+            f"WHERE symbol = '{symbol}' AND ts >= '{_iso(minute)}' AND ts < '{_iso(minute + timedelta(minutes=1))}'"
+        )
+        ((first, high, low, last, volume, count),) = self.questdb.query(sql)["dataset"]
+        if not count:
+            return None
+        return Bar(symbol, minute, first, high, low, last, float(volume or 0.0), int(count))
+
+    def store(self, ticks: list[Tick]) -> list[Bar]:
+        """Ticks into QuestDB, then the bars they touch rebuilt from QuestDB and upserted."""
+        self.questdb.write_ilp([tick_line(t) for t in ticks])
+        keys = sorted({(t.symbol, minute_of(t.event_ts)) for t in ticks}, key=lambda k: (k[1], k[0]))
+        bars = [bar for symbol, minute in keys if (bar := self.rebuild(symbol, minute)) is not None]
+        if bars:
+            self.questdb.write_ilp([bar.ilp() for bar in bars])
+        return bars
+
+    async def dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
+        headers = {"Tradingstack-Reason": error.reason, "Tradingstack-Detail": error.detail[:512],
+                   "Tradingstack-Subject": msg.subject}  # fmt: skip
+        await js.publish(f"{self.settings.DEAD_LETTER_PREFIX}.{self.settings.NATS_STREAM}.{error.reason}",
+                         msg.data, headers=headers)  # fmt: skip
+        DEAD.labels(error.reason).inc()
+        await msg.ack()
+
+    async def process(self, js: Any, messages: list[Msg]) -> list[Bar]:
+        ticks, good = [], []
+        for msg in messages:
+            try:
+                ticks.append(parse_tick(msg.data))
+                good.append(msg)
+            except InvalidMessageError as error:
+                await self.dead_letter(js, msg, error)
+        if not ticks:
+            return []
+        bars = await asyncio.to_thread(self.store, ticks)
+        for bar in bars:
+            fields = ("open", "high", "low", "close", "volume", "trades")
+            payload = json.dumps({"symbol": bar.symbol, "ts": _iso(bar.start)} | {f: getattr(bar, f) for f in fields})
+            msg_id = f"{bar.symbol}:{bar.start.isoformat()}:{bar.trades}"
+            await js.publish(f"market.bar.{bar.symbol}", payload.encode(), headers={"Nats-Msg-Id": msg_id})
+        for msg in good:  # only now: ticks and bars are stored
+            await msg.ack()
+        TICKS.inc(len(ticks))
+        BARS.inc(len(bars))
+        return bars
+
+    async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(self.settings.SINK_FETCH_BATCH, timeout=self.settings.SINK_MAX_AGE_SECONDS)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # NATS is away: wait for the reconnect
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self.process(js, messages)
+            except Exception as exc:  # QuestDB away: leave the batch unacknowledged, it is redelivered
+                log.warning("batch not stored, it will be redelivered: %s", exc)
+                await asyncio.sleep(1)
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    normalizer = Normalizer(settings)
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nc = await bus.connect(settings.NATS_URL, settings.SERVICE_NAME)
+        state["nc"] = nc
+        stop = asyncio.Event()
+        task = asyncio.create_task(normalizer.run(nc, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await nc.close()
+
+    async def nats_check() -> None:
+        if "nc" not in state:
+            raise ConnectionError("not connected yet")
+        await bus.readiness(state["nc"])()
+
+    async def questdb_check() -> None:
+        await asyncio.to_thread(normalizer.questdb.query, "SELECT table_name FROM tables()")
+
+    return create_app(settings.SERVICE_NAME, {"nats": nats_check, "questdb": questdb_check}, lifespan=lifespan)
