@@ -116,6 +116,11 @@ def test_every_pod_is_hardened_and_probed(case: str) -> None:
 def test_infrastructure_runs_as_statefulsets_with_volumes() -> None:
     sets = {d["metadata"]["name"]: d for d in render(ALL_INFRA) if d["kind"] == "StatefulSet"}
     assert set(sets) == {f"tradingstack-{c}" for c in ("nats", "redis", "s3", "questdb")}
+    # Tables and columns come from the operator; a typo in a writer must fail, not create one.
+    questdb_env = {e["name"]: e["value"] for e in sets["tradingstack-questdb"]["spec"]["template"]["spec"]
+                   ["containers"][0]["env"]}  # fmt: skip
+    assert questdb_env["QDB_LINE_AUTO_CREATE_NEW_TABLES"] == "false"
+    assert questdb_env["QDB_LINE_AUTO_CREATE_NEW_COLUMNS"] == "false"
     for workload in sets.values():
         (claim,) = workload["spec"]["volumeClaimTemplates"]
         assert claim["spec"]["resources"]["requests"]["storage"]
