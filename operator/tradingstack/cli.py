@@ -7,13 +7,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tradingstack import api
 from tradingstack.crd import crd_yaml
 from tradingstack.plan import InvalidSpecError, StackRef, build_plan, parse_spec
+
+if TYPE_CHECKING:  # the backends pull in pyarrow and deltalake: only the commands that use them import them
+    from tradingstack.backends.s3 import S3Credentials
 
 
 def load_stacks(path: str) -> list[dict[str, Any]]:
@@ -52,11 +55,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env_credentials() -> Any:
+def _env_credentials() -> S3Credentials | None:
     """Outside Kubernetes, S3 credentials come from the standard AWS environment variables."""
     import os
 
-    from tradingstack.backends import S3Credentials
+    from tradingstack.backends.s3 import S3Credentials
 
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     return S3Credentials(key, secret) if key and secret else None
