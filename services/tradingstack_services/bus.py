@@ -1,13 +1,20 @@
-"""The NATS connection a service shares: reconnects forever, and a readiness check that round-trips."""
+"""The NATS connection a service shares (reconnects forever), its readiness check, and the worker app."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
 
 import nats
+from fastapi import FastAPI
 from nats.aio.client import Client
 
-from tradingstack_services.app import Check
+from tradingstack_services.app import Check, create_app
+from tradingstack_services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +47,46 @@ def readiness(nc: Client) -> Check:
         await nc.flush(timeout=1)  # a real round trip, not a cached flag
 
     return check
+
+
+Worker = Callable[[Client, asyncio.Event], Coroutine[Any, Any, Any]]
+
+
+def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[str, Check] | None = None) -> FastAPI:
+    """A service app whose work runs beside the HTTP server on one shared NATS connection.
+
+    The lifespan connects, starts every worker with a stop event, and on shutdown stops them
+    (their last batch is flushed) before closing the connection. Readiness adds a NATS round trip.
+    """
+    state: dict[str, Client] = {}
+    running: list[asyncio.Task[Any]] = []
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nc = await connect(settings.NATS_URL, settings.SERVICE_NAME)
+        state["nc"] = nc
+        stop = asyncio.Event()
+        running[:] = [asyncio.create_task(work(nc, stop)) for work in workers]
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 30)
+            # Flush what was published, then close (drain would wait on the pull subscriptions).
+            with contextlib.suppress(Exception):
+                await nc.flush(timeout=5)
+            await nc.close()
+
+    async def nats_check() -> None:
+        if "nc" not in state:
+            raise ConnectionError("not connected yet")
+        await readiness(state["nc"])()
+
+    async def workers_check() -> None:
+        # A worker that died (not one that finished its job, like a replay) makes the service not ready.
+        for task in running:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"worker failed: {task.exception()!r}")
+
+    all_checks = {"nats": nats_check, "workers": workers_check, **(checks or {})}
+    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan)

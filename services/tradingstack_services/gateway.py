@@ -11,8 +11,6 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ from nats.aio.client import Client
 from prometheus_client import Counter
 
 from tradingstack_services import bus, tracing
-from tradingstack_services.app import create_app
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick, tick_json
 
@@ -108,29 +105,11 @@ class Gateway:
 
 def create(settings: ServiceSettings) -> FastAPI:
     gateway = Gateway(settings)
-    state: dict[str, Any] = {}
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        nc = await bus.connect(settings.NATS_URL, settings.SERVICE_NAME)
-        state["nc"] = nc
-        stop = asyncio.Event()
-        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(gateway.mock(nc, stop))]
-        if settings.REPLAY_FILE:
-            tasks.append(asyncio.create_task(gateway.replay(nc, Path(settings.REPLAY_FILE))))
-        try:
-            yield
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await nc.drain()
-
-    async def nats_check() -> None:
-        if "nc" not in state:
-            raise ConnectionError("not connected yet")
-        await bus.readiness(state["nc"])()
-
-    app = create_app(settings.SERVICE_NAME, {"nats": nats_check}, lifespan=lifespan)
+    workers: list[bus.Worker] = [gateway.mock]
+    if settings.REPLAY_FILE:
+        replay_file = Path(settings.REPLAY_FILE)
+        workers.append(lambda nc, _stop: gateway.replay(nc, replay_file))
+    app = bus.worker_app(settings, workers)
 
     @app.get("/tickers")
     async def tickers() -> list[dict[str, Any]]:

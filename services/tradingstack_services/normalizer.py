@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,7 +23,6 @@ from prometheus_client import Counter
 
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services import bus
-from tradingstack_services.app import create_app
 from tradingstack_services.bars import Bar, ilp_tag, minute_of
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick
@@ -128,27 +125,8 @@ class Normalizer:
 
 def create(settings: ServiceSettings) -> FastAPI:
     normalizer = Normalizer(settings)
-    state: dict[str, Any] = {}
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        nc = await bus.connect(settings.NATS_URL, settings.SERVICE_NAME)
-        state["nc"] = nc
-        stop = asyncio.Event()
-        task = asyncio.create_task(normalizer.run(nc, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await nc.close()
-
-    async def nats_check() -> None:
-        if "nc" not in state:
-            raise ConnectionError("not connected yet")
-        await bus.readiness(state["nc"])()
 
     async def questdb_check() -> None:
         await asyncio.to_thread(normalizer.questdb.query, "SELECT table_name FROM tables()")
 
-    return create_app(settings.SERVICE_NAME, {"nats": nats_check, "questdb": questdb_check}, lifespan=lifespan)
+    return bus.worker_app(settings, [normalizer.run], {"questdb": questdb_check})

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +32,6 @@ from prometheus_client import Counter, Histogram
 
 from tradingstack.lake import ALT_DATA, MARKET_TICKS, LakeTable
 from tradingstack_services import bus
-from tradingstack_services.app import create_app
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError, parse_tick
 
@@ -246,32 +244,12 @@ class LakeSink:
 
 
 def create(settings: ServiceSettings, table: LakeTable, make_row: RowMaker) -> FastAPI:
-    state: dict[str, Any] = {}
+    sink = LakeSink(settings, table, make_row)
 
     async def s3_check() -> None:
         await asyncio.to_thread(lambda: DeltaTable(sink.uri, storage_options=settings.storage_options()).version())
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        nc = await bus.connect(settings.NATS_URL, settings.SERVICE_NAME)
-        state["nc"] = nc
-        stop = asyncio.Event()
-        task = asyncio.create_task(sink.run(nc, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await nc.close()
-
-    sink = LakeSink(settings, table, make_row)
-
-    async def nats_check() -> None:
-        if "nc" not in state:
-            raise ConnectionError("not connected yet")
-        await bus.readiness(state["nc"])()
-
-    return create_app(settings.SERVICE_NAME, {"nats": nats_check, "s3": s3_check}, lifespan=lifespan)
+    return bus.worker_app(settings, [sink.run], {"s3": s3_check})
 
 
 def create_ticks(settings: ServiceSettings) -> FastAPI:

@@ -52,23 +52,29 @@ class QuestDBProvisioner:
     timeout: float = 5.0
     backend = "tables"
 
-    def query(self, sql: str) -> dict[str, Any]:
-        target = f"{self.url.rstrip('/')}/exec?{urllib.parse.urlencode({'query': sql})}"
+    def _send(self, request: urllib.request.Request | str, what: str, error_key: str) -> bytes:
+        """One HTTP call; 5xx and transport failures are UnreachableError, 4xx a QuestDBError."""
         try:
-            with urllib.request.urlopen(target, timeout=self.timeout) as response:
-                body: dict[str, Any] = json.loads(response.read())
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body: bytes = response.read()
                 return body
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             try:
-                message = json.loads(detail).get("error", detail)
+                message = json.loads(detail).get(error_key, detail)
             except ValueError:
                 message = detail
             if exc.code >= 500:
                 raise UnreachableError(f"QuestDB at {self.url}: HTTP {exc.code}: {message}") from exc
-            raise QuestDBError(sql, message) from exc
+            raise QuestDBError(what, message) from exc
         except (urllib.error.URLError, OSError) as exc:
             raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
+
+    def query(self, sql: str) -> dict[str, Any]:
+        """SQL over REST (`GET /exec`); errors come back as {"error": ...}."""
+        target = f"{self.url.rstrip('/')}/exec?{urllib.parse.urlencode({'query': sql})}"
+        body: dict[str, Any] = json.loads(self._send(target, sql, "error"))
+        return body
 
     def write_ilp(self, lines: list[str]) -> None:
         """Line protocol over HTTP (`POST /write`): all lines are stored, or none and QuestDBError says why."""
@@ -78,20 +84,7 @@ class QuestDBProvisioner:
             method="POST",
             headers={"Content-Type": "text/plain; charset=utf-8"},
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout):
-                return
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            try:
-                message = json.loads(detail).get("message", detail)
-            except ValueError:
-                message = detail
-            if exc.code >= 500:
-                raise UnreachableError(f"QuestDB at {self.url}: HTTP {exc.code}: {message}") from exc
-            raise QuestDBError(f"{len(lines)} ILP line(s)", message) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
+        self._send(request, f"{len(lines)} ILP line(s)", "message")
 
     def observe(self) -> dict[str, LiveTable]:
         tables = self.query("SELECT table_name, designatedTimestamp, partitionBy, walEnabled FROM tables()")
