@@ -13,10 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +21,6 @@ from typing import Any
 
 import nats
 import pytest
-import uvicorn
 from deltalake import DeltaTable, QueryBuilder
 from nats.js import api as js_api
 
@@ -37,7 +33,7 @@ from tradingstack_services import gateway
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.sink import DEAD, LakeSink, alt_row, tick_row
 
-from conftest import NatsServer, free_port, wait_for
+from conftest import LiveServer, NatsServer, free_port, wait_for
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret"}
 
@@ -197,37 +193,6 @@ def test_a_sink_killed_mid_batch_loses_nothing_and_duplicates_nothing(platform: 
     assert len(rows) == count
     assert len({r["tick_id"] for r in rows}) == count
     assert len({r["stream_seq"] for r in rows}) == count
-
-
-class LiveServer:
-    """The service app served by uvicorn on a loopback port, as in its container."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn to start")
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def get(self, path: str) -> tuple[int, Any]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-                body = response.read()
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            body, status = exc.read(), exc.code
-        try:
-            return status, json.loads(body)
-        except ValueError:
-            return status, body.decode()
 
 
 def test_readyz_follows_nats(platform: Any) -> None:

@@ -12,18 +12,19 @@ from tradingstack_services.settings import ServiceSettings
 
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
-    from tradingstack_services import gateway, normalizer, sink
+    from tradingstack_services import gateway, normalizer, risk, sink
 
     return {
         "gateway": gateway.create,
         "normalizer": normalizer.create,
         "sink-ticks": sink.create_ticks,
         "sink-alt": sink.create_alt,
+        "risk": risk.create,
     }
 
 
 # Services the operator deploys whose code is not written yet (see services/README.md).
-PENDING = {"risk", "oms", "exeq", "pnl"}
+PENDING = {"oms", "exeq", "pnl"}
 
 
 def build(name: str) -> FastAPI:

@@ -28,6 +28,7 @@ class ServiceSettings(BaseSettings):
     NATS_FILTER_SUBJECT: str | None = None
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
+    RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
     REPLAY_FILE: str | None = None

@@ -1,0 +1,121 @@
+"""risk: pre-trade checks against per-symbol limits, over HTTP (`POST /check`) and NATS (`risk.check`).
+
+The check itself is a pure function (microseconds); positions come from Redis, where pnl
+keeps them (hash `tradingstack:positions`), read once per check over a pooled connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import StrEnum
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+from pydantic import BaseModel, Field, ValidationError
+
+from tradingstack.api import RiskLimit
+from tradingstack_services import bus
+from tradingstack_services.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+POSITIONS_KEY = "tradingstack:positions"
+CHECKS = Counter("tradingstack_risk_checks_total", "Risk checks", ["approved", "level"])
+# Above this share of a limit an approved order is reported HIGH, so humans notice the trend.
+WARN_SHARE = 0.8
+
+
+class RiskLevel(StrEnum):
+    LOW = "LOW"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+
+class CheckRequest(BaseModel):
+    symbol: str = Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")
+    quantity: float
+    side: Literal["buy", "sell"]
+    price: float | None = Field(None, gt=0, description="limit price, or the last price for a market order")
+
+
+class CheckResult(BaseModel):
+    approved: bool
+    risk_level: RiskLevel
+    reason: str
+
+
+def load_limits(text: str | None) -> dict[str, RiskLimit]:
+    """RISK_LIMITS as the operator renders it (a JSON list of spec.riskLimits)."""
+    return {limit.symbol: limit for limit in (RiskLimit.model_validate(x) for x in json.loads(text or "[]"))}
+
+
+def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResult:
+    """The decision, pure: same inputs, same answer."""
+
+    def reject(level: RiskLevel, reason: str) -> CheckResult:
+        return CheckResult(approved=False, risk_level=level, reason=reason)
+
+    if request.quantity <= 0:
+        return reject(RiskLevel.CRITICAL, "quantity must be positive")
+    if request.quantity < limit.min_quantity:
+        return reject(RiskLevel.HIGH, f"quantity {request.quantity} below the minimum {limit.min_quantity}")
+    if request.quantity > limit.max_quantity:
+        return reject(RiskLevel.HIGH, f"quantity {request.quantity} above the maximum {limit.max_quantity}")
+    if request.price is None:
+        return reject(RiskLevel.CRITICAL, "no price to value the order")
+    notional = request.quantity * request.price
+    if notional > limit.max_notional:
+        return reject(RiskLevel.HIGH, f"notional {notional:.2f} above the maximum {limit.max_notional:.2f}")
+    after = position + (request.quantity if request.side == "buy" else -request.quantity)
+    if abs(after) > limit.max_position:
+        return reject(RiskLevel.CRITICAL, f"position would be {after}, beyond the maximum {limit.max_position}")
+    share = max(notional / limit.max_notional, abs(after) / limit.max_position)
+    level = RiskLevel.HIGH if share > WARN_SHARE else RiskLevel.LOW
+    return CheckResult(approved=True, risk_level=level, reason=f"within limits ({share:.0%} of the tightest)")
+
+
+class RiskService:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.limits = load_limits(settings.RISK_LIMITS)
+        self.redis = redis
+
+    def limit_for(self, symbol: str) -> RiskLimit:
+        return self.limits.get(symbol) or RiskLimit(symbol=symbol)
+
+    async def evaluate(self, request: CheckRequest) -> CheckResult:
+        raw = await self.redis.hget(POSITIONS_KEY, request.symbol)
+        result = check(request, self.limit_for(request.symbol), float(raw) if raw else 0.0)
+        CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
+        return result
+
+    async def serve_nats(self, nc: Client, stop: Any) -> None:
+        async def on_request(msg: Msg) -> None:
+            try:
+                result = await self.evaluate(CheckRequest.model_validate_json(msg.data))
+            except ValidationError as exc:
+                result = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL, reason=f"invalid request: {exc}")
+            await msg.respond(result.model_dump_json().encode())
+
+        sub = await nc.subscribe("risk.check", queue="risk", cb=on_request)
+        await stop.wait()
+        await sub.unsubscribe()
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+    service = RiskService(settings, redis)
+
+    async def redis_check() -> None:
+        await redis.ping()
+
+    app = bus.worker_app(settings, [service.serve_nats], {"redis": redis_check})
+
+    @app.post("/check")
+    async def check_order(request: CheckRequest) -> CheckResult:
+        return await service.evaluate(request)
+
+    return app
