@@ -104,6 +104,11 @@ def selector_labels(stack: str, service: ServiceName) -> dict[str, str]:
     return {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack, LABEL_COMPONENT: service.value}
 
 
+def child_selector(stack: str) -> dict[str, str]:
+    """Selects every object the operator made for one TradingStack."""
+    return {LABEL_INSTANCE: stack, LABEL_MANAGED_BY: MANAGER}
+
+
 def common_labels(stack: str, service: ServiceName) -> dict[str, str]:
     return {**selector_labels(stack, service), LABEL_PART_OF: "tradingstack", LABEL_MANAGED_BY: MANAGER}
 

@@ -1,9 +1,9 @@
 """The reconcile of one TradingStack: a fixed, short-circuiting list of steps.
 
-validate -> paused? -> workloads -> status. Infrastructure steps (streams, buckets, tables)
-slot in after workloads. Status is written once per pass through StatusWriter, which skips
-the write when nothing changed and retries on conflicts. kopf handlers (handlers.py) only
-load the object, call into here and translate the few named errors into kopf's retries.
+validate -> paused? -> workloads -> streams, buckets, tables -> status. Status is written
+once per pass through StatusWriter, which skips the write when nothing changed and retries
+on conflicts. kopf handlers (handlers.py) only load the object, call into here and
+translate the few named errors into kopf's retries.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tradingstack import api, backends
 from tradingstack.backends import Provisioner, S3Credentials
 from tradingstack.changes import BackendResult, Change
 from tradingstack.kubeclient import KubeApiError, KubeClient
-from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, InvalidSpecError, Plan, plan_from_body
+from tradingstack.plan import InvalidSpecError, Plan, child_selector, plan_from_body
 from tradingstack.status import DeploymentState, Observation, build_status
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
@@ -97,10 +97,7 @@ class StatusWriter:
 
 
 def deployment_states(objects: Iterable[dict[str, Any]]) -> dict[str, DeploymentState]:
-    return {
-        state.name: state
-        for state in (DeploymentState.from_object(o) for o in objects if o.get("kind", "Deployment") == "Deployment")
-    }
+    return {state.name: state for state in map(DeploymentState.from_object, objects)}
 
 
 def s3_credentials(kube: KubeClient, plan: Plan) -> tuple[S3Credentials | None, str | None]:
@@ -137,7 +134,8 @@ class Reconciler:
         return backends.provisioners(plan, credentials, problem)
 
     def reconcile(self, body: dict[str, Any]) -> Outcome:
-        """One full pass. Raises KubeApiError only for retryable API failures (after writing status)."""
+        """One full pass. After writing status, raises KubeApiError when applying children failed and
+        BackendsNotReadyError when a backend was unreachable or failed; kopf retries both with backoff."""
         started = time.monotonic()
         meta = body["metadata"]
         namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation") or 0)
@@ -202,7 +200,6 @@ class Reconciler:
                 paused=paused,
                 invalid_spec=outcome.invalid_spec,
                 apply_error=str(outcome.apply_error) if outcome.apply_error else None,
-                changed=len(outcome.changes),
                 backends=outcome.backends or None,
             )
             return build_status(current.get("status"), observation)
@@ -210,8 +207,7 @@ class Reconciler:
         return self.status.write(namespace, name, compute)
 
     def _deployment_states(self, plan: Plan) -> dict[str, DeploymentState]:
-        labels = {LABEL_INSTANCE: plan.stack.name, LABEL_MANAGED_BY: MANAGER}
-        return deployment_states(self.kube.list("Deployment", plan.stack.namespace, labels))
+        return deployment_states(self.kube.list("Deployment", plan.stack.namespace, child_selector(plan.stack.name)))
 
     def refresh_status(self, body: dict[str, Any], deployments: Callable[[], dict[str, DeploymentState]]) -> bool:
         """Recompute status from watched Deployments, keeping the last reconciled generation.

@@ -112,7 +112,6 @@ class Observation:
     paused: bool = False
     invalid_spec: str | None = None
     apply_error: str | None = None
-    changed: int = 0  # objects written by this pass
     backends: dict[str, BackendResult] | None = None  # None: no infrastructure pass this time
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tradingstack.changes import Change
 from tradingstack.kubeclient import KubeClient
-from tradingstack.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, Plan
+from tradingstack.plan import Plan, child_selector
 
 KINDS = ("ConfigMap", "Service", "Deployment")
 
@@ -88,10 +88,9 @@ class WorkloadProvisioner:
         self.kube = kube
 
     def observe(self, plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
-        labels = {LABEL_INSTANCE: plan.stack.name, LABEL_MANAGED_BY: MANAGER}
         live = {}
         for kind in KINDS:
-            for obj in self.kube.list(kind, plan.stack.namespace, labels):
+            for obj in self.kube.list(kind, plan.stack.namespace, child_selector(plan.stack.name)):
                 live[(kind, obj["metadata"]["name"])] = obj
         return live
 
