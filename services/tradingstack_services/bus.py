@@ -12,9 +12,11 @@ from typing import Any
 import nats
 from fastapi import FastAPI
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from tradingstack_services.app import Check, create_app
 from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.ticks import InvalidMessageError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,25 @@ async def connect(url: str, name: str) -> Client:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+
+
+async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: InvalidMessageError) -> None:
+    """Park a message that cannot be used on `{prefix}.{stream}.{reason}`, then acknowledge it.
+
+    The JetStream publish waits for the dead-letter stream's ack, so the message is stored
+    before the original is acknowledged: bad input is never silently dropped.
+    """
+    seq = msg.metadata.sequence.stream
+    headers = {
+        "Tradingstack-Reason": error.reason,
+        "Tradingstack-Detail": error.detail[:512],
+        "Tradingstack-Subject": msg.subject,
+        "Tradingstack-Stream-Seq": str(seq),
+    }
+    stream = settings.NATS_STREAM or "unknown"
+    await js.publish(f"{settings.DEAD_LETTER_PREFIX}.{stream}.{error.reason}", msg.data, headers=headers)
+    log.warning("dead-lettered seq %d: %s", seq, error, extra={"reason": error.reason, "subject": msg.subject})
+    await msg.ack()
 
 
 def readiness(nc: Client) -> Check:

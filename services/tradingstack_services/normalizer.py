@@ -74,14 +74,6 @@ class Normalizer:
             self.questdb.write_ilp([bar.ilp() for bar in bars])
         return bars
 
-    async def dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
-        headers = {"Tradingstack-Reason": error.reason, "Tradingstack-Detail": error.detail[:512],
-                   "Tradingstack-Subject": msg.subject}  # fmt: skip
-        await js.publish(f"{self.settings.DEAD_LETTER_PREFIX}.{self.settings.NATS_STREAM}.{error.reason}",
-                         msg.data, headers=headers)  # fmt: skip
-        DEAD.labels(error.reason).inc()
-        await msg.ack()
-
     async def process(self, js: Any, messages: list[Msg]) -> list[Bar]:
         ticks, good = [], []
         for msg in messages:
@@ -89,7 +81,8 @@ class Normalizer:
                 ticks.append(parse_tick(msg.data))
                 good.append(msg)
             except InvalidMessageError as error:
-                await self.dead_letter(js, msg, error)
+                await bus.dead_letter(js, msg, self.settings, error)
+                DEAD.labels(error.reason).inc()
         if not ticks:
             return []
         bars = await asyncio.to_thread(self.store, ticks)

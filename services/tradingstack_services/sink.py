@@ -184,19 +184,6 @@ class LakeSink:
             await msg.ack()
         self.rows, self.pending, self.oldest = {}, {}, None
 
-    async def dead_letter(self, js: Any, msg: Msg, seq: int, error: InvalidMessageError) -> None:
-        stream = self.settings.NATS_STREAM or "unknown"
-        headers = {
-            "Tradingstack-Reason": error.reason,
-            "Tradingstack-Detail": error.detail[:512],
-            "Tradingstack-Subject": msg.subject,
-            "Tradingstack-Stream-Seq": str(seq),
-        }
-        await js.publish(f"{self.settings.DEAD_LETTER_PREFIX}.{stream}.{error.reason}", msg.data, headers=headers)
-        DEAD.labels(self.name, error.reason).inc()
-        log.warning("dead-lettered seq %d: %s", seq, error, extra={"reason": error.reason, "subject": msg.subject})
-        await msg.ack()
-
     async def handle(self, js: Any, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         if seq in self.committed:
@@ -209,7 +196,8 @@ class LakeSink:
         try:
             row = self.make_row(msg, seq)
         except InvalidMessageError as error:
-            await self.dead_letter(js, msg, seq, error)
+            await bus.dead_letter(js, msg, self.settings, error)
+            DEAD.labels(self.name, error.reason).inc()
             return
         self.rows[seq] = row
         self.pending[seq] = msg
