@@ -94,7 +94,7 @@ async def _commit_rate(settings: ServiceSettings, elapsed: float) -> float:
     from deltalake import DeltaTable
 
     table = await asyncio.to_thread(
-        DeltaTable, f"s3://{settings.S3_BUCKET}/{MARKET_TICKS.path}", storage_options=settings.storage_options()
+        DeltaTable, MARKET_TICKS.uri(settings.S3_BUCKET), storage_options=settings.storage_options()
     )
     commits = len([c for c in table.history() if c.get("operation") == "WRITE"])
     return commits / elapsed

@@ -19,6 +19,26 @@ class LakeTable:
     schema: pa.Schema
     partition_by: tuple[str, ...]
 
+    def uri(self, bucket: str) -> str:
+        return f"s3://{bucket}/{self.path}"
+
+
+def storage_options(
+    endpoint: str, region: str, allow_http: bool, access_key_id: str | None, secret_access_key: str | None
+) -> dict[str, str]:
+    """deltalake's S3 options, built in one place for the operator and the sinks.
+
+    deltalake accepts unknown keys silently, so the set of keys is fixed here, not assembled by callers.
+    """
+    options = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": region,
+        "AWS_ALLOW_HTTP": "true" if allow_http else "false",
+    }
+    if access_key_id and secret_access_key:
+        options |= {"AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_access_key}
+    return options
+
 
 MARKET_TICKS = LakeTable(
     path="lake/market_ticks",

@@ -43,14 +43,12 @@ class ServiceSettings(BaseSettings):
         return [s.strip() for s in self.SYMBOLS.split(",") if s.strip()]
 
     def storage_options(self) -> dict[str, str]:
-        options = {
-            "AWS_ENDPOINT_URL": self.S3_ENDPOINT_URL,
-            "AWS_REGION": self.AWS_REGION,
-            "AWS_ALLOW_HTTP": "true" if self.AWS_ALLOW_HTTP else "false",
-        }
-        if self.AWS_ACCESS_KEY_ID and self.AWS_SECRET_ACCESS_KEY:
-            options |= {
-                "AWS_ACCESS_KEY_ID": self.AWS_ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": self.AWS_SECRET_ACCESS_KEY,
-            }
-        return options
+        from tradingstack import lake  # pyarrow comes with it: only the lake writers pay for it
+
+        return lake.storage_options(
+            self.S3_ENDPOINT_URL,
+            self.AWS_REGION,
+            self.AWS_ALLOW_HTTP,
+            self.AWS_ACCESS_KEY_ID,
+            self.AWS_SECRET_ACCESS_KEY,
+        )

@@ -133,7 +133,7 @@ class LakeSink:
 
     @property
     def uri(self) -> str:
-        return f"s3://{self.settings.S3_BUCKET}/{self.table.path}"
+        return self.table.uri(self.settings.S3_BUCKET)
 
     @property
     def name(self) -> str:

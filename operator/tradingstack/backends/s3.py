@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable, Field, Schema
 from deltalake.exceptions import TableNotFoundError
 
+from tradingstack import lake
 from tradingstack.api import S3Endpoint
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
 from tradingstack.lake import LAKE_TABLES, LakeTable
@@ -54,19 +55,17 @@ class S3Provisioner:
         )
 
     def storage_options(self) -> dict[str, str]:
-        """Options for deltalake (validated here: it silently accepts unknown keys)."""
-        options = {
-            "AWS_ENDPOINT_URL": self.endpoint.endpoint,
-            "AWS_REGION": self.endpoint.region,
-            "AWS_ALLOW_HTTP": "true" if self.endpoint.allow_http else "false",
-        }
-        if self.credentials:
-            options["AWS_ACCESS_KEY_ID"] = self.credentials.access_key_id
-            options["AWS_SECRET_ACCESS_KEY"] = self.credentials.secret_access_key
-        return options
+        creds = self.credentials
+        return lake.storage_options(
+            self.endpoint.endpoint,
+            self.endpoint.region,
+            self.endpoint.allow_http,
+            creds.access_key_id if creds else None,
+            creds.secret_access_key if creds else None,
+        )
 
     def _uri(self, table: LakeTable) -> str:
-        return f"s3://{self.endpoint.bucket}/{table.path}"
+        return table.uri(self.endpoint.bucket)
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
         result = BackendResult(self.backend, dry_run=dry_run)
