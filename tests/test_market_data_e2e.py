@@ -215,11 +215,12 @@ def test_readyz_follows_nats(platform: Any) -> None:
         assert "tradingstack_gateway_ticks_published_total" in client.get("/metrics")[1]
 
 
-def test_unknown_and_pending_services_say_so() -> None:
-    result = subprocess.run([sys.executable, "-m", "tradingstack.cli", "service", "oms"],
+def test_an_unknown_service_says_which_exist() -> None:
+    result = subprocess.run([sys.executable, "-m", "tradingstack.cli", "service", "omz"],
                             capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 2
-    assert "not implemented yet" in result.stderr
+    assert "unknown service 'omz'" in result.stderr
+    assert "oms" in result.stderr
 
 
 def test_alt_data_lands_in_its_own_table(platform: Any) -> None:

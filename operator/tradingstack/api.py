@@ -404,6 +404,7 @@ def _default_tables() -> list[TableSpec]:
                 symbol="SYMBOL", quantity="DOUBLE", avg_price="DOUBLE", realized_pnl="DOUBLE",
                 unrealized_pnl="DOUBLE", ts="TIMESTAMP",
             ),
+            dedup_keys=["ts", "symbol"],
         ),
     ]  # fmt: skip
 

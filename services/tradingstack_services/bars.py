@@ -6,10 +6,10 @@ bar every second and again when it closes is idempotent, and a replay rewrites t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from tradingstack_services import ilp
 from tradingstack_services.ticks import Tick
 
 BAR_TABLE = "ohlcv_1m"
@@ -49,25 +49,9 @@ class Bar:
         self.trades += 1
 
     def ilp(self) -> str:
-        nanos = int(self.start.timestamp()) * 1_000_000_000
-        fields = ",".join(
-            f"{name}={_float(value)}"
-            for name, value in (("open", self.open), ("high", self.high), ("low", self.low),
-                                ("close", self.close), ("volume", self.volume))
-        )  # fmt: skip
-        return f"{BAR_TABLE},symbol={ilp_tag(self.symbol)} {fields},trades={self.trades}i {nanos}"
-
-
-def _float(value: float) -> str:
-    if not math.isfinite(value):
-        raise ValueError(f"not a finite number: {value}")
-    text = repr(float(value))
-    return text
-
-
-def ilp_tag(value: str) -> str:
-    # ILP escapes for tag values: comma, equals and space.
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+        fields = {"open": self.open, "high": self.high, "low": self.low, "close": self.close,
+                  "volume": float(self.volume), "trades": self.trades}  # fmt: skip
+        return ilp.line(BAR_TABLE, {"symbol": self.symbol}, fields, self.start)
 
 
 @dataclass

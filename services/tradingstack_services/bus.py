@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -71,6 +71,32 @@ def readiness(nc: Client) -> Check:
 
 
 Worker = Callable[[Client, asyncio.Event], Coroutine[Any, Any, Any]]
+Batch = Callable[[Any, list[Msg]], Awaitable[Any]]
+
+
+async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, process: Batch, batch: int,
+                  wait: float) -> None:  # fmt: skip
+    """Fetch from the service's durable pull consumer (NATS_STREAM/NATS_DURABLE) and process each batch.
+
+    `process(js, messages)` acknowledges what it made durable. If it raises, the batch stays
+    unacknowledged (JetStream redelivers it after the consumer's ack wait) and the loop goes on.
+    """
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
+    while not stop.is_set():
+        try:
+            messages = await sub.fetch(batch, timeout=wait)
+        except TimeoutError:  # an empty fetch: nothing new
+            continue
+        except Exception as exc:  # NATS is away: wait for the reconnect
+            log.warning("fetch failed: %s", exc)
+            await asyncio.sleep(0.5)
+            continue
+        try:
+            await process(js, messages)
+        except Exception as exc:  # a dependency is away: leave the batch unacknowledged, it is redelivered
+            log.warning("batch of %d not processed, it will be redelivered: %s", len(messages), exc)
+            await asyncio.sleep(1)
 
 
 def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[str, Check] | None = None) -> FastAPI:

@@ -22,8 +22,8 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services import bus
-from tradingstack_services.bars import Bar, ilp_tag, minute_of
+from tradingstack_services import bus, ilp
+from tradingstack_services.bars import Bar, minute_of
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick
 
@@ -34,16 +34,9 @@ DEAD = Counter("tradingstack_normalizer_dead_lettered_total", "Ticks sent to the
 
 
 def tick_line(tick: Tick) -> str:
-    tags = "".join(f",{k}={ilp_tag(v)}" for k, v in (("symbol", tick.symbol), ("exchange", tick.exchange),
-                                                       ("venue", tick.venue)) if v)  # fmt: skip
-    fields = ",".join(
-        f"{k}={float(v)!r}"
-        for k, v in (("price", tick.price), ("size", tick.size), ("volume", tick.volume), ("bid", tick.bid),
-                     ("ask", tick.ask))
-        if v is not None
-    )  # fmt: skip
-    nanos = int(tick.event_ts.timestamp() * 1_000_000) * 1_000
-    return f"ticks{tags} {fields} {nanos}"
+    tags = {"symbol": tick.symbol, "exchange": tick.exchange, "venue": tick.venue}
+    fields = {"price": tick.price, "size": tick.size, "volume": tick.volume, "bid": tick.bid, "ask": tick.ask}
+    return ilp.line("ticks", tags, {k: float(v) if v is not None else None for k, v in fields.items()}, tick.event_ts)
 
 
 def _iso(ts: datetime) -> str:
@@ -98,22 +91,8 @@ class Normalizer:
         return bars
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
-        while not stop.is_set():
-            try:
-                messages = await sub.fetch(self.settings.SINK_FETCH_BATCH, timeout=self.settings.SINK_MAX_AGE_SECONDS)
-            except TimeoutError:
-                continue
-            except Exception as exc:  # NATS is away: wait for the reconnect
-                log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                await self.process(js, messages)
-            except Exception as exc:  # QuestDB away: leave the batch unacknowledged, it is redelivered
-                log.warning("batch not stored, it will be redelivered: %s", exc)
-                await asyncio.sleep(1)
+        await bus.consume(nc, stop, self.settings, self.process, self.settings.SINK_FETCH_BATCH,
+                          self.settings.SINK_MAX_AGE_SECONDS)  # fmt: skip
 
 
 def create(settings: ServiceSettings) -> FastAPI:

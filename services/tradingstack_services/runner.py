@@ -12,7 +12,7 @@ from tradingstack_services.settings import ServiceSettings
 
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
-    from tradingstack_services import gateway, normalizer, risk, sink
+    from tradingstack_services import exeq, gateway, normalizer, oms, pnl, risk, sink
 
     return {
         "gateway": gateway.create,
@@ -20,19 +20,16 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
         "sink-ticks": sink.create_ticks,
         "sink-alt": sink.create_alt,
         "risk": risk.create,
+        "oms": oms.create,
+        "exeq": exeq.create,
+        "pnl": pnl.create,
     }
-
-
-# Services the operator deploys whose code is not written yet (see services/README.md).
-PENDING = {"oms", "exeq", "pnl"}
 
 
 def build(name: str) -> FastAPI:
     factories = _factories()
     if name not in factories:
-        raise LookupError(
-            f"service {name!r} is not implemented yet" if name in PENDING else f"unknown service {name!r}"
-        )
+        raise LookupError(f"unknown service {name!r}; known: {', '.join(sorted(factories))}")
     settings = ServiceSettings(SERVICE_NAME=name)
     logs.configure(name, settings.LOG_FORMAT)
     return factories[name](settings)

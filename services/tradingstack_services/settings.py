@@ -29,6 +29,10 @@ class ServiceSettings(BaseSettings):
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
+    # oms
+    RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
+    # exeq
+    EXEQ_RETRY_SECONDS: float = Field(1.0, gt=0, description="retry delay for a market order with no price yet")
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
     REPLAY_FILE: str | None = None

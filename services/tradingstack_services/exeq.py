@@ -1,0 +1,191 @@
+"""exeq: paper execution. Routed orders (`orders.routed.>`) fill against the gateway's latest quotes.
+
+- A market order fills in full at the touch (a buy at the ask, a sell at the bid, the last
+  price when the side is unknown). With no quote yet for its symbol it is redelivered later.
+- A limit order fills when the touch is at or better than its limit, up to the size the tick
+  shows, so it can fill in parts; until then it rests (kept in Redis, so a restart keeps it).
+- Each fill first moves the order in Redis (compare-and-set: a cancel that got there first
+  wins and nothing fills), then goes durably to `fills.{SYMBOL}` with `Nats-Msg-Id` = fill id.
+  A crash in between is repaired by republishing the order's recorded fills, which the
+  stream deduplicates; the routed message is acknowledged only after that.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from tradingstack_services import bus, tracing
+from tradingstack_services.orderstore import OrderStore
+from tradingstack_services.prices import PriceBook, Quote
+from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.ticks import InvalidMessageError
+from tradingstack_services.trading import Order, OrderStatus, TransitionError, execution_price
+
+log = logging.getLogger(__name__)
+RESTING_KEY = "tradingstack:exeq:resting"
+FILLS = Counter("tradingstack_exeq_fills_total", "Fills published", ["order_type"])
+DEAD = Counter("tradingstack_exeq_dead_lettered_total", "Routed messages sent to the dead-letter stream", ["reason"])
+RESTING = Gauge("tradingstack_exeq_resting_orders", "Limit orders waiting for a price")
+TRACER = tracing.tracer("tradingstack.exeq")
+LIVE = (OrderStatus.ROUTED, OrderStatus.PARTIALLY_FILLED)
+
+
+def fill_quantity(order: Order, quote: Quote) -> float:
+    """A market order takes all it wants; a limit order at most what the tick traded."""
+    if order.order_type == "limit" and quote.size is not None:
+        return min(order.remaining, quote.size)
+    return order.remaining
+
+
+class Exeq:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = OrderStore(redis)
+        self.prices = PriceBook(settings.symbols, on_quote=self.on_quote)
+        self.resting: dict[str, dict[str, Order]] = {}  # symbol -> order id -> order
+        self.nc: Client | None = None
+        self.js: Any = None
+
+    # --- the consumer of routed orders
+
+    async def run(self, nc: Client, stop: Any) -> None:
+        self.nc, self.js = nc, nc.jetstream()
+        await self.recover()
+        await bus.consume(nc, stop, self.settings, self.process, 256, 1.0)
+
+    async def process(self, js: Any, messages: list[Msg]) -> None:
+        for msg in messages:
+            with TRACER.start_as_current_span("order.execute", context=tracing.extract(msg.headers)):
+                await self.handle(js, msg)
+
+    async def handle(self, js: Any, msg: Msg) -> None:
+        try:
+            order_id = Order.model_validate_json(msg.data).order_id
+        except ValidationError as exc:
+            await self._dead_letter(js, msg, InvalidMessageError("invalid_order", str(exc)))
+            return
+        stored = await self.store.get(order_id)
+        if stored is None:
+            await self._dead_letter(js, msg, InvalidMessageError("unknown_order", f"no order {order_id} in Redis"))
+            return
+        order = stored.order
+        if order.status not in LIVE:
+            await self.publish_fills(order)  # filled before a crash (or cancelled): make sure its fills are out
+        else:
+            quote = self.prices.get(order.symbol)
+            price = execution_price(order, quote.bid, quote.ask, quote.last) if quote else None
+            if price is None and order.order_type == "market":
+                await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
+                return
+            if price is None or quote is None:
+                await self.rest(order)
+            else:
+                filled = await self.execute(order, fill_quantity(order, quote), price)
+                if filled is not None and filled.status in LIVE:
+                    await self.rest(filled)
+        await msg.ack()
+
+    async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
+        await bus.dead_letter(js, msg, self.settings, error)
+        DEAD.labels(error.reason).inc()
+
+    # --- fills
+
+    async def execute(self, order: Order, quantity: float, price: float) -> Order | None:
+        """Fill up to `quantity` at `price`; the order after it, or None if it could not fill (cancelled, done)."""
+        try:
+            stored = await self.store.move(order.order_id, lambda o: o.filled_by(quantity, price)[0])
+        except TransitionError:
+            current = await self.store.get(order.order_id)
+            if current is not None:
+                await self.publish_fills(current.order)
+            await self.unrest(order)
+            return None
+        filled = stored.order
+        await self.publish_fills(filled, only_last=True)
+        FILLS.labels(filled.order_type).inc()
+        if filled.status not in LIVE:
+            await self.unrest(filled)
+        return filled
+
+    async def publish_fills(self, order: Order, only_last: bool = False) -> None:
+        """Fills to `fills.{SYMBOL}`, each awaited until stored; the stream drops ids it already has."""
+        for fill in order.fills[-1:] if only_last else order.fills:
+            headers = tracing.inject({"Nats-Msg-Id": fill.fill_id})
+            await self.js.publish(f"fills.{fill.symbol}", fill.model_dump_json().encode(), headers=headers)
+        if order.fills and self.nc is not None:  # the order's new status, as an event (core publish)
+            await self.nc.publish(f"orders.{order.status.value}.{order.symbol}", order.model_dump_json().encode())
+
+    # --- resting limit orders
+
+    async def rest(self, order: Order) -> None:
+        await self.redis.hset(RESTING_KEY, order.order_id, order.symbol)
+        self.resting.setdefault(order.symbol, {})[order.order_id] = order
+        RESTING.set(sum(len(v) for v in self.resting.values()))
+
+    async def unrest(self, order: Order) -> None:
+        await self.redis.hdel(RESTING_KEY, order.order_id)
+        self.resting.get(order.symbol, {}).pop(order.order_id, None)
+        RESTING.set(sum(len(v) for v in self.resting.values()))
+
+    async def recover(self) -> None:
+        """Reload resting orders after a restart; finish what a crash left half done."""
+        for raw_id in await self.redis.hkeys(RESTING_KEY):
+            order_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            stored = await self.store.get(order_id)
+            if stored is None:
+                await self.redis.hdel(RESTING_KEY, order_id)
+            elif stored.order.status in LIVE:
+                self.resting.setdefault(stored.order.symbol, {})[order_id] = stored.order
+                await self.publish_fills(stored.order)
+            else:
+                await self.publish_fills(stored.order)
+                await self.redis.hdel(RESTING_KEY, order_id)
+        RESTING.set(sum(len(v) for v in self.resting.values()))
+
+    async def on_quote(self, quote: Quote) -> None:
+        if self.js is None:
+            return
+        for order in list(self.resting.get(quote.symbol, {}).values()):
+            price = execution_price(order, quote.bid, quote.ask, quote.last)
+            if price is None:
+                continue
+            try:
+                filled = await self.execute(order, fill_quantity(order, quote), price)
+            except Exception as exc:  # Redis or NATS away: the order still rests and the next quote retries
+                log.warning("resting order %s not filled yet: %s", order.order_id, exc)
+                continue
+            if filled is not None and filled.status in LIVE:
+                self.resting[quote.symbol][order.order_id] = filled
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    exeq = Exeq(settings, redis)
+
+    async def redis_check() -> None:
+        await redis.ping()
+
+    app = bus.worker_app(settings, [exeq.prices.follow, exeq.run], {"redis": redis_check})
+
+    @app.get("/quotes")
+    async def quotes() -> list[dict[str, Any]]:
+        """The latest quote per symbol: what an order would execute against now."""
+        return [asdict(q) for q in exeq.prices.quotes.values()]
+
+    @app.get("/resting")
+    async def resting() -> list[Order]:
+        """Limit orders waiting for their price."""
+        return [order for orders in exeq.resting.values() for order in orders.values()]
+
+    return app

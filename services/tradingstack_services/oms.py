@@ -1,0 +1,201 @@
+"""oms: order entry. `POST /orders` -> risk check -> routed to exeq (or rejected), state in Redis.
+
+The hot path is four round trips on connections opened once: claim the client order id
+(Redis, Lua), ask risk (NATS request-reply on `risk.check`), store the routed order (Redis,
+compare-and-set), publish it durably on `orders.routed.{SYMBOL}` (JetStream ack, deduplicated
+by order id). The order is stored as routed before it is published, so exeq never sees an
+order that Redis does not know as routed. History goes to QuestDB's `orders` table behind
+the hot path; every status change is also an event on `orders.{status}.{SYMBOL}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from tradingstack_services import bus, ilp, tracing
+from tradingstack_services.history import History
+from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
+from tradingstack_services.prices import PriceBook
+from tradingstack_services.risk import CheckRequest, CheckResult
+from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.trading import Order, OrderRequest, OrderStatus, TransitionError
+
+log = logging.getLogger(__name__)
+ORDERS = Counter("tradingstack_oms_orders_total", "Orders by the status POST /orders answered", ["status"])
+LATENCY = Histogram(
+    "tradingstack_oms_order_seconds", "POST /orders, claim to answer",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)  # fmt: skip
+TRACER = tracing.tracer("tradingstack.oms")
+
+
+class UnavailableError(RuntimeError):
+    """A dependency the order needs (risk, NATS) did not answer: nothing was decided."""
+
+
+def history_line(order: Order) -> str:
+    tags = {"order_id": order.order_id, "symbol": order.symbol, "side": order.side,
+            "order_type": order.order_type, "status": order.status.value}  # fmt: skip
+    fields: dict[str, ilp.Field] = {
+        "client_order_id": order.client_order_id, "quantity": order.quantity, "limit_price": order.limit_price,
+    }  # fmt: skip
+    return ilp.line("orders", tags, fields, order.updated_at)
+
+
+class Oms:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.store = OrderStore(redis)
+        self.prices = PriceBook(settings.symbols)
+        self.history = History(settings.QUESTDB_URL)
+        self.nc: Client | None = None
+
+    async def attach(self, nc: Client, stop: Any) -> None:
+        """Worker: keep the connection for the request handlers and follow prices until stopped."""
+        self.nc = nc
+        await self.prices.follow(nc, stop)
+
+    def _nats(self) -> Client:
+        if self.nc is None or not self.nc.is_connected:
+            raise UnavailableError("not connected to NATS")
+        return self.nc
+
+    async def _event(self, order: Order) -> None:
+        """Record a status change: an event on NATS (kept by the ORDERS stream) and a history row.
+
+        The routed event is the routing message itself (`_route`), published once and awaited.
+        """
+        self.history.add(history_line(order))
+        if order.status is not OrderStatus.ROUTED and self.nc is not None and self.nc.is_connected:
+            # A core publish (buffered, no ack awaited): this is the record, not the command; routing awaits its ack.
+            subject = f"orders.{order.status.value}.{order.symbol}"
+            await self.nc.publish(subject, order.model_dump_json().encode(), headers=tracing.inject())
+
+    def price_for(self, request: OrderRequest) -> float | None:
+        if request.limit_price is not None:
+            return request.limit_price
+        quote = self.prices.get(request.symbol)
+        if quote is None:
+            return None
+        return (quote.ask if request.side == "buy" else quote.bid) or quote.last
+
+    async def risk_check(self, request: OrderRequest) -> CheckResult:
+        check = CheckRequest(symbol=request.symbol, quantity=request.quantity, side=request.side,
+                             price=self.price_for(request))  # fmt: skip
+        try:
+            reply = await self._nats().request(
+                "risk.check", check.model_dump_json().encode(), timeout=self.settings.RISK_TIMEOUT_SECONDS,
+                headers=tracing.inject(),
+            )  # fmt: skip
+            return CheckResult.model_validate_json(reply.data)
+        except (NatsTimeoutError, NoRespondersError, TimeoutError) as exc:
+            raise UnavailableError(f"risk did not answer: {type(exc).__name__}") from exc
+        except ValidationError as exc:
+            raise UnavailableError(f"risk answered something else: {exc}") from exc
+
+    async def place(self, request: OrderRequest) -> tuple[Order, bool]:
+        """The order for this request and whether it is new; a retry of a known client id gets the same order."""
+        with TRACER.start_as_current_span("order.place"):
+            stored, created = await self.store.claim(Order.new(uuid.uuid4().hex, request))
+            if not created:
+                if not stored.order.same_request(request):
+                    raise ConflictError(
+                        f"client_order_id {request.client_order_id} already names order {stored.order.order_id}, "
+                        "with different terms"
+                    )
+                return stored.order, False
+            try:
+                result = await self.risk_check(request)
+            except UnavailableError:
+                await self.store.release(stored)  # nothing was decided: the client may retry the same id
+                raise
+            if not result.approved:
+                rejected = stored.order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
+                return await self._save(stored, rejected), True
+            checked = stored.order.moved(OrderStatus.RISK_CHECKED, risk_level=result.risk_level)
+            routed = await self._save(stored, checked.moved(OrderStatus.ROUTED))
+            await self._route(routed)
+            return routed, True
+
+    async def _save(self, current: Stored, order: Order) -> Order:
+        stored = await self.store.move(order.order_id, lambda _: order, current=current)
+        await self._event(stored.order)
+        return stored.order
+
+    async def _route(self, order: Order) -> None:
+        payload = order.model_dump_json().encode()
+        headers = tracing.inject({"Nats-Msg-Id": order.order_id})
+        try:
+            await self._nats().jetstream().publish(f"orders.routed.{order.symbol}", payload, headers=headers)
+        except Exception as exc:
+            # Not stored by JetStream (as far as we know): cancel it, so a late delivery cannot fill it.
+            reason = f"routing failed: {exc}"
+            cancelled = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
+            await self._event(cancelled.order)
+            raise UnavailableError(f"order {order.order_id} could not be routed and was cancelled: {exc}") from exc
+
+    async def cancel(self, order_id: str) -> Order:
+        stored = await self.store.move(order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason="cancelled by client"))
+        await self._event(stored.order)
+        return stored.order
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    oms = Oms(settings, redis)
+
+    async def redis_check() -> None:
+        await redis.ping()
+
+    async def risk_check() -> None:
+        # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.
+        await oms._nats().request("risk.check", b"{}", timeout=0.5)
+
+    app = bus.worker_app(settings, [oms.attach, oms.history.run], {"redis": redis_check, "risk": risk_check})
+
+    @app.post("/orders", status_code=201, response_model=None)
+    async def place_order(request: OrderRequest) -> Order | JSONResponse:
+        started = time.perf_counter()
+        try:
+            order, created = await oms.place(request)
+        except ConflictError as exc:
+            ORDERS.labels("conflict").inc()
+            raise HTTPException(409, str(exc)) from exc
+        except (UnavailableError, aioredis.RedisError) as exc:
+            ORDERS.labels("unavailable").inc()
+            raise HTTPException(503, f"order not accepted, retry with the same client_order_id: {exc}") from exc
+        LATENCY.observe(time.perf_counter() - started)
+        ORDERS.labels(order.status.value if created else "retry").inc()
+        return order if created else JSONResponse(order.model_dump(mode="json"), status_code=200)
+
+    @app.get("/orders/{order_id}")
+    async def get_order(order_id: str) -> Order:
+        stored = await oms.store.get(order_id)
+        if stored is None:
+            raise HTTPException(404, f"no order {order_id}")
+        return stored.order
+
+    @app.post("/orders/{order_id}/cancel")
+    async def cancel_order(order_id: str) -> Order:
+        try:
+            return await oms.cancel(order_id)
+        except TransitionError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except UnknownOrderError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except ConflictError as exc:
+            raise HTTPException(409, str(exc)) from exc
+
+    return app

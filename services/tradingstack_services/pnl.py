@@ -1,0 +1,149 @@
+"""pnl: positions and P&L from fills (`fills.>`), current in Redis, history in QuestDB.
+
+Per batch of fills: the fills not applied yet (Redis remembers applied fill ids) are applied
+in order to the symbols' positions (average cost), the fills and the positions after each go
+to QuestDB (`fills` and `positions`, both deduplicated on their keys), then the positions,
+the quantities risk reads (`tradingstack:positions`) and the applied ids are written to
+Redis in one transaction, and only then are the fills acknowledged. A crash before the Redis
+transaction replays the batch into the same QuestDB rows; a crash after it finds the fills
+already applied. One pnl replica per durable consumer (the default), as for the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+from pydantic import BaseModel, ValidationError
+
+from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack_services import bus, ilp
+from tradingstack_services.prices import PriceBook
+from tradingstack_services.risk import POSITIONS_KEY
+from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.ticks import InvalidMessageError
+from tradingstack_services.trading import Fill, Position, PositionView
+
+log = logging.getLogger(__name__)
+DETAILS_KEY = "tradingstack:position-details"
+APPLIED_KEY = "tradingstack:pnl:applied-fills"
+FILLS = Counter("tradingstack_pnl_fills_applied_total", "Fills applied to positions")
+SKIPPED = Counter("tradingstack_pnl_fills_skipped_total", "Redelivered fills that were already applied")
+DEAD = Counter("tradingstack_pnl_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
+
+
+class Totals(BaseModel):
+    realized_pnl: float
+    unrealized_pnl: float
+    total_pnl: float
+    positions: int
+
+
+def fill_line(fill: Fill) -> str:
+    tags = {"fill_id": fill.fill_id, "order_id": fill.order_id, "symbol": fill.symbol, "side": fill.side}
+    return ilp.line("fills", tags, {"quantity": fill.quantity, "price": fill.price}, fill.ts)
+
+
+def position_line(position: Position, mark: float | None) -> str:
+    fields = {"quantity": position.quantity, "avg_price": position.avg_price, "realized_pnl": position.realized_pnl,
+              "unrealized_pnl": position.unrealized(mark)}  # fmt: skip
+    assert position.updated_at is not None  # set by every applied fill
+    return ilp.line("positions", {"symbol": position.symbol}, fields, position.updated_at)
+
+
+class Pnl:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL)
+        self.prices = PriceBook(settings.symbols)
+
+    async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        await bus.consume(nc, stop, self.settings, self.process, 1_000, 1.0)
+
+    async def process(self, js: Any, messages: list[Msg]) -> None:
+        fills: dict[str, Fill] = {}
+        good: list[Msg] = []
+        for msg in messages:
+            try:
+                fill = Fill.model_validate_json(msg.data)
+            except ValidationError as exc:
+                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_fill", str(exc)))
+                DEAD.labels("invalid_fill").inc()
+                continue
+            fills.setdefault(fill.fill_id, fill)  # the same fill twice in one batch counts once
+            good.append(msg)
+        await self.apply(list(fills.values()))
+        for msg in good:  # only now: QuestDB and Redis hold them
+            await msg.ack()
+
+    async def apply(self, fills: list[Fill]) -> None:
+        if not fills:
+            return
+        applied = await self.redis.smismember(APPLIED_KEY, [f.fill_id for f in fills])
+        new = [fill for fill, done in zip(fills, applied, strict=True) if not done]
+        SKIPPED.inc(len(fills) - len(new))
+        if not new:
+            return
+        positions = await self.positions({f.symbol for f in new})
+        lines = []
+        for fill in new:
+            position = positions.get(fill.symbol) or Position(symbol=fill.symbol)
+            positions[fill.symbol] = position = position.apply(fill)
+            lines += [fill_line(fill), position_line(position, self.prices.mark(fill.symbol) or fill.price)]
+        await asyncio.to_thread(self.questdb.write_ilp, lines)
+        touched = {f.symbol: positions[f.symbol] for f in new}
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
+            tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
+            tx.sadd(APPLIED_KEY, *(f.fill_id for f in new))
+            await tx.execute()
+        FILLS.inc(len(new))
+
+    async def positions(self, symbols: set[str] | None = None) -> dict[str, Position]:
+        if symbols is None:
+            raw = await self.redis.hgetall(DETAILS_KEY)
+            return {p.symbol: p for p in (Position.model_validate_json(v) for v in raw.values())}
+        ordered = sorted(symbols)
+        values = await self.redis.hmget(DETAILS_KEY, ordered)
+        return {s: Position.model_validate_json(v) for s, v in zip(ordered, values, strict=True) if v is not None}
+
+    async def views(self) -> list[PositionView]:
+        return [
+            PositionView(symbol=p.symbol, quantity=p.quantity, avg_price=p.avg_price, realized_pnl=p.realized_pnl,
+                         unrealized_pnl=p.unrealized(self.prices.mark(p.symbol)), mark_price=self.prices.mark(p.symbol))
+            for p in sorted((await self.positions()).values(), key=lambda p: p.symbol)
+        ]  # fmt: skip
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    pnl = Pnl(settings, redis)
+
+    async def redis_check() -> None:
+        await redis.ping()
+
+    async def questdb_check() -> None:
+        await asyncio.to_thread(pnl.questdb.query, "SELECT table_name FROM tables()")
+
+    app = bus.worker_app(settings, [pnl.prices.follow, pnl.run], {"redis": redis_check, "questdb": questdb_check})
+
+    @app.get("/positions")
+    async def positions() -> list[PositionView]:
+        return await pnl.views()
+
+    @app.get("/pnl")
+    async def totals() -> Totals:
+        views = await pnl.views()
+        realized = sum(v.realized_pnl for v in views)
+        unrealized = sum(v.unrealized_pnl for v in views)
+        return Totals(realized_pnl=realized, unrealized_pnl=unrealized, total_pnl=realized + unrealized,
+                      positions=sum(1 for v in views if v.quantity != 0))  # fmt: skip
+
+    return app

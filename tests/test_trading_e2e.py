@@ -1,0 +1,313 @@
+"""The trading path end to end on real nats-server and redis-server and the QuestDB double.
+
+risk, oms, exeq and pnl run as their containers do (uvicorn, one app each), configured by
+exactly the environment the operator's ConfigMaps give them (the plan's workload config),
+on streams, consumers and tables made by the operator's provisioners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import redis
+
+from questdb_double import QuestDBDouble
+from tradingstack.api import ServiceName
+from tradingstack.backends.jetstream import JetStreamProvisioner
+from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
+from tradingstack_services import exeq, oms, pnl, risk
+from tradingstack_services.settings import ServiceSettings
+
+from conftest import LiveServer, NatsServer, RedisServer, wait_for
+
+LIMITS = [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxNotional": 1_000_000, "maxPosition": 10}]
+FACTORIES: dict[ServiceName, Callable[[ServiceSettings], Any]] = {
+    ServiceName.RISK: risk.create, ServiceName.OMS: oms.create, ServiceName.EXEQ: exeq.create,
+    ServiceName.PNL: pnl.create,
+}  # fmt: skip
+
+
+@dataclass
+class Platform:
+    nats: NatsServer
+    redis: RedisServer
+    questdb: QuestDBDouble
+    plan: Plan
+
+    def settings(self, service: ServiceName) -> ServiceSettings:
+        """What the operator's ConfigMap for this service sets, and nothing else."""
+        workload = next(w for w in self.plan.workloads if w.service == service)
+        return ServiceSettings(**workload.config)  # type: ignore[arg-type]
+
+    def serve(self, service: ServiceName) -> LiveServer:
+        return LiveServer(FACTORIES[service](self.settings(service)))
+
+    def run(self, work: Callable[[Any], Any]) -> Any:
+        async def go() -> Any:
+            nc = await nats.connect(self.nats.url)
+            try:
+                return await work(nc)
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def tick(self, symbol: str, price: float, bid: float, ask: float, size: float | None = None) -> None:
+        """A tick, stored by the tick stream (so services starting later are seeded from it)."""
+        body = {"symbol": symbol, "timestamp": 1767346200000, "price": price, "bid": bid, "ask": ask}
+        if size is not None:
+            body["size"] = size
+        self.run(lambda nc: nc.jetstream().publish(f"market.tick.{symbol}", json.dumps(body).encode()))
+
+    def messages(self, stream: str) -> list[tuple[str, bytes]]:
+        """Every message a stream holds, as (subject, data)."""
+
+        async def read(nc: Any) -> list[tuple[str, bytes]]:
+            js = nc.jetstream()
+            state = (await js.stream_info(stream)).state
+            seqs = range(state.first_seq, state.last_seq + 1) if state.messages else range(0)
+            return [(m.subject, m.data) for m in [await js.get_msg(stream, seq) for seq in seqs]]
+
+        result: list[tuple[str, bytes]] = self.run(read)
+        return result
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    nats_server, redis_server = NatsServer(tmp_path / "js"), RedisServer(tmp_path / "redis")
+    nats_server.start()
+    redis_server.start()
+    with QuestDBDouble() as qdb:
+        spec = {
+            "symbols": ["BTCUSDT", "ETHUSDT"],
+            "riskLimits": LIMITS,
+            "infrastructure": {"nats": {"url": nats_server.url}, "redis": {"url": redis_server.url},
+                               "questdb": {"url": qdb.url}},
+        }  # fmt: skip
+        plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+        assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
+        assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
+        yield Platform(nats_server, redis_server, qdb, plan)
+    redis_server.stop()
+    nats_server.stop()
+
+
+Trading = tuple[Platform, LiveServer, LiveServer, LiveServer]  # the platform, oms, exeq, pnl
+
+
+@pytest.fixture
+def trading(platform: Platform) -> Iterator[Trading]:
+    """The four trading services up and ready, with a first BTCUSDT quote: bid 99.9, ask 100.1."""
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        servers = {s: stack.enter_context(platform.serve(s)) for s in FACTORIES}
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        yield platform, servers[ServiceName.OMS], servers[ServiceName.EXEQ], servers[ServiceName.PNL]
+
+
+def order(client_order_id: str, side: str, quantity: float, **extra: Any) -> dict[str, Any]:
+    return {"client_order_id": client_order_id, "symbol": "BTCUSDT", "side": side, "quantity": quantity, **extra}
+
+
+def position(pnl_server: LiveServer, quantity: float) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        rows = [p for p in pnl_server.get("/positions")[1] if p["symbol"] == "BTCUSDT"]
+        return rows[0] if rows and rows[0]["quantity"] == pytest.approx(quantity) else None
+
+    found: dict[str, Any] = wait_for(check, 15, f"a BTCUSDT position of {quantity}")
+    return found
+
+
+def final(oms_server: LiveServer, order_id: str, status: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        body = oms_server.get(f"/orders/{order_id}")[1]
+        return body if body["status"] == status else None
+
+    found: dict[str, Any] = wait_for(check, 15, f"order {order_id} {status}")
+    return found
+
+
+def test_order_risk_fill_position_with_the_right_pnl(
+    trading: Trading,
+) -> None:
+    platform, oms_server, exeq_server, pnl_server = trading
+    status, placed = oms_server.post("/orders", order("c-1", "buy", 2))
+    assert status == 201, placed
+    assert (placed["status"], placed["risk_level"]) == ("routed", "LOW")
+    filled = final(oms_server, placed["order_id"], "filled")
+    assert [(f["quantity"], f["price"]) for f in filled["fills"]] == [(2, 100.1)]  # a buy takes the ask
+    held = position(pnl_server, 2)
+    assert held["avg_price"] == pytest.approx(100.1)
+    assert held["unrealized_pnl"] == pytest.approx(2 * (100.0 - 100.1))  # marked at the last price
+
+    # The price moves; exeq executes against the new quote.
+    platform.tick("BTCUSDT", 110.0, 109.9, 110.1)
+    wait_for(lambda: any(q["last"] == 110.0 for q in exeq_server.get("/quotes")[1]), 10, "exeq sees 110")
+    status, sold = oms_server.post("/orders", order("c-2", "sell", 0.5))
+    assert (status, sold["status"]) == (201, "routed")
+    assert final(oms_server, sold["order_id"], "filled")["fills"][0]["price"] == 109.9  # a sell takes the bid
+    held = position(pnl_server, 1.5)
+    assert held["avg_price"] == pytest.approx(100.1)
+    assert held["realized_pnl"] == pytest.approx(0.5 * (109.9 - 100.1))
+    assert held["unrealized_pnl"] == pytest.approx(1.5 * (110.0 - 100.1))
+    totals = pnl_server.get("/pnl")[1]
+    assert totals["total_pnl"] == pytest.approx(0.5 * 9.8 + 1.5 * 9.9)
+
+    # Risk sees the position pnl keeps: 9.9 more is a fine order size, but 1.5 + 9.9 > the limit of 10.
+    status, too_big = oms_server.post("/orders", order("c-3", "buy", 9.9))
+    assert (status, too_big["status"], too_big["risk_level"]) == (201, "rejected", "CRITICAL")
+    assert "position would be 11.4" in too_big["reason"]
+    assert redis.Redis.from_url(platform.redis.url).hget(risk.POSITIONS_KEY, "BTCUSDT") == b"1.5"
+
+    # Idempotent by client order id: the same terms get the same order, other terms a 409.
+    status, again = oms_server.post("/orders", order("c-1", "buy", 2))
+    assert (status, again["order_id"], again["status"]) == (200, placed["order_id"], "filled")
+    status, clash = oms_server.post("/orders", order("c-1", "buy", 3))
+    assert status == 409
+    assert placed["order_id"] in clash["detail"]
+    position(pnl_server, 1.5)  # the retry filled nothing
+
+    # History in QuestDB: every fill, the position after each, and the orders' status changes.
+    tables = platform.questdb.state.tables
+    assert sorted((r["side"], r["quantity"], r["price"]) for r in tables["fills"].rows) == [
+        ("buy", 2.0, 100.1), ("sell", 0.5, 109.9)
+    ]  # fmt: skip
+    assert [r["quantity"] for r in sorted(tables["positions"].rows, key=lambda r: r["ts"])][-1] == 1.5
+    wait_for(lambda: {r["status"] for r in tables["orders"].rows} >= {"routed", "rejected"}, 10, "order history")
+
+
+def test_a_rejected_order_never_reaches_exeq(trading: Trading) -> None:
+    platform, oms_server, _, pnl_server = trading
+    status, rejected = oms_server.post("/orders", order("big", "buy", 50))
+    assert (status, rejected["status"], rejected["risk_level"]) == (201, "rejected", "HIGH")
+    assert "above the maximum 10" in rejected["reason"]
+    status, accepted = oms_server.post("/orders", order("small", "buy", 1))
+    assert (status, accepted["status"]) == (201, "routed")
+    final(oms_server, accepted["order_id"], "filled")
+    position(pnl_server, 1)
+
+    orders = [(subject, json.loads(data)["order_id"]) for subject, data in platform.messages("ORDERS")]
+    assert [order_id for subject, order_id in orders if subject.startswith("orders.routed.")] == [accepted["order_id"]]
+    assert ("orders.rejected.BTCUSDT", rejected["order_id"]) in orders
+    assert [json.loads(data)["order_id"] for _, data in platform.messages("FILLS")] == [accepted["order_id"]]
+    assert final(oms_server, rejected["order_id"], "rejected")["fills"] == []
+
+
+def test_a_limit_order_rests_fills_in_parts_and_a_cancel_wins(
+    trading: Trading,
+) -> None:
+    platform, oms_server, exeq_server, pnl_server = trading
+    status, bid = oms_server.post("/orders", order("lim-1", "buy", 3, order_type="limit", limit_price=95.0))
+    assert (status, bid["status"]) == (201, "routed")
+    wait_for(lambda: [o["order_id"] for o in exeq_server.get("/resting")[1]] == [bid["order_id"]], 10, "resting")
+
+    platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=1)  # crosses, but only 1 traded
+    partial = final(oms_server, bid["order_id"], "partially_filled")
+    assert [(f["quantity"], f["price"]) for f in partial["fills"]] == [(1, 94.9)]
+    platform.tick("BTCUSDT", 94.8, 94.7, 94.8, size=5)
+    filled = final(oms_server, bid["order_id"], "filled")
+    assert filled["avg_fill_price"] == pytest.approx((94.9 + 2 * 94.8) / 3)
+    assert position(pnl_server, 3)["avg_price"] == pytest.approx((94.9 + 2 * 94.8) / 3)
+    assert oms_server.post(f"/orders/{bid['order_id']}/cancel", {})[0] == 409  # filled is final
+
+    status, offer = oms_server.post("/orders", order("lim-2", "sell", 1, order_type="limit", limit_price=200.0))
+    assert (status, offer["status"]) == (201, "routed")
+    wait_for(lambda: [o["order_id"] for o in exeq_server.get("/resting")[1]] == [offer["order_id"]], 10, "resting")
+    status, cancelled = oms_server.post(f"/orders/{offer['order_id']}/cancel", {})
+    assert (status, cancelled["status"]) == (200, "cancelled")
+    platform.tick("BTCUSDT", 201.0, 201.0, 201.1)  # would cross: the cancel got there first
+    wait_for(lambda: exeq_server.get("/resting")[1] == [], 10, "the cancelled order no longer rests")
+    assert final(oms_server, offer["order_id"], "cancelled")["fills"] == []
+    position(pnl_server, 3)
+    assert oms_server.get("/orders/nope")[0] == 404
+    assert oms_server.post("/orders/nope/cancel", {})[0] == 404
+
+
+def test_without_risk_the_oms_is_not_ready_and_answers_503_then_the_same_id_goes_through(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with platform.serve(ServiceName.OMS) as oms_server:
+        _, body = wait_for(lambda: (r := oms_server.get("/readyz"))[0] == 503 and r, 10, "not ready without risk")
+        assert body["checks"]["risk"] != "ok"
+        assert body["checks"]["nats"] == body["checks"]["redis"] == "ok"
+        status, refused = oms_server.post("/orders", order("retry-me", "buy", 1))
+        assert status == 503
+        assert "retry with the same client_order_id" in refused["detail"]
+        with platform.serve(ServiceName.RISK):
+            wait_for(lambda: oms_server.get("/readyz")[0] == 200, 10, "ready with risk up")
+            status, placed = oms_server.post("/orders", order("retry-me", "buy", 1))
+            assert (status, placed["status"]) == (201, "routed")
+
+
+def test_bad_and_repeated_messages_are_dead_lettered_or_counted_once(
+    trading: Trading,
+) -> None:
+    platform, _, _, pnl_server = trading
+    good = {"fill_id": "manual-1", "order_id": "manual", "symbol": "BTCUSDT", "side": "buy", "quantity": 2,
+            "price": 100.0, "ts": "2026-01-02T09:30:00Z"}  # fmt: skip
+
+    async def publish(nc: Any) -> None:
+        js = nc.jetstream()
+        await js.publish("fills.BTCUSDT", json.dumps(good).encode())
+        await js.publish("fills.BTCUSDT", json.dumps(good).encode())  # redelivered by a retrying producer
+        await js.publish("fills.BTCUSDT", b'{"fill_id": "x", "quantity": -1}')
+        await js.publish("orders.routed.BTCUSDT", b"not an order")
+
+    platform.run(publish)
+    assert position(pnl_server, 2)["avg_price"] == 100.0  # applied once
+    letters = wait_for(lambda: len(m := platform.messages("DEAD_LETTER")) >= 2 and m, 10, "two dead letters")
+    assert sorted(subject for subject, _ in letters) == ["dlq.FILLS.invalid_fill", "dlq.ORDERS.invalid_order"]
+    assert b"not an order" in [data for _, data in letters]
+
+
+def test_exeq_restarts_keep_resting_orders_and_finish_half_done_fills(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        servers = {s: stack.enter_context(platform.serve(s)) for s in (ServiceName.RISK, ServiceName.OMS,
+                                                                        ServiceName.PNL)}  # fmt: skip
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        oms_server, pnl_server = servers[ServiceName.OMS], servers[ServiceName.PNL]
+
+        with platform.serve(ServiceName.EXEQ) as exeq_server:
+            wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready")
+            _, resting = oms_server.post("/orders", order("rest", "buy", 1, order_type="limit", limit_price=90.0))
+            wait_for(lambda: len(exeq_server.get("/resting")[1]) == 1, 10, "resting")
+        # exeq is down. An order routed now waits in the stream; another one was filled in Redis by a
+        # previous exeq that died before publishing the fill (the state a crash between the two leaves).
+        _, waiting = oms_server.post("/orders", order("wait", "buy", 2))
+        assert waiting["status"] == "routed"
+        _, half_done = oms_server.post("/orders", order("half", "buy", 3))
+
+        async def fill_in_redis_only() -> None:
+            import redis.asyncio as aioredis
+
+            from tradingstack_services.orderstore import OrderStore
+
+            client = aioredis.Redis.from_url(platform.redis.url)
+            await OrderStore(client).move(half_done["order_id"], lambda o: o.filled_by(3, 100.1)[0])
+            await client.aclose()
+
+        asyncio.run(fill_in_redis_only())
+        assert oms_server.get(f"/orders/{half_done['order_id']}")[1]["status"] == "filled"
+
+        with platform.serve(ServiceName.EXEQ) as exeq_server:
+            wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready again")
+            assert [o["order_id"] for o in exeq_server.get("/resting")[1]] == [resting["order_id"]]
+            final(oms_server, waiting["order_id"], "filled")
+            position(pnl_server, 5)  # 2 + the 3 whose fill the first exeq never published
+            platform.tick("BTCUSDT", 89.0, 88.9, 89.1)
+            final(oms_server, resting["order_id"], "filled")
+            position(pnl_server, 6)
+        fills = [json.loads(data)["fill_id"] for _, data in platform.messages("FILLS")]
+        assert sorted(fills) == sorted({*fills})  # each fill once in the stream
+        assert len(fills) == 3
