@@ -255,14 +255,17 @@ def test_bad_and_repeated_messages_are_dead_lettered_or_counted_once(
     good = {"fill_id": "manual-1", "order_id": "manual", "symbol": "BTCUSDT", "side": "buy", "quantity": 2,
             "price": 100.0, "ts": "2026-01-02T09:30:00Z"}  # fmt: skip
 
-    async def publish(nc: Any) -> None:
+    async def publish(nc: Any) -> Any:
+        events = await nc.subscribe("positions.>")
         js = nc.jetstream()
         await js.publish("fills.BTCUSDT", json.dumps(good).encode())
         await js.publish("fills.BTCUSDT", json.dumps(good).encode())  # redelivered by a retrying producer
         await js.publish("fills.BTCUSDT", b'{"fill_id": "x", "quantity": -1}')
         await js.publish("orders.routed.BTCUSDT", b"not an order")
+        return json.loads((await events.next_msg(timeout=10)).data)
 
-    platform.run(publish)
+    event = platform.run(publish)
+    assert (event["fill_id"], event["quantity"], event["avg_price"]) == ("manual-1", 2, 100.0)
     assert position(pnl_server, 2)["avg_price"] == 100.0  # applied once
     letters = wait_for(lambda: len(m := platform.messages("DEAD_LETTER")) >= 2 and m, 10, "two dead letters")
     assert sorted(subject for subject, _ in letters) == ["dlq.FILLS.invalid_fill", "dlq.ORDERS.invalid_order"]

@@ -38,6 +38,12 @@ SKIPPED = Counter("tradingstack_pnl_fills_skipped_total", "Redelivered fills tha
 DEAD = Counter("tradingstack_pnl_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
 
 
+class PositionEvent(Position):
+    """Published on `positions.{SYMBOL}` once a batch of fills is applied."""
+
+    fill_id: str
+
+
 class Totals(BaseModel):
     realized_pnl: float
     unrealized_pnl: float
@@ -63,8 +69,10 @@ class Pnl:
         self.redis = redis
         self.questdb = QuestDBProvisioner(settings.QUESTDB_URL)
         self.prices = PriceBook(settings.symbols)
+        self.nc: Client | None = None
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        self.nc = nc
         await bus.consume(nc, stop, self.settings, self.process, 1_000, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
@@ -92,11 +100,12 @@ class Pnl:
         if not new:
             return
         positions = await self.positions({f.symbol for f in new})
-        lines = []
+        lines, events = [], []
         for fill in new:
             position = positions.get(fill.symbol) or Position(symbol=fill.symbol)
             positions[fill.symbol] = position = position.apply(fill)
             lines += [fill_line(fill), position_line(position, self.prices.mark(fill.symbol) or fill.price)]
+            events.append(PositionEvent(fill_id=fill.fill_id, **position.model_dump()))
         await asyncio.to_thread(self.questdb.write_ilp, lines)
         touched = {f.symbol: positions[f.symbol] for f in new}
         async with self.redis.pipeline(transaction=True) as tx:
@@ -105,6 +114,9 @@ class Pnl:
             tx.sadd(APPLIED_KEY, *(f.fill_id for f in new))
             await tx.execute()
         FILLS.inc(len(new))
+        if self.nc is not None:  # news for dashboards (core NATS, not stored): the position after each fill
+            for event in events:
+                await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
 
     async def positions(self, symbols: set[str] | None = None) -> dict[str, Position]:
         if symbols is None:
