@@ -1,7 +1,7 @@
 """python -m bench [NAME ...] [--quick]: run the benchmarks, print the table, write bench/results.json.
 
-Today: `lake` (ticks -> NATS -> sink -> Delta on S3 against the raw JetStream consume rate).
-The OMS, risk, order-to-position and normaliser measures of issue 7 come with those services.
+`trading`: risk (in-process and HTTP), the OMS at 1,000 orders/s and flat out, order -> position.
+`lake`: ticks -> NATS -> sink -> Delta on S3 against the raw JetStream consume rate.
 """
 
 from __future__ import annotations
@@ -12,23 +12,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import lake
+from bench import lake, trading
 from bench.report import Measure, table, write
 
-BENCHES: dict[str, Callable[[bool], list[Measure]]] = {"lake": lake.run}
+BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {"trading": trading.run, "lake": lake.run}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=list(BENCHES), help=f"benchmarks ({', '.join(BENCHES)})")
     parser.add_argument("--quick", action="store_true", help="small loads, for a smoke check")
+    parser.add_argument("--duration", type=float, help="seconds of sustained load (300 for the seed's 5-minute soak)")
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
     measures: list[Measure] = []
     for name in args.names:
-        measures += BENCHES[name](args.quick)
+        measures += BENCHES[name](args.quick, args.duration)
     print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}")
     print(table(measures))
     write(measures, Path(__file__).parent / "results.json")

@@ -66,8 +66,10 @@ async def _sink(settings: ServiceSettings, url: str, count: int) -> tuple[float,
     return count / elapsed, elapsed
 
 
-def run(quick: bool) -> list[Measure]:
+def run(quick: bool, duration: float | None = None) -> list[Measure]:
     count = 20_000 if quick else 200_000
+    if duration:  # about 10k ticks/s today: size the load to last about that long
+        count = int(duration * 10_000)
     with nats_server() as url, s3_server() as s3:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         spec = {"infrastructure": {"nats": {"url": url}, "s3": {"endpoint": s3, "allowHttp": True, "bucket": bucket}}}

@@ -1,15 +1,21 @@
-"""Loopback servers for a bench run: nats-server (JetStream) and moto's S3 server."""
+"""Loopback servers for a bench run: nats-server (JetStream), redis-server, moto's S3 server, the QuestDB
+double, and the services themselves as separate processes."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -56,3 +62,68 @@ def s3_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as store:
+        command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+        command += ["--dir", store]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait(port, "redis-server")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextmanager
+def questdb_double() -> Iterator[str]:
+    """The strict QuestDB double of the tests (QuestDB itself cannot run here), in a process of its own."""
+    script = Path(__file__).resolve().parent.parent / "tests" / "questdb_double.py"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().decode().strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def service(name: str, env: dict[str, str], port: int, module: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    """`tradingstack service NAME` (or `python -m MODULE`) in its own process; yields once /readyz is 200."""
+    command = ["-m", module] if module else ["-m", "tradingstack.cli", "service", name]
+    if name in os.environ.get("BENCH_PROFILE", "").split(","):  # BENCH_PROFILE=oms,exeq: cProfile them
+        command = ["-m", "cProfile", "-o", f"bench/{name}.prof", *command]
+        print(f"profiling {name} into bench/{name}.prof")
+    command.insert(0, sys.executable)
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty service must never block on it
+        proc = subprocess.Popen(command,
+                                env={**os.environ, **env, "PORT": str(port), "LOG_FORMAT": "text"},
+                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not _ready(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"{name} not ready on {port}: {log.read().decode()[-2000:]}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            # SIGINT: uvicorn re-raises the signal once shut down; as KeyboardInterrupt it lets cProfile write.
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False

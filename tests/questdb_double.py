@@ -321,3 +321,9 @@ class QuestDBDouble:
     def __exit__(self, *_: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+if __name__ == "__main__":  # `python tests/questdb_double.py`: serve until killed, the URL on the first line
+    double = QuestDBDouble()
+    print(double.url, flush=True)
+    double.server.serve_forever()

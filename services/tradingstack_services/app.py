@@ -29,7 +29,10 @@ def create_app(
     checks: dict[str, Check],
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
-    app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan)
+    # Request spans carry trace context; per-operation spans and OTel metrics (Prometheus has them) cost
+    # more than they tell on a hot path.
+    telemetry: Any = {"operation_spans": False, "metrics": False, "logs": False}
+    app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan, telemetry=telemetry)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

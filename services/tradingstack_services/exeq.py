@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from tradingstack_services import bus, tracing
-from tradingstack_services.orderstore import OrderStore
+from tradingstack_services.orderstore import OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook, Quote
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError
@@ -70,29 +70,28 @@ class Exeq:
 
     async def handle(self, js: Any, msg: Msg) -> None:
         try:
-            order_id = Order.model_validate_json(msg.data).order_id
+            routed = Order.model_validate_json(msg.data)
         except ValidationError as exc:
             await self._dead_letter(js, msg, InvalidMessageError("invalid_order", str(exc)))
             return
-        stored = await self.store.get(order_id)
-        if stored is None:
-            await self._dead_letter(js, msg, InvalidMessageError("unknown_order", f"no order {order_id} in Redis"))
-            return
-        order = stored.order
-        if order.status not in LIVE:
-            await self.publish_fills(order)  # filled before a crash (or cancelled): make sure its fills are out
-        else:
-            quote = self.prices.get(order.symbol)
-            price = execution_price(order, quote.bid, quote.ask, quote.last) if quote else None
-            if price is None and order.order_type == "market":
-                await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
-                return
+        # The message holds the order exactly as the OMS stored it: a first compare-and-set against
+        # those bytes saves reading it back; if it moved since (cancelled, redelivered), move() rereads.
+        current = Stored(routed, msg.data)
+        quote = self.prices.get(routed.symbol)
+        price = execution_price(routed, quote.bid, quote.ask, quote.last) if quote else None
+        try:
             if price is None or quote is None:
-                await self.rest(order)
+                if routed.order_type == "market":
+                    await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
+                    return
+                await self.rest(routed)  # a cancel that came first is found at the first fill attempt
             else:
-                filled = await self.execute(order, fill_quantity(order, quote), price)
+                filled = await self.execute(routed, fill_quantity(routed, quote), price, current)
                 if filled is not None and filled.status in LIVE:
                     await self.rest(filled)
+        except UnknownOrderError as exc:
+            await self._dead_letter(js, msg, InvalidMessageError("unknown_order", str(exc)))
+            return
         await msg.ack()
 
     async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
@@ -101,10 +100,14 @@ class Exeq:
 
     # --- fills
 
-    async def execute(self, order: Order, quantity: float, price: float) -> Order | None:
-        """Fill up to `quantity` at `price`; the order after it, or None if it could not fill (cancelled, done)."""
+    async def execute(self, order: Order, quantity: float, price: float, current: Stored | None = None) -> Order | None:
+        """Fill up to `quantity` at `price`; the order after it, or None if it could not fill (cancelled, done).
+
+        An order that cannot fill because it is already filled gets its recorded fills republished:
+        that finishes the work of an exeq that died between recording a fill and publishing it.
+        """
         try:
-            stored = await self.store.move(order.order_id, lambda o: o.filled_by(quantity, price)[0])
+            stored = await self.store.move(order.order_id, lambda o: o.filled_by(quantity, price)[0], current)
         except TransitionError:
             current = await self.store.get(order.order_id)
             if current is not None:

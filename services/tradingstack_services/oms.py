@@ -1,11 +1,12 @@
 """oms: order entry. `POST /orders` -> risk check -> routed to exeq (or rejected), state in Redis.
 
-The hot path is four round trips on connections opened once: claim the client order id
-(Redis, Lua), ask risk (NATS request-reply on `risk.check`), store the routed order (Redis,
-compare-and-set), publish it durably on `orders.routed.{SYMBOL}` (JetStream ack, deduplicated
-by order id). The order is stored as routed before it is published, so exeq never sees an
-order that Redis does not know as routed. History goes to QuestDB's `orders` table behind
-the hot path; every status change is also an event on `orders.{status}.{SYMBOL}`.
+The hot path is three round trips on connections opened once: ask risk (NATS request-reply
+on `risk.check`), store the decided order under its client order id (Redis, one Lua call
+that also makes a repeated id return the first order), publish it durably on
+`orders.routed.{SYMBOL}` (JetStream ack, deduplicated by order id). The order is stored as
+routed before it is published, so exeq never sees an order that Redis does not know as routed.
+History goes to QuestDB's `orders` table behind the hot path; every status change is also an
+event on `orders.{status}.{SYMBOL}`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import ValidationError
 
 from tradingstack_services import bus, ilp, tracing
 from tradingstack_services.history import History
-from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
+from tradingstack_services.orderstore import ConflictError, OrderStore, UnknownOrderError
 from tradingstack_services.prices import PriceBook
 from tradingstack_services.risk import CheckRequest, CheckResult
 from tradingstack_services.settings import ServiceSettings
@@ -35,7 +36,7 @@ from tradingstack_services.trading import Order, OrderRequest, OrderStatus, Tran
 log = logging.getLogger(__name__)
 ORDERS = Counter("tradingstack_oms_orders_total", "Orders by the status POST /orders answered", ["status"])
 LATENCY = Histogram(
-    "tradingstack_oms_order_seconds", "POST /orders, claim to answer",
+    "tradingstack_oms_order_seconds", "POST /orders, decision to answer",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )  # fmt: skip
 TRACER = tracing.tracer("tradingstack.oms")
@@ -106,9 +107,20 @@ class Oms:
             raise UnavailableError(f"risk answered something else: {exc}") from exc
 
     async def place(self, request: OrderRequest) -> tuple[Order, bool]:
-        """The order for this request and whether it is new; a retry of a known client id gets the same order."""
+        """The order for this request and whether it is new; a retry of a known client id gets the same order.
+
+        Risk decides first and the decided order is then claimed under its client order id in one
+        step, so nothing is stored for a request that got no decision (the client retries the same
+        id), and two racing requests with one id end with one order.
+        """
         with TRACER.start_as_current_span("order.place"):
-            stored, created = await self.store.claim(Order.new(uuid.uuid4().hex, request))
+            order = Order.new(uuid.uuid4().hex, request)
+            result = await self.risk_check(request)
+            if result.approved:
+                decided = order.moved(OrderStatus.RISK_CHECKED, risk_level=result.risk_level).moved(OrderStatus.ROUTED)
+            else:
+                decided = order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
+            stored, created = await self.store.claim(decided)
             if not created:
                 if not stored.order.same_request(request):
                     raise ConflictError(
@@ -116,23 +128,10 @@ class Oms:
                         "with different terms"
                     )
                 return stored.order, False
-            try:
-                result = await self.risk_check(request)
-            except UnavailableError:
-                await self.store.release(stored)  # nothing was decided: the client may retry the same id
-                raise
-            if not result.approved:
-                rejected = stored.order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
-                return await self._save(stored, rejected), True
-            checked = stored.order.moved(OrderStatus.RISK_CHECKED, risk_level=result.risk_level)
-            routed = await self._save(stored, checked.moved(OrderStatus.ROUTED))
-            await self._route(routed)
-            return routed, True
-
-    async def _save(self, current: Stored, order: Order) -> Order:
-        stored = await self.store.move(order.order_id, lambda _: order, current=current)
-        await self._event(stored.order)
-        return stored.order
+            await self._event(decided)
+            if decided.status is OrderStatus.ROUTED:
+                await self._route(decided)
+            return decided, True
 
     async def _route(self, order: Order) -> None:
         payload = order.model_dump_json().encode()

@@ -35,11 +35,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('DEL', KEYS[2])
-return 1
-"""
 
 
 class ConflictError(RuntimeError):
@@ -67,10 +62,9 @@ class OrderStore:
         self.redis = redis
         self._claim = redis.register_script(_CLAIM)
         self._cas = redis.register_script(_CAS)
-        self._release = redis.register_script(_RELEASE)
 
     async def claim(self, order: Order) -> tuple[Stored, bool]:
-        """Store a new order under its client order id; if that id is taken, the order it names.
+        """Store an order under its client order id, atomically; if that id is taken, the order it names.
 
         Returns (stored order, created). One round trip when the id is new.
         """
@@ -80,16 +74,11 @@ class OrderStore:
         )
         if existing is None:
             return stored, True
-        found = await self.get(existing.decode() if isinstance(existing, bytes) else str(existing))
-        if found is None:  # claimed a moment ago and released again (risk was unavailable): try once more
-            raise ConflictError(f"client order id {order.client_order_id} is being released; retry")
+        order_id = existing.decode() if isinstance(existing, bytes) else str(existing)
+        found = await self.get(order_id)
+        if found is None:
+            raise UnknownOrderError(f"client order id {order.client_order_id} names order {order_id}, which is gone")
         return found, False
-
-    async def release(self, stored: Stored) -> None:
-        """Forget a claimed order that was never acted on, so the client can retry its id."""
-        order = stored.order
-        await self._release(keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id],
-                            args=[order.order_id])  # fmt: skip
 
     async def get(self, order_id: str) -> Stored | None:
         raw = await self.redis.get(ORDER_KEY + order_id)

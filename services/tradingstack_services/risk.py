@@ -1,11 +1,14 @@
 """risk: pre-trade checks against per-symbol limits, over HTTP (`POST /check`) and NATS (`risk.check`).
 
-The check itself is a pure function (microseconds); positions come from Redis, where pnl
-keeps them (hash `tradingstack:positions`), read once per check over a pooled connection.
+The check itself is a pure function (microseconds) and needs no I/O: positions are kept in
+memory, loaded from Redis (hash `tradingstack:positions`, which pnl maintains) on start and
+every POSITIONS_RESYNC_SECONDS, and updated between loads from pnl's `positions.>` events.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from enum import StrEnum
@@ -27,6 +30,7 @@ POSITIONS_KEY = "tradingstack:positions"
 CHECKS = Counter("tradingstack_risk_checks_total", "Risk checks", ["approved", "level"])
 # Above this share of a limit an approved order is reported HIGH, so humans notice the trend.
 WARN_SHARE = 0.8
+POSITIONS_RESYNC_SECONDS = 5.0
 
 
 class RiskLevel(StrEnum):
@@ -82,15 +86,43 @@ class RiskService:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.limits = load_limits(settings.RISK_LIMITS)
         self.redis = redis
+        self.positions: dict[str, float] = {}
+        self.loaded = asyncio.Event()
 
     def limit_for(self, symbol: str) -> RiskLimit:
         return self.limits.get(symbol) or RiskLimit(symbol=symbol)
 
     async def evaluate(self, request: CheckRequest) -> CheckResult:
-        raw = await self.redis.hget(POSITIONS_KEY, request.symbol)
-        result = check(request, self.limit_for(request.symbol), float(raw) if raw else 0.0)
+        if not self.loaded.is_set():  # never decide on positions we have not read yet
+            await asyncio.wait_for(self.loaded.wait(), 2)
+        result = check(request, self.limit_for(request.symbol), self.positions.get(request.symbol, 0.0))
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
+
+    async def load_positions(self) -> None:
+        raw = await self.redis.hgetall(POSITIONS_KEY)
+        self.positions = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        self.loaded.set()
+
+    async def on_position(self, msg: Msg) -> None:
+        try:
+            event = json.loads(msg.data)
+            self.positions[str(event["symbol"])] = float(event["quantity"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("position event ignored: %s", exc)
+
+    async def follow_positions(self, nc: Client, stop: asyncio.Event) -> None:
+        """Worker: subscribe to pnl's events first, then load from Redis, and reload now and then
+        (core NATS events can be missed across a reconnect; Redis is the record)."""
+        sub = await nc.subscribe("positions.>", cb=self.on_position)
+        while not stop.is_set():
+            try:
+                await self.load_positions()
+            except Exception as exc:  # Redis away: keep the positions we have, readiness says so
+                log.warning("positions not reloaded: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POSITIONS_RESYNC_SECONDS)
+        await sub.unsubscribe()
 
     async def serve_nats(self, nc: Client, stop: Any) -> None:
         async def on_request(msg: Msg) -> None:
@@ -112,7 +144,7 @@ def create(settings: ServiceSettings) -> FastAPI:
     async def redis_check() -> None:
         await redis.ping()
 
-    app = bus.worker_app(settings, [service.serve_nats], {"redis": redis_check})
+    app = bus.worker_app(settings, [service.follow_positions, service.serve_nats], {"redis": redis_check})
 
     @app.post("/check")
     async def check_order(request: CheckRequest) -> CheckResult:
