@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -164,8 +164,9 @@ def create(settings: ServiceSettings) -> FastAPI:
 
     app = bus.worker_app(settings, [oms.attach, oms.history.run], {"redis": redis_check, "risk": risk_check})
 
-    @app.post("/orders", status_code=201, response_model=None)
-    async def place_order(request: OrderRequest) -> Order | JSONResponse:
+    @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})
+    async def place_order(request: OrderRequest) -> Response:
+        """201 with a new order; 200 with the first order for a repeated client_order_id and the same terms."""
         started = time.perf_counter()
         try:
             order, created = await oms.place(request)
@@ -177,7 +178,8 @@ def create(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(503, f"order not accepted, retry with the same client_order_id: {exc}") from exc
         LATENCY.observe(time.perf_counter() - started)
         ORDERS.labels(order.status.value if created else "retry").inc()
-        return order if created else JSONResponse(order.model_dump(mode="json"), status_code=200)
+        # Serialised by pydantic in one call: FastAPI's generic encoder costs ~0.1 ms an order.
+        return Response(order.model_dump_json(), status_code=201 if created else 200, media_type="application/json")
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: str) -> Order:

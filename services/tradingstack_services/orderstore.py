@@ -93,6 +93,14 @@ class OrderStore:
         swapped = await self._cas(keys=[ORDER_KEY + new.order_id], args=[current.raw, stored.raw])
         return stored if swapped else None
 
+    async def replace_many(self, pairs: list[tuple[Stored, Order]]) -> list[bool]:
+        """`replace` for many orders in one pipeline (one write for the batch); which of them stuck."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for current, new in pairs:
+                await self._cas(keys=[ORDER_KEY + new.order_id], args=[current.raw, Stored.of(new).raw], client=pipe)
+            results = await pipe.execute()
+        return [bool(r) for r in results]
+
     async def move(self, order_id: str, change: Callable[[Order], Order], current: Stored | None = None) -> Stored:
         """Apply `change` (which may raise TransitionError) to the stored order until it sticks."""
         for _ in range(CAS_ATTEMPTS):

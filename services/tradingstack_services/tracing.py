@@ -20,6 +20,11 @@ def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
+def passthrough(headers: dict[str, str] | None) -> dict[str, str]:
+    """The W3C trace headers of an incoming message, to carry on to what it causes without a span of ours."""
+    return {k: v for k, v in (headers or {}).items() if k in ("traceparent", "tracestate")}
+
+
 def extract(headers: dict[str, str] | None) -> context.Context:
     """The context an incoming message was published in (empty when it carried none)."""
     return propagate.extract(headers or {})
