@@ -218,10 +218,12 @@ def settle(redis_url: str, nats_url: str, expected_fills: int, timeout: float = 
         time.sleep(0.5)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far (Linux /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 @dataclass
@@ -231,7 +233,7 @@ class Platform:
     ports: dict[str, int]
     pids: dict[str, int]
 
-    def cpu(self) -> dict[str, float]:
+    def cpu(self) -> dict[str, tuple[float, float]]:
         return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
 
@@ -294,9 +296,11 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         cpu_before = stack.cpu()
         flat = asyncio.run(closed_loop(oms, "/orders", order_body(f"m-{run_id}"), min(seconds, 5.0), 0))
         stored_so_far = settle(redis_url, url, accepted + flat.statuses.get(201, 0))[1]
-        cpu = {k: (v - cpu_before[k]) / max(1, len(flat.latencies)) * 1e6 for k, v in stack.cpu().items()}
-        print("CPU per order, flat out (us): " + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items()),
-              f"(pipeline drained: {stored_so_far} fills applied)")  # fmt: skip
+        orders = max(1, len(flat.latencies))
+        cpu = {k: [(now - then) / orders * 1e6 for now, then in zip(v, cpu_before[k], strict=True)]
+               for k, v in stack.cpu().items()}  # fmt: skip
+        shares = ", ".join(f"{k} {u:,.0f}+{s:,.0f}" for k, (u, s) in cpu.items())
+        print(f"CPU per order flat out, user+system us: {shares} (pipeline drained: {stored_so_far} fills applied)")
         echo_flat = asyncio.run(closed_loop(echo_port, "/echo", lambda _: CHECK_BODY, min(seconds, 5.0), 0))
         accepted += flat.statuses.get(201, 0)
         measures.append(Measure("oms max sustainable rate", flat.rate, "orders/s", echo_flat.rate, target=5_000,
