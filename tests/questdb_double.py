@@ -71,6 +71,7 @@ class QuestDBState:
     mutations: list[str] = field(default_factory=list)  # DDL that changed something
     statements: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    unavailable: bool = False  # ILP writes answer 503 while set
 
     def execute(self, sql: str) -> dict[str, Any]:
         sql = " ".join(sql.strip().rstrip(";").split())
@@ -275,6 +276,9 @@ class QuestDBDouble:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                if state.unavailable:  # as a QuestDB that is restarting: the client must retry later
+                    self._reply(503, {"error": "unavailable"})
+                    return
                 url = urlparse(self.path)
                 if url.path != "/write":
                     self._reply(404, {"error": "not found"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,7 @@ def test_bad_and_repeated_messages_are_dead_lettered_or_counted_once(
         return json.loads((await events.next_msg(timeout=10)).data)
 
     event = platform.run(publish)
-    assert (event["fill_id"], event["quantity"], event["avg_price"]) == ("manual-1", 2, 100.0)
+    assert (event["fill"]["fill_id"], event["quantity"], event["avg_price"]) == ("manual-1", 2, 100.0)
     assert position(pnl_server, 2)["avg_price"] == 100.0  # applied once
     letters = wait_for(lambda: len(m := platform.messages("DEAD_LETTER")) >= 2 and m, 10, "two dead letters")
     assert sorted(subject for subject, _ in letters) == ["dlq.FILLS.invalid_fill", "dlq.ORDERS.invalid_order"]
@@ -314,3 +315,20 @@ def test_exeq_restarts_keep_resting_orders_and_finish_half_done_fills(platform: 
         fills = [json.loads(data)["fill_id"] for _, data in platform.messages("FILLS")]
         assert sorted(fills) == sorted({*fills})  # each fill once in the stream
         assert len(fills) == 3
+
+
+def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> None:
+    platform, oms_server, _, pnl_server = trading
+    platform.questdb.state.unavailable = True
+    try:
+        status, placed = oms_server.post("/orders", order("qdb-away", "buy", 2))
+        assert (status, placed["status"]) == (201, "routed")
+        assert position(pnl_server, 2)["avg_price"] == pytest.approx(100.1)  # visible without QuestDB
+        time.sleep(2.5)  # the batch has been handed back and retried at least once
+        assert platform.questdb.state.tables["fills"].rows == []
+    finally:
+        platform.questdb.state.unavailable = False
+    wait_for(lambda: len(platform.questdb.state.tables["fills"].rows) == 1, 15, "history once QuestDB is back")
+    rows = platform.questdb.state.tables["positions"].rows
+    assert [(r["quantity"], r["avg_price"]) for r in rows] == [(2.0, pytest.approx(100.1))]
+    position(pnl_server, 2)  # the redelivery did not apply the fill again

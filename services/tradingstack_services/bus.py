@@ -70,6 +70,8 @@ def readiness(nc: Client) -> Check:
     return check
 
 
+# How long a batch that could not be processed waits before it is delivered again.
+RETRY_DELAY = 1.0
 Worker = Callable[[Client, asyncio.Event], Coroutine[Any, Any, Any]]
 Batch = Callable[[Any, list[Msg]], Awaitable[Any]]
 
@@ -78,8 +80,8 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
                   wait: float) -> None:  # fmt: skip
     """Fetch from the service's durable pull consumer (NATS_STREAM/NATS_DURABLE) and process each batch.
 
-    `process(js, messages)` acknowledges what it made durable. If it raises, the batch stays
-    unacknowledged (JetStream redelivers it after the consumer's ack wait) and the loop goes on.
+    `process(js, messages)` acknowledges what it made durable. If it raises, what it did not
+    acknowledge is handed back (nak with a delay of `RETRY_DELAY`) for redelivery, and the loop goes on.
     """
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
@@ -94,9 +96,12 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
             continue
         try:
             await process(js, messages)
-        except Exception as exc:  # a dependency is away: leave the batch unacknowledged, it is redelivered
+        except Exception as exc:  # a dependency is away: the batch comes back after the delay
             log.warning("batch of %d not processed, it will be redelivered: %s", len(messages), exc)
-            await asyncio.sleep(1)
+            for msg in messages:
+                with contextlib.suppress(Exception):  # acknowledged ones (dead letters) refuse a nak
+                    await msg.nak(delay=RETRY_DELAY)
+            await asyncio.sleep(RETRY_DELAY)
 
 
 def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[str, Check] | None = None) -> FastAPI:

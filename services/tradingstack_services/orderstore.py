@@ -62,6 +62,7 @@ class OrderStore:
         self.redis = redis
         self._claim = redis.register_script(_CLAIM)
         self._cas = redis.register_script(_CAS)
+        self._cas_loaded = False
 
     async def claim(self, order: Order) -> tuple[Stored, bool]:
         """Store an order under its client order id, atomically; if that id is taken, the order it names.
@@ -94,12 +95,22 @@ class OrderStore:
         return stored if swapped else None
 
     async def replace_many(self, pairs: list[tuple[Stored, Order]]) -> list[bool]:
-        """`replace` for many orders in one pipeline (one write for the batch); which of them stuck."""
+        """`replace` for many orders in one pipeline (one round trip for the batch); which of them stuck.
+
+        EVALSHA directly: redis-py would first ask whether the script exists, a second round trip.
+        A failure (NOSCRIPT after a Redis restart, say) counts as not stuck: the caller's careful
+        path (`move`) reloads the script.
+        """
+        if not self._cas_loaded:
+            await self.redis.script_load(_CAS)
+            self._cas_loaded = True
         async with self.redis.pipeline(transaction=False) as pipe:
             for current, new in pairs:
-                await self._cas(keys=[ORDER_KEY + new.order_id], args=[current.raw, Stored.of(new).raw], client=pipe)
-            results = await pipe.execute()
-        return [bool(r) for r in results]
+                pipe.evalsha(self._cas.sha, 1, ORDER_KEY + new.order_id, current.raw, Stored.of(new).raw)
+            results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, Exception) for r in results):
+            self._cas_loaded = False
+        return [r == 1 for r in results]
 
     async def move(self, order_id: str, change: Callable[[Order], Order], current: Stored | None = None) -> Stored:
         """Apply `change` (which may raise TransitionError) to the stored order until it sticks."""

@@ -1,12 +1,13 @@
 """pnl: positions and P&L from fills (`fills.>`), current in Redis, history in QuestDB.
 
-Per batch of fills: the fills not applied yet (Redis remembers applied fill ids) are applied
-in order to the symbols' positions (average cost), the fills and the positions after each go
-to QuestDB (`fills` and `positions`, both deduplicated on their keys), then the positions,
-the quantities risk reads (`tradingstack:positions`) and the applied ids are written to
-Redis in one transaction, and only then are the fills acknowledged. A crash before the Redis
-transaction replays the batch into the same QuestDB rows; a crash after it finds the fills
-already applied. One pnl replica per durable consumer (the default), as for the sinks.
+Per batch of fills: the fills not applied yet (Redis keeps each applied fill id with the
+position right after it) are applied in order to the symbols' positions (average cost); the
+positions, the quantities risk reads (`tradingstack:positions`) and the applied fills go to
+Redis in one transaction; the positions are announced on `positions.{SYMBOL}`; then every
+fill of the batch and the position after it go to QuestDB (`fills`, `positions`, both
+deduplicated on their keys), and only then are the fills acknowledged. A redelivery (crash,
+QuestDB away) finds its fills applied and rewrites the same history rows from what Redis
+kept. One pnl replica per durable consumer (the default), as for the sinks.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ DEAD = Counter("tradingstack_pnl_dead_lettered_total", "Fill messages sent to th
 
 
 class PositionEvent(Position):
-    """Published on `positions.{SYMBOL}` once a batch of fills is applied."""
+    """A position right after a fill: published on `positions.{SYMBOL}`, kept per applied fill id
+    (so its history row can be written again), written to QuestDB `positions`."""
 
-    fill_id: str
+    fill: Fill
+    unrealized_pnl: float
 
 
 class Totals(BaseModel):
@@ -56,11 +59,10 @@ def fill_line(fill: Fill) -> str:
     return ilp.line("fills", tags, {"quantity": fill.quantity, "price": fill.price}, fill.ts)
 
 
-def position_line(position: Position, mark: float | None) -> str:
-    fields = {"quantity": position.quantity, "avg_price": position.avg_price, "realized_pnl": position.realized_pnl,
-              "unrealized_pnl": position.unrealized(mark)}  # fmt: skip
-    assert position.updated_at is not None  # set by every applied fill
-    return ilp.line("positions", {"symbol": position.symbol}, fields, position.updated_at)
+def position_line(event: PositionEvent) -> str:
+    fields = {"quantity": event.quantity, "avg_price": event.avg_price, "realized_pnl": event.realized_pnl,
+              "unrealized_pnl": event.unrealized_pnl}  # fmt: skip
+    return ilp.line("positions", {"symbol": event.symbol}, fields, event.fill.ts)
 
 
 class Pnl:
@@ -92,31 +94,43 @@ class Pnl:
             await msg.ack()
 
     async def apply(self, fills: list[Fill]) -> None:
+        """Apply the fills not applied yet, announce the positions, then write every fill's history."""
         if not fills:
             return
-        applied = await self.redis.smismember(APPLIED_KEY, [f.fill_id for f in fills])
-        new = [fill for fill, done in zip(fills, applied, strict=True) if not done]
+        symbols = sorted({f.symbol for f in fills})
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for both reads
+            pipe.hmget(APPLIED_KEY, [f.fill_id for f in fills])
+            pipe.hmget(DETAILS_KEY, symbols)
+            applied, details = await pipe.execute()
+        positions = {s: Position.model_validate_json(v) for s, v in zip(symbols, details, strict=True) if v}
+        history: list[PositionEvent] = []
+        new: list[PositionEvent] = []
+        for fill, snapshot in zip(fills, applied, strict=True):
+            if snapshot is not None:  # applied before (its history may not have been written): same rows again
+                history.append(PositionEvent.model_validate_json(snapshot))
+                continue
+            position = (positions.get(fill.symbol) or Position(symbol=fill.symbol)).apply(fill)
+            positions[fill.symbol] = position
+            mark = self.prices.mark(fill.symbol) or fill.price
+            event = PositionEvent(**position.model_dump(), fill=fill, unrealized_pnl=position.unrealized(mark))
+            new.append(event)
+            history.append(event)
         SKIPPED.inc(len(fills) - len(new))
-        if not new:
-            return
-        positions = await self.positions({f.symbol for f in new})
-        lines, events = [], []
-        for fill in new:
-            position = positions.get(fill.symbol) or Position(symbol=fill.symbol)
-            positions[fill.symbol] = position = position.apply(fill)
-            lines += [fill_line(fill), position_line(position, self.prices.mark(fill.symbol) or fill.price)]
-            events.append(PositionEvent(fill_id=fill.fill_id, **position.model_dump()))
+        if new:
+            touched = {e.symbol: positions[e.symbol] for e in new}
+            async with self.redis.pipeline(transaction=True) as tx:
+                tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
+                tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
+                tx.hset(APPLIED_KEY, mapping={e.fill.fill_id: e.model_dump_json() for e in new})
+                await tx.execute()
+            FILLS.inc(len(new))
+            if self.nc is not None:  # news for risk and dashboards (core NATS): the position after each fill
+                for event in new:
+                    await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
+        # History last, off the path to a visible position; if QuestDB is away the batch is not
+        # acknowledged, and its redelivery finds the fills applied and rewrites the same rows.
+        lines = [line for e in history for line in (fill_line(e.fill), position_line(e))]
         await asyncio.to_thread(self.questdb.write_ilp, lines)
-        touched = {f.symbol: positions[f.symbol] for f in new}
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
-            tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
-            tx.sadd(APPLIED_KEY, *(f.fill_id for f in new))
-            await tx.execute()
-        FILLS.inc(len(new))
-        if self.nc is not None:  # news for dashboards (core NATS, not stored): the position after each fill
-            for event in events:
-                await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
 
     async def positions(self, symbols: set[str] | None = None) -> dict[str, Position]:
         if symbols is None:
