@@ -2,6 +2,7 @@
 
 `trading`: risk (in-process and HTTP), the OMS at 1,000 orders/s and flat out, order -> position.
 `lake`: ticks -> NATS -> sink -> Delta on S3 against the raw JetStream consume rate.
+`normalizer`: ticks -> QuestDB ticks and bars against the same floor.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import lake, trading
+from bench import lake, normalizer, trading
 from bench.report import Measure, table, write
 
-BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {"trading": trading.run, "lake": lake.run}
+BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
+    "trading": trading.run,
+    "lake": lake.run,
+    "normalizer": normalizer.run,
+}
 
 
 def main() -> int:

@@ -78,7 +78,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         S3Provisioner(plan.spec.infrastructure.s3, S3Credentials("bench", "bench-secret")).reconcile(plan)
         asyncio.run(_publish(url, count))
         floor = asyncio.run(_raw_consume(url, count))
-        settings = ServiceSettings(  # type: ignore[call-arg]
+        settings = ServiceSettings(
             SERVICE_NAME="sink-ticks", NATS_URL=url, S3_ENDPOINT_URL=s3, S3_BUCKET=bucket, AWS_ALLOW_HTTP=True,
             AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", NATS_STREAM="MARKET_TICKS",
             NATS_DURABLE="sink-ticks", NATS_FILTER_SUBJECT="market.tick.>",

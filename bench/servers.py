@@ -83,13 +83,14 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def questdb_double() -> Iterator[str]:
-    """The strict QuestDB double of the tests (QuestDB itself cannot run here), in a process of its own."""
+def questdb_double() -> Iterator[tuple[str, int]]:
+    """The strict QuestDB double of the tests (QuestDB itself cannot run here), in a process of its own:
+    (its URL, its pid)."""
     script = Path(__file__).resolve().parent.parent / "tests" / "questdb_double.py"
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().decode().strip()
+        yield proc.stdout.readline().decode().strip(), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -127,3 +128,11 @@ def _ready(port: int) -> bool:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick

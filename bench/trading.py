@@ -24,7 +24,7 @@ import nats
 import redis
 
 from bench.report import Measure
-from bench.servers import free_port, nats_server, questdb_double, redis_server, service
+from bench.servers import cpu_seconds, free_port, nats_server, questdb_double, redis_server, service
 from tradingstack.api import RiskLimit, ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
@@ -218,14 +218,6 @@ def settle(redis_url: str, nats_url: str, expected_fills: int, timeout: float = 
         time.sleep(0.5)
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds a process has used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 @dataclass
 class Platform:
     nats_url: str
@@ -239,7 +231,7 @@ class Platform:
 
 @contextlib.contextmanager
 def platform() -> Iterator[Platform]:
-    with nats_server() as url, redis_server() as redis_url, questdb_double() as questdb_url:
+    with nats_server() as url, redis_server() as redis_url, questdb_double() as (questdb_url, _):
         spec = {"symbols": [SYMBOL], "infrastructure": {"nats": {"url": url}, "redis": {"url": redis_url},
                                                          "questdb": {"url": questdb_url}}}  # fmt: skip
         plan = build_plan(StackRef("bench", "bench"), parse_spec(spec))

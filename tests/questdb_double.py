@@ -55,14 +55,18 @@ class Table:
     partition_by: str
     wal: bool
     dedup: list[str] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    # Rows by dedup key (a table without dedup keys numbers them): an upsert is a dict write.
+    stored: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.stored.values())
 
     def upsert(self, row: dict[str, Any]) -> None:
         """Insert, or replace the row with the same dedup key values (DEDUP UPSERT KEYS)."""
-        if self.dedup:
-            key = [row.get(k) for k in self.dedup]
-            self.rows = [r for r in self.rows if [r.get(k) for k in self.dedup] != key]
-        self.rows.append(row)
+        key = tuple(row.get(k) for k in self.dedup) if self.dedup else (len(self.stored),)
+        self.stored.pop(key, None)  # a replaced row moves to the end, as a new write would
+        self.stored[key] = row
 
 
 @dataclass
