@@ -130,6 +130,9 @@ class LakeSink:
     pending: dict[int, Msg] = field(default_factory=dict)  # the latest delivery of each
     oldest: float | None = None
     rows_committed: int = 0
+    # One commit runs in the background while the next batch is fetched; these are its messages.
+    committing: dict[int, Msg] = field(default_factory=dict)
+    commit_task: asyncio.Task[None] | None = None
 
     @property
     def uri(self) -> str:
@@ -169,20 +172,37 @@ class LakeSink:
                 time.sleep(0.2 * (attempt + 1))  # another writer committed first: try again
 
     async def flush(self) -> None:
+        """Commit what is buffered and wait for it (and for a commit already running)."""
+        await self.start_flush()
+        await self.wait_flush()
+
+    async def start_flush(self) -> None:
+        """Hand the buffered rows to a background commit, after the previous commit ended (commits stay in order)."""
         if not self.rows:
             return
-        seqs = list(self.rows)
-        batch = pa.Table.from_pylist(list(self.rows.values()), schema=self.table.schema)
+        await self.wait_flush()
+        rows, self.committing = self.rows, self.pending
+        self.rows, self.pending, self.oldest = {}, {}, None
+        self.commit_task = asyncio.create_task(self._commit_and_ack(rows, self.committing))
+
+    async def wait_flush(self) -> None:
+        if self.commit_task is not None:
+            task, self.commit_task = self.commit_task, None
+            await task  # a failed commit raises here: its messages stay unacknowledged and come back
+
+    async def _commit_and_ack(self, rows: dict[int, dict[str, Any]], messages: dict[int, Msg]) -> None:
+        seqs = list(rows)
         started = time.monotonic()
+        batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
         await asyncio.to_thread(self._commit, batch, SequenceRanges.encode(seqs))
         COMMIT_SECONDS.labels(self.name).observe(time.monotonic() - started)
         COMMITS.labels(self.name).inc()
         ROWS.labels(self.name).inc(len(seqs))
         self.rows_committed += len(seqs)
         self.committed.add_encoded(SequenceRanges.encode(seqs))
-        for msg in self.pending.values():  # only now: the rows are durable
+        for msg in messages.values():  # only now: the rows are durable
             await msg.ack()
-        self.rows, self.pending, self.oldest = {}, {}, None
+        self.committing = {}
 
     async def handle(self, js: Any, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -192,6 +212,9 @@ class LakeSink:
             return
         if seq in self.rows:
             self.pending[seq] = msg  # redelivered while its batch is still open: ack the latest
+            return
+        if seq in self.committing:
+            self.committing[seq] = msg  # redelivered while its batch is being committed
             return
         try:
             row = self.make_row(msg, seq)
@@ -227,7 +250,7 @@ class LakeSink:
             for msg in messages:
                 await self.handle(js, msg)
             if self.due():
-                await self.flush()
+                await self.start_flush()
         await self.flush()
 
 
