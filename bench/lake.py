@@ -67,9 +67,10 @@ async def _sink(settings: ServiceSettings, url: str, count: int) -> tuple[float,
 
 
 def run(quick: bool, duration: float | None = None) -> list[Measure]:
-    count = 20_000 if quick else 200_000
-    if duration:  # about 10k ticks/s today: size the load to last about that long
-        count = int(duration * 10_000)
+    # Enough ticks that the 1 s flush age of the last batch does not dominate the figure.
+    count = 100_000 if quick else 300_000
+    if duration:  # about 20k ticks/s today: size the load to last about that long
+        count = int(duration * 20_000)
     with nats_server() as url, s3_server() as s3:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         spec = {"infrastructure": {"nats": {"url": url}, "s3": {"endpoint": s3, "allowHttp": True, "bucket": bucket}}}
@@ -85,11 +86,25 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         )  # fmt: skip
         rate, elapsed = asyncio.run(_sink(settings, url, count))
         commits_per_s = asyncio.run(_commit_rate(settings, elapsed))
+        rows, distinct = _lake_counts(settings)
     return [
         Measure("sink ticks -> Delta on S3", rate, "ticks/s", floor, target=50_000, note=f"{count} ticks"),
         Measure("sink / raw consume", rate / floor, "ratio", 1.0, target=0.5),
         Measure("sink commits per second", commits_per_s, "commits/s", None, target=1.2, lower_is_better=True),
-    ]
+        Measure("sink ticks lost or doubled", abs(count - distinct) + (rows - distinct), "ticks", None, target=0,
+                lower_is_better=True, note=f"{rows} rows, {distinct} distinct tick ids, {count} published"),
+    ]  # fmt: skip
+
+
+def _lake_counts(settings: ServiceSettings) -> tuple[int, int]:
+    """(rows, distinct tick ids) in the Delta table, read back."""
+    from deltalake import DeltaTable, QueryBuilder
+
+    table = DeltaTable(MARKET_TICKS.uri(settings.S3_BUCKET), storage_options=settings.storage_options())
+    result = QueryBuilder().register("t", table).execute("SELECT count(*), count(DISTINCT tick_id) FROM t")
+    batch = next(iter(result))
+    rows, distinct = (column.to_pylist()[0] for column in batch.columns)
+    return int(rows), int(distinct)
 
 
 async def _commit_rate(settings: ServiceSettings, elapsed: float) -> float:
