@@ -138,6 +138,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         print("operator bench skipped: no ../shared/envtest (set TRADINGSTACK_ENVTEST)")
         return []
     metrics_port = free_port()
+    checks = 1 if quick else 2
     with (
         nats_server() as nats_url, s3_server() as s3_url, questdb_double() as (questdb_url, _),
         kube_api(envtest) as kubeconfig, tempfile.TemporaryFile() as log,
@@ -164,7 +165,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
             children, ready = apply_until_ready(kube, spec)
             time.sleep(2)  # let the creation burst settle
             before = metrics(metrics_port)
-            time.sleep(2 * DRIFT_SECONDS + 2)  # two drift checks of children and infrastructure
+            time.sleep(checks * DRIFT_SECONDS + 2)  # drift checks of children and infrastructure
             after = metrics(metrics_port)
         finally:
             operator.terminate()
@@ -176,7 +177,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         Measure("apply -> Ready", ready, "s", None, target=5, lower_is_better=True,
                 note="streams, consumers, bucket, Delta tables, QuestDB tables, status"),
         Measure("no-op resync API writes", noop["api_writes"] + noop["status_writes"], "writes", None, target=0,
-                lower_is_better=True, note=f"over {2 * DRIFT_SECONDS + 2} s, two drift checks"),
+                lower_is_better=True, note=f"over {checks * DRIFT_SECONDS + 2} s, {checks} drift check(s)"),
         Measure("no-op resync infra mutations", noop["infra_changes"], "changes", None, target=0,
                 lower_is_better=True),
     ]  # fmt: skip

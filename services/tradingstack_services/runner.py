@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import uvicorn
@@ -37,5 +38,11 @@ def build(name: str) -> FastAPI:
 
 def serve(name: str) -> None:
     app = build(name)
+    # The hot paths allocate many short-lived, acyclic objects (freed by reference counting): with
+    # the default thresholds the cyclic collector runs every ~700 allocations and its full passes
+    # show up as tail latency. Collect far less often, and never walk what startup loaded.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     settings = ServiceSettings(SERVICE_NAME=name)
     uvicorn.run(app, host="0.0.0.0", port=settings.PORT, log_config=None, access_log=False)
