@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _seed_ports() -> dict[str, int]:
+    from tradingstack.api import DEFAULT_PORTS
+
+    return {service.value: port for service, port in DEFAULT_PORTS.items()}
 
 
 class ServiceSettings(BaseSettings):
@@ -12,7 +18,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True)
 
     SERVICE_NAME: str
-    PORT: int = Field(8080, ge=1, le=65535)
+    PORT: int = Field(8080, ge=1, le=65535, description="defaults to the service's seed port")
     SYMBOLS: str = "BTCUSDT,ETHUSDT,SOLUSDT"
     NATS_URL: str = "nats://127.0.0.1:4222"
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
@@ -40,6 +46,12 @@ class ServiceSettings(BaseSettings):
     SINK_MAX_ROWS: int = Field(50_000, ge=1)
     SINK_MAX_AGE_SECONDS: float = Field(1.0, ge=0.1, description="flush at least this often; at most one commit/s")
     SINK_FETCH_BATCH: int = Field(5_000, ge=1)
+
+    @model_validator(mode="after")
+    def _seed_port(self) -> ServiceSettings:
+        if "PORT" not in self.model_fields_set:  # not set: the port the service always had
+            self.PORT = _seed_ports().get(self.SERVICE_NAME, self.PORT)
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property
