@@ -35,51 +35,49 @@ def _wait(port: int, what: str, timeout: float = 20) -> None:
 
 
 @contextmanager
-def nats_server() -> Iterator[str]:
-    binary = shutil.which("nats-server")
-    if binary is None:
-        raise SystemExit("bench needs nats-server (apt-get install nats-server)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as store:
-        proc = subprocess.Popen([binary, "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            _wait(port, "nats-server")
-            yield f"nats://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-@contextmanager
-def s3_server() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+def _server(command: list[str], port: int, what: str, url: str) -> Iterator[str]:
+    """A loopback server process, yielded as `url` once its port accepts connections."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(port, "moto S3 server")
-        yield f"http://127.0.0.1:{port}"
+        _wait(port, what)
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
+def _binary(name: str) -> str:
+    binary = shutil.which(name)
     if binary is None:
-        raise SystemExit("bench needs redis-server (apt-get install redis-server)")
+        raise SystemExit(f"bench needs {name} (apt-get install {name}; `make bench` does)")
+    return binary
+
+
+@contextmanager
+def nats_server() -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as store:
-        command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-        command += ["--dir", store]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait(port, "redis-server")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        command = [_binary("nats-server"), "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)]
+        with _server(command, port, "nats-server", f"nats://127.0.0.1:{port}") as url:
+            yield url
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _server(command, port, "moto S3 server", f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as store:
+        command = [_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                   "--appendonly", "no", "--dir", store]  # fmt: skip
+        with _server(command, port, "redis-server", f"redis://127.0.0.1:{port}/0") as url:
+            yield url
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from tradingstack_services import bus, tracing
+from tradingstack_services import bus, rediskv, tracing
 from tradingstack_services.orderstore import OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook, Quote
 from tradingstack_services.settings import ServiceSettings
@@ -214,11 +214,8 @@ class Exeq:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL)
     exeq = Exeq(settings, redis)
-
-    async def redis_check() -> None:
-        await redis.ping()
 
     app = bus.worker_app(settings, [exeq.prices.follow, exeq.run], {"redis": redis_check})
 

@@ -25,7 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from tradingstack_services import bus, ilp, tracing
+from tradingstack_services import bus, ilp, rediskv, tracing
 from tradingstack_services.history import History
 from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook
@@ -151,11 +151,8 @@ class Oms:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL)
     oms = Oms(settings, redis)
-
-    async def redis_check() -> None:
-        await redis.ping()
 
     async def risk_check() -> None:
         # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services import bus, ilp
+from tradingstack_services import bus, ilp, rediskv
 from tradingstack_services.prices import PriceBook
 from tradingstack_services.risk import POSITIONS_KEY
 from tradingstack_services.settings import ServiceSettings
@@ -149,11 +149,8 @@ class Pnl:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL)
     pnl = Pnl(settings, redis)
-
-    async def redis_check() -> None:
-        await redis.ping()
 
     async def questdb_check() -> None:
         await asyncio.to_thread(pnl.questdb.query, "SELECT table_name FROM tables()")

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel, Field, ValidationError
 
 from tradingstack.api import RiskLimit
-from tradingstack_services import bus
+from tradingstack_services import bus, rediskv
 from tradingstack_services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,8 @@ class RiskService:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL)
     service = RiskService(settings, redis)
-
-    async def redis_check() -> None:
-        await redis.ping()
 
     app = bus.worker_app(settings, [service.follow_positions, service.serve_nats], {"redis": redis_check})
 

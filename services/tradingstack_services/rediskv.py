@@ -1,0 +1,17 @@
+"""The Redis connection pool a service shares, and its readiness check."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from tradingstack_services.app import Check
+
+
+def connect(url: str) -> tuple[aioredis.Redis, Check]:
+    """A pooled client (connections opened on first use, reopened after Redis restarts) and a PING check."""
+    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+
+    async def ping() -> None:
+        await client.ping()
+
+    return client, ping
