@@ -212,7 +212,7 @@ def settle(redis_url: str, nats_url: str, expected_fills: int, timeout: float = 
     deadline = time.monotonic() + timeout
     while True:
         stored = asyncio.run(stored_fills())
-        applied = int(client.hlen(pnl_module.APPLIED_KEY))
+        applied = sum(int(client.hlen(key)) for key in client.scan_iter(f"{pnl_module.APPLIED_PREFIX}*"))
         if (stored >= expected_fills and applied >= stored) or time.monotonic() > deadline:
             return stored, applied
         time.sleep(0.5)

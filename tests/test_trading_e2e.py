@@ -267,6 +267,10 @@ def test_bad_and_repeated_messages_are_dead_lettered_or_counted_once(
 
     event = platform.run(publish)
     assert (event["fill"]["fill_id"], event["quantity"], event["avg_price"]) == ("manual-1", 2, 100.0)
+    day_key = f"{pnl.APPLIED_PREFIX}2026-01-02"
+    client = redis.Redis.from_url(platform.redis.url)
+    assert client.hkeys(day_key) == [b"manual-1"]
+    assert 0 < client.ttl(day_key) <= pnl.APPLIED_TTL_SECONDS  # remembered longer than FILLS keeps it, not forever
     assert position(pnl_server, 2)["avg_price"] == 100.0  # applied once
     letters = wait_for(lambda: len(m := platform.messages("DEAD_LETTER")) >= 2 and m, 10, "two dead letters")
     assert sorted(subject for subject, _ in letters) == ["dlq.FILLS.invalid_fill", "dlq.ORDERS.invalid_order"]

@@ -1,7 +1,8 @@
 """pnl: positions and P&L from fills (`fills.>`), current in Redis, history in QuestDB.
 
 Per batch of fills: the fills not applied yet (Redis keeps each applied fill id with the
-position right after it) are applied in order to the symbols' positions (average cost); the
+position right after it, in one hash per fill day that outlives the FILLS stream's retention) are applied in order
+to the symbols' positions (average cost); the
 positions, the quantities risk reads (`tradingstack:positions`) and the applied fills go to
 Redis in one transaction; the positions are announced on `positions.{SYMBOL}`; then every
 fill of the batch and the position after it go to QuestDB (`fills`, `positions`, both
@@ -33,7 +34,16 @@ from tradingstack_services.trading import Fill, Position, PositionView
 
 log = logging.getLogger(__name__)
 DETAILS_KEY = "tradingstack:position-details"
-APPLIED_KEY = "tradingstack:pnl:applied-fills"
+APPLIED_PREFIX = "tradingstack:pnl:applied:"
+# Applied fills are remembered per fill day, each day's hash for longer than the FILLS stream
+# keeps messages (168h by default): a redelivery always finds its fill, and the memory is bounded.
+APPLIED_TTL_SECONDS = 8 * 24 * 3600
+
+
+def applied_key(fill: Fill) -> str:
+    return f"{APPLIED_PREFIX}{fill.ts:%Y-%m-%d}"
+
+
 FILLS = Counter("tradingstack_pnl_fills_applied_total", "Fills applied to positions")
 SKIPPED = Counter("tradingstack_pnl_fills_skipped_total", "Redelivered fills that were already applied")
 DEAD = Counter("tradingstack_pnl_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
@@ -98,10 +108,18 @@ class Pnl:
         if not fills:
             return
         symbols = sorted({f.symbol for f in fills})
-        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for both reads
-            pipe.hmget(APPLIED_KEY, [f.fill_id for f in fills])
+        days: dict[str, list[str]] = {}
+        for fill in fills:
+            days.setdefault(applied_key(fill), []).append(fill.fill_id)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for all reads
             pipe.hmget(DETAILS_KEY, symbols)
-            applied, details = await pipe.execute()
+            for key, ids in days.items():
+                pipe.hmget(key, ids)
+            details, *per_day = await pipe.execute()
+        found: dict[str, Any] = {}
+        for ids, values in zip(days.values(), per_day, strict=True):
+            found.update(zip(ids, values, strict=True))
+        applied = [found[f.fill_id] for f in fills]
         positions = {s: Position.model_validate_json(v) for s, v in zip(symbols, details, strict=True) if v}
         history: list[PositionEvent] = []
         new: list[PositionEvent] = []
@@ -121,7 +139,12 @@ class Pnl:
             async with self.redis.pipeline(transaction=True) as tx:
                 tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
                 tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
-                tx.hset(APPLIED_KEY, mapping={e.fill.fill_id: e.model_dump_json() for e in new})
+                by_day: dict[str, dict[Any, Any]] = {}
+                for event in new:
+                    by_day.setdefault(applied_key(event.fill), {})[event.fill.fill_id] = event.model_dump_json()
+                for key, snapshots in by_day.items():
+                    tx.hset(key, mapping=snapshots)
+                    tx.expire(key, APPLIED_TTL_SECONDS)
                 await tx.execute()
             FILLS.inc(len(new))
             if self.nc is not None:  # news for risk and dashboards (core NATS): the position after each fill
