@@ -1,14 +1,14 @@
 """pnl: positions and P&L from fills (`fills.>`), current in Redis, history in QuestDB.
 
 Per batch of fills: the fills not applied yet (Redis keeps each applied fill id with the
-position right after it, in one hash per fill day that outlives the FILLS stream's retention) are applied in order
-to the symbols' positions (average cost); the
-positions, the quantities risk reads (`tradingstack:positions`) and the applied fills go to
-Redis in one transaction; the positions are announced on `positions.{SYMBOL}`; then every
-fill of the batch and the position after it go to QuestDB (`fills`, `positions`, both
-deduplicated on their keys), and only then are the fills acknowledged. A redelivery (crash,
-QuestDB away) finds its fills applied and rewrites the same history rows from what Redis
-kept. One pnl replica per durable consumer (the default), as for the sinks.
+position right after it, in one hash per fill day that outlives the FILLS stream's
+retention) are applied in order to the symbols' positions (average cost); the positions,
+the quantities risk reads (`tradingstack:positions`) and the applied fills go to Redis in
+one transaction; the positions are announced on `positions.{SYMBOL}`; then every fill of
+the batch and the position after it go to QuestDB (`fills`, `positions`, both deduplicated
+on their keys), and only then are the fills acknowledged. A redelivery (crash, QuestDB
+away) finds its fills applied and rewrites the same history rows from what Redis kept.
+One pnl replica per durable consumer (the default), as for the sinks.
 """
 
 from __future__ import annotations
