@@ -336,3 +336,34 @@ def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> N
     rows = platform.questdb.state.tables["positions"].rows
     assert [(r["quantity"], r["avg_price"]) for r in rows] == [(2.0, pytest.approx(100.1))]
     position(pnl_server, 2)  # the redelivery did not apply the fill again
+
+
+def test_a_market_order_with_no_price_is_cancelled_after_its_tries(platform: Platform) -> None:
+    from tradingstack_services.orderstore import OrderStore
+    from tradingstack_services.trading import Order, OrderRequest, OrderStatus
+
+    request = OrderRequest(client_order_id="no-price", symbol="ETHUSDT", side="buy", quantity=1)
+    routed = Order.new("o-no-price", request).moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED)
+
+    async def route(nc: Any) -> None:  # as the OMS does, for a symbol nobody has quoted
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(platform.redis.url)
+        stored, _ = await OrderStore(client).claim(routed)
+        await client.aclose()
+        await nc.jetstream().publish("orders.routed.ETHUSDT", stored.raw)
+
+    workload = next(w for w in platform.plan.workloads if w.service is ServiceName.EXEQ)
+    settings = ServiceSettings(**{**workload.config, "EXEQ_RETRY_SECONDS": "0.2", "EXEQ_PRICE_ATTEMPTS": "3"})  # type: ignore[arg-type]
+    with LiveServer(exeq.create(settings)) as exeq_server:
+        wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready")
+        platform.run(route)
+
+        def cancelled() -> dict[str, Any] | None:
+            raw = redis.Redis.from_url(platform.redis.url).get("tradingstack:order:o-no-price")
+            order: dict[str, Any] = json.loads(raw or b"{}")
+            return order if order.get("status") == "cancelled" else None
+
+        order = wait_for(cancelled, 10, "the order cancelled after 3 tries")
+        assert order["reason"] == "no price for ETHUSDT after 3 tries"
+        assert order["fills"] == []

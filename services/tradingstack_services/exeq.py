@@ -1,7 +1,8 @@
 """exeq: paper execution. Routed orders (`orders.routed.>`) fill against the gateway's latest quotes.
 
 - A market order fills in full at the touch (a buy at the ask, a sell at the bid, the last
-  price when the side is unknown). With no quote yet for its symbol it is redelivered later.
+  price when the side is unknown). With no quote yet for its symbol it is redelivered later,
+  and cancelled (with the reason) after EXEQ_PRICE_ATTEMPTS deliveries.
 - A limit order fills when the touch is at or better than its limit, up to the size the tick
   shows, so it can fill in parts; until then it rests (kept in Redis, so a restart keeps it).
 - Each fill first moves the order in Redis (compare-and-set: a cancel that got there first
@@ -117,9 +118,12 @@ class Exeq:
         try:
             if price is None or quote is None:
                 if routed.order_type == "market":
-                    await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
-                    return
-                await self.rest(routed)  # a cancel that came first is found at the first fill attempt
+                    if msg.metadata.num_delivered < self.settings.EXEQ_PRICE_ATTEMPTS:
+                        await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
+                        return
+                    await self.give_up(routed, f"no price for {routed.symbol} after {msg.metadata.num_delivered} tries")
+                else:
+                    await self.rest(routed)  # a cancel that came first is found at the first fill attempt
             else:
                 filled = await self.execute(routed, fill_quantity(routed, quote), price, current, msg.headers)
                 if filled is not None and filled.status in LIVE:
@@ -128,6 +132,16 @@ class Exeq:
             await self._dead_letter(js, msg, InvalidMessageError("unknown_order", str(exc)))
             return
         await msg.ack()
+
+    async def give_up(self, order: Order, reason: str) -> None:
+        """Cancel an order that cannot execute, so it does not wait forever (unless something else moved it)."""
+        try:
+            stored = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
+        except TransitionError:
+            return
+        log.warning("order %s cancelled: %s", order.order_id, reason)
+        if self.nc is not None:
+            await self.nc.publish(f"orders.cancelled.{order.symbol}", stored.raw)
 
     async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
         await bus.dead_letter(js, msg, self.settings, error)

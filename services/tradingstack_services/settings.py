@@ -38,6 +38,9 @@ class ServiceSettings(BaseSettings):
     # oms
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
+    EXEQ_PRICE_ATTEMPTS: int = Field(
+        30, ge=1, description="deliveries before a market order with no price is cancelled"
+    )
     EXEQ_RETRY_SECONDS: float = Field(1.0, gt=0, description="retry delay for a market order with no price yet")
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
