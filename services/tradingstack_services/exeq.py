@@ -98,11 +98,17 @@ class Exeq:
             routed = Order.model_validate_json(msg.data)
         except ValidationError:
             return None
-        quote = self.prices.get(routed.symbol)
-        price = execution_price(routed, quote.bid, quote.ask, quote.last) if quote else None
-        if quote is None or price is None or routed.status is not OrderStatus.ROUTED:
+        executable = self._executable(routed)
+        if executable is None or routed.status is not OrderStatus.ROUTED:
             return None
+        quote, price = executable
         return routed, routed.filled_by(fill_quantity(routed, quote), price)[0]
+
+    def _executable(self, order: Order) -> tuple[Quote, float] | None:
+        """The quote an order executes against now and its price, or None if it cannot execute yet."""
+        quote = self.prices.get(order.symbol)
+        price = execution_price(order, quote.bid, quote.ask, quote.last) if quote else None
+        return (quote, price) if quote is not None and price is not None else None
 
     async def handle(self, js: Any, msg: Msg) -> None:
         try:
@@ -113,10 +119,9 @@ class Exeq:
         # The message holds the order exactly as the OMS stored it: a first compare-and-set against
         # those bytes saves reading it back; if it moved since (cancelled, redelivered), move() rereads.
         current = Stored(routed, msg.data)
-        quote = self.prices.get(routed.symbol)
-        price = execution_price(routed, quote.bid, quote.ask, quote.last) if quote else None
+        executable = self._executable(routed)
         try:
-            if price is None or quote is None:
+            if executable is None:
                 if routed.order_type == "market":
                     if msg.metadata.num_delivered < self.settings.EXEQ_PRICE_ATTEMPTS:
                         await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
@@ -125,6 +130,7 @@ class Exeq:
                 else:
                     await self.rest(routed)  # a cancel that came first is found at the first fill attempt
             else:
+                quote, price = executable
                 filled = await self.execute(routed, fill_quantity(routed, quote), price, current, msg.headers)
                 if filled is not None and filled.status in LIVE:
                     await self.rest(filled)
@@ -188,12 +194,18 @@ class Exeq:
 
     async def rest(self, order: Order) -> None:
         await self.redis.hset(RESTING_KEY, order.order_id, order.symbol)
-        self.resting.setdefault(order.symbol, {})[order.order_id] = order
-        RESTING.set(sum(len(v) for v in self.resting.values()))
+        self._keep(order)
 
     async def unrest(self, order: Order) -> None:
         await self.redis.hdel(RESTING_KEY, order.order_id)
         self.resting.get(order.symbol, {}).pop(order.order_id, None)
+        self._count_resting()
+
+    def _keep(self, order: Order) -> None:
+        self.resting.setdefault(order.symbol, {})[order.order_id] = order
+        self._count_resting()
+
+    def _count_resting(self) -> None:
         RESTING.set(sum(len(v) for v in self.resting.values()))
 
     async def recover(self) -> None:
@@ -201,15 +213,12 @@ class Exeq:
         for raw_id in await self.redis.hkeys(RESTING_KEY):
             order_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             stored = await self.store.get(order_id)
-            if stored is None:
-                await self.redis.hdel(RESTING_KEY, order_id)
-            elif stored.order.status in LIVE:
-                self.resting.setdefault(stored.order.symbol, {})[order_id] = stored.order
-                await self.publish_fills(stored.order)
+            if stored is not None:
+                await self.publish_fills(stored.order)  # fills recorded before a crash reach pnl
+            if stored is not None and stored.order.status in LIVE:
+                self._keep(stored.order)
             else:
-                await self.publish_fills(stored.order)
                 await self.redis.hdel(RESTING_KEY, order_id)
-        RESTING.set(sum(len(v) for v in self.resting.values()))
 
     async def on_quote(self, quote: Quote) -> None:
         if self.js is None:
@@ -224,7 +233,7 @@ class Exeq:
                 log.warning("resting order %s not filled yet: %s", order.order_id, exc)
                 continue
             if filled is not None and filled.status in LIVE:
-                self.resting[quote.symbol][order.order_id] = filled
+                self._keep(filled)
 
 
 def create(settings: ServiceSettings) -> FastAPI:

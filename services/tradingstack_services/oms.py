@@ -31,7 +31,7 @@ from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, 
 from tradingstack_services.prices import PriceBook
 from tradingstack_services.risk import CheckRequest, CheckResult
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.trading import Order, OrderRequest, OrderStatus, TransitionError
+from tradingstack_services.trading import Order, OrderRequest, OrderStatus, TransitionError, touch
 
 log = logging.getLogger(__name__)
 ORDERS = Counter("tradingstack_oms_orders_total", "Orders by the status POST /orders answered", ["status"])
@@ -87,9 +87,7 @@ class Oms:
         if request.limit_price is not None:
             return request.limit_price
         quote = self.prices.get(request.symbol)
-        if quote is None:
-            return None
-        return (quote.ask if request.side == "buy" else quote.bid) or quote.last
+        return touch(request.side, quote.bid, quote.ask, quote.last) if quote else None
 
     async def risk_check(self, request: OrderRequest) -> CheckResult:
         check = CheckRequest(symbol=request.symbol, quantity=request.quantity, side=request.side,

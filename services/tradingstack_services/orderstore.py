@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -123,6 +122,3 @@ class OrderStore:
                 return stored
             current = None
         raise ConflictError(f"order {order_id} kept changing; gave up after {CAS_ATTEMPTS} attempts")
-
-    async def ping(self) -> Any:
-        return await self.redis.ping()

@@ -155,13 +155,9 @@ class Pnl:
         lines = [line for e in history for line in (fill_line(e.fill), position_line(e))]
         await asyncio.to_thread(self.questdb.write_ilp, lines)
 
-    async def positions(self, symbols: set[str] | None = None) -> dict[str, Position]:
-        if symbols is None:
-            raw = await self.redis.hgetall(DETAILS_KEY)
-            return {p.symbol: p for p in (Position.model_validate_json(v) for v in raw.values())}
-        ordered = sorted(symbols)
-        values = await self.redis.hmget(DETAILS_KEY, ordered)
-        return {s: Position.model_validate_json(v) for s, v in zip(ordered, values, strict=True) if v is not None}
+    async def positions(self) -> dict[str, Position]:
+        raw = await self.redis.hgetall(DETAILS_KEY)
+        return {p.symbol: p for p in (Position.model_validate_json(v) for v in raw.values())}
 
     async def views(self) -> list[PositionView]:
         return [

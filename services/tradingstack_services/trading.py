@@ -145,20 +145,24 @@ class Order(Strict):
         return order, fill
 
 
-def execution_price(order: Order, bid: float | None, ask: float | None, last: float | None) -> float | None:
-    """The paper price an order gets now, or None if it cannot execute yet.
+def touch(side: Side, bid: float | None, ask: float | None, last: float | None) -> float | None:
+    """What a market order pays now: a buy the ask, a sell the bid, the last trade when that side is unknown."""
+    return (ask if side == "buy" else bid) or last
 
-    A buy takes the ask and a sell the bid (the last trade when the book side is unknown);
-    a limit order executes only when that price is at or better than its limit.
+
+def execution_price(order: Order, bid: float | None, ask: float | None, last: float | None) -> float | None:
+    """The paper price an order gets now (its `touch`), or None if it cannot execute yet.
+
+    A limit order executes only when the touch is at or better than its limit.
     """
-    touch = (ask if order.side == "buy" else bid) or last
-    if touch is None:
+    price = touch(order.side, bid, ask, last)
+    if price is None:
         return None
     if order.limit_price is not None:
-        marketable = touch <= order.limit_price if order.side == "buy" else touch >= order.limit_price
+        marketable = price <= order.limit_price if order.side == "buy" else price >= order.limit_price
         if not marketable:
             return None
-    return touch
+    return price
 
 
 class Position(Strict):
