@@ -22,7 +22,7 @@ from bench.servers import cpu_seconds, nats_server, questdb_double
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services.normalizer import Normalizer, _iso
+from tradingstack_services.normalizer import Normalizer
 from tradingstack_services.settings import ServiceSettings
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
@@ -63,19 +63,12 @@ async def _normalize(settings: ServiceSettings, url: str, count: int) -> float:
     return count / elapsed
 
 
-def _stored(questdb_url: str, count: int) -> int:
-    """Ticks the bars account for, read back with the normaliser's own aggregate, minute by minute."""
-    questdb = QuestDBProvisioner(questdb_url)
-    total = 0
-    for minute in range(count // 60_000 + 2):
-        start = T0 + timedelta(minutes=minute)
-        for symbol in SYMBOLS:
-            sql = (
-                "SELECT first(price), max(price), min(price), last(price), sum(size), count() FROM ticks "
-                f"WHERE symbol = '{symbol}' AND ts >= '{_iso(start)}' AND ts < '{_iso(start + timedelta(minutes=1))}'"
-            )
-            total += int(questdb.query(sql)["dataset"][0][5] or 0)
-    return total
+def _stored(normalizer: Normalizer, count: int) -> int:
+    """Ticks the bars account for, rebuilt from QuestDB by the normaliser itself, minute by minute."""
+    bars = (
+        normalizer.rebuild(symbol, T0 + timedelta(minutes=m)) for m in range(count // 60_000 + 2) for symbol in SYMBOLS
+    )
+    return sum(bar.trades for bar in bars if bar is not None)
 
 
 def run(quick: bool, duration: float | None = None) -> list[Measure]:
@@ -96,7 +89,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         after = {"normalizer": cpu_seconds(os.getpid()), "QuestDB double": cpu_seconds(double_pid)}
         shares = ", ".join(f"{k} {sum(after[k]) - sum(before[k]):.1f} s" for k in before)
         print(f"normalizer CPU for {count} ticks: {shares}")
-        stored = _stored(questdb_url, count)
+        stored = _stored(Normalizer(settings), count)
     return [
         Measure("normalizer ticks -> bars", rate, "ticks/s", floor, target=50_000, note=f"{count} ticks, double"),
         Measure("normalizer ticks lost or doubled", abs(stored - count), "ticks", None, target=0, lower_is_better=True,

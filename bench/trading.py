@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import statistics
 import time
 import timeit
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -63,9 +64,20 @@ class Connection:
 
 @dataclass
 class Load:
-    latencies: list[float]
-    statuses: dict[int, int]
-    elapsed: float
+    """Latencies and answers of one load, and how long it took."""
+
+    started: float = field(default_factory=time.perf_counter)
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    def record(self, status: int, since: float) -> None:
+        self.latencies.append(time.perf_counter() - since)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def done(self) -> Load:
+        self.elapsed = time.perf_counter() - self.started
+        return self
 
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies)
@@ -76,7 +88,7 @@ class Load:
         return len(self.latencies) / self.elapsed
 
 
-Body = Any  # a function of the request number -> bytes
+Body = Callable[[int], bytes]  # the request body for request number i
 
 
 async def open_loop(port: int, path: str, body: Body, rate: float, seconds: float) -> Load:
@@ -84,65 +96,55 @@ async def open_loop(port: int, path: str, body: Body, rate: float, seconds: floa
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(CONNECTIONS):
         pool.put_nowait(await Connection.open(port))
-    total = int(rate * seconds)
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    start = time.perf_counter() + 0.05
+    load = Load(started=time.perf_counter() + 0.05)
 
     async def one(i: int, due: float) -> None:
         conn = await pool.get()
         status, _ = await conn.post(path, body(i))
-        latencies.append(time.perf_counter() - due)
-        statuses[status] = statuses.get(status, 0) + 1
+        load.record(status, since=due)
         pool.put_nowait(conn)
 
     tasks = []
-    for i in range(total):
-        due = start + i / rate
+    for i in range(int(rate * seconds)):
+        due = load.started + i / rate
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
+    load.done()
     while not pool.empty():
         pool.get_nowait().close()
-    return Load(latencies, statuses, elapsed)
+    return load
 
 
-async def closed_loop(port: int, path: str, body: Body, seconds: float, first: int) -> Load:
+async def closed_loop(port: int, path: str, body: Body, seconds: float) -> Load:
     """As fast as CONNECTIONS clients, each waiting for its answer, can go: the sustainable rate."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    counter = iter(range(first, first + 10_000_000))
-    deadline = time.perf_counter() + seconds
+    load = Load()
+    counter = itertools.count()
+    deadline = load.started + seconds
 
     async def client() -> None:
         conn = await Connection.open(port)
         while time.perf_counter() < deadline:
             sent = time.perf_counter()
             status, _ = await conn.post(path, body(next(counter)))
-            latencies.append(time.perf_counter() - sent)
-            statuses[status] = statuses.get(status, 0) + 1
+            load.record(status, since=sent)
         conn.close()
 
-    start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(CONNECTIONS)))
-    return Load(latencies, statuses, time.perf_counter() - start)
+    return load.done()
 
 
 async def sequential(port: int, path: str, body: Body, count: int) -> Load:
     conn = await Connection.open(port)
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    start = time.perf_counter()
+    load = Load()
     for i in range(count):
         sent = time.perf_counter()
         status, _ = await conn.post(path, body(i))
-        latencies.append(time.perf_counter() - sent)
-        statuses[status] = statuses.get(status, 0) + 1
+        load.record(status, since=sent)
     conn.close()
-    return Load(latencies, statuses, time.perf_counter() - start)
+    return load.done()
 
 
 def order_body(run: str) -> Body:
@@ -293,14 +295,14 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
 
         # OMS flat out
         cpu_before = stack.cpu()
-        flat = asyncio.run(closed_loop(oms, "/orders", order_body(f"m-{run_id}"), min(seconds, 5.0), 0))
+        flat = asyncio.run(closed_loop(oms, "/orders", order_body(f"m-{run_id}"), min(seconds, 5.0)))
         stored_so_far = settle(redis_url, url, accepted + flat.statuses.get(201, 0))[1]
         orders = max(1, len(flat.latencies))
         cpu = {k: [(now - then) / orders * 1e6 for now, then in zip(v, cpu_before[k], strict=True)]
                for k, v in stack.cpu().items()}  # fmt: skip
         shares = ", ".join(f"{k} {u:,.0f}+{s:,.0f}" for k, (u, s) in cpu.items())
         print(f"CPU per order flat out, user+system us: {shares} (pipeline drained: {stored_so_far} fills applied)")
-        echo_flat = asyncio.run(closed_loop(echo_port, "/echo", lambda _: CHECK_BODY, min(seconds, 5.0), 0))
+        echo_flat = asyncio.run(closed_loop(echo_port, "/echo", lambda _: CHECK_BODY, min(seconds, 5.0)))
         accepted += flat.statuses.get(201, 0)
         measures.append(Measure("oms max sustainable rate", flat.rate, "orders/s", echo_flat.rate, target=5_000,
                                 note=f"{CONNECTIONS} clients; statuses {flat.statuses}"))  # fmt: skip
