@@ -221,30 +221,44 @@ def wait_port(port: int, what: str) -> None:
     wait_for(accepting, 20, what)
 
 
-class NatsServer:
-    """A real nats-server with JetStream on a loopback port; stop() and start() again on the same port."""
+class LoopbackServer:
+    """A real server binary on a loopback port, keeping its data in `root`; stop() and start() again
+    on the same port."""
+
+    binary = ""
+    scheme = ""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root, self.port = root, port or free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        binary = shutil.which("nats-server")
+        binary = shutil.which(self.binary)
         if binary is None:
-            pytest.skip("nats-server not installed (apt-get install nats-server; `make test` does)")
-        self.process = subprocess.Popen(
-            [binary, "-js", "-sd", str(self.root), "-a", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port, f"nats-server on {self.port}")
+            pytest.skip(f"{self.binary} not installed (apt-get install {self.binary}; `make test` does)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([binary, *self.arguments()], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        wait_port(self.port, f"{self.binary} on {self.port}")
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+
+class NatsServer(LoopbackServer):
+    """nats-server with JetStream."""
+
+    binary, scheme = "nats-server", "nats"
+
+    def arguments(self) -> list[str]:
+        return ["-js", "-sd", str(self.root), "-a", "127.0.0.1", "-p", str(self.port)]
 
 
 @pytest.fixture(scope="session")
@@ -348,28 +362,15 @@ class LiveServer:
             return status, body.decode()
 
 
-class RedisServer:
-    """A real redis-server on a loopback port, no persistence; stop() and start() on the same port."""
+class RedisServer(LoopbackServer):
+    """redis-server without persistence."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
+    binary, scheme = "redis-server", "redis"
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server not installed (apt-get install redis-server; `make test` does)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_port(self.port, f"redis-server on {self.port}")
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        super().__init__(root, port)
+        self.url += "/0"
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+    def arguments(self) -> list[str]:
+        return ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.root)]  # fmt: skip

@@ -96,6 +96,20 @@ async def publish_raw(url: str, subject: str, payloads: list[bytes]) -> None:
         await nc.close()
 
 
+async def run_sink(url: str, sink: LakeSink, rows: int, within: float) -> LakeSink:
+    """Run a sink in this process until it has committed `rows` rows (or `within` seconds passed), then stop it."""
+    nc = await nats.connect(url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(nc, stop))
+    deadline = time.monotonic() + within
+    while sink.rows_committed < rows and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a counter)
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    await nc.close()
+    return sink
+
+
 def test_ticks_land_in_delta_once_and_bad_ones_in_the_dead_letter_stream(platform: Any, tmp_path: Path) -> None:
     server, _, env = platform
     settings = settings_from(env, SINK_MAX_AGE_SECONDS="0.3")
@@ -110,16 +124,7 @@ def test_ticks_land_in_delta_once_and_bad_ones_in_the_dead_letter_stream(platfor
         await nc.close()
         await publish_raw(server.url, "market.tick.BTCUSDT", [b"{oops", b'{"symbol": "BTCUSDT", "price": -5}'])
 
-        stop = asyncio.Event()
-        sink = LakeSink(settings, MARKET_TICKS, tick_row)
-        sink_nc = await nats.connect(server.url)
-        task = asyncio.create_task(sink.run(sink_nc, stop))
-        deadline = time.monotonic() + 60
-        while sink.rows_committed < 2_000 and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a counter)
-            await asyncio.sleep(0.2)
-        stop.set()
-        await task
-        await sink_nc.close()
+        await run_sink(server.url, LakeSink(settings, MARKET_TICKS, tick_row), rows=2_000, within=60)
 
     asyncio.run(scenario())
     rows = lake_rows(settings)
@@ -235,20 +240,8 @@ def test_alt_data_lands_in_its_own_table(platform: Any) -> None:
     records.append(b'{"symbol": "AAPL"}')  # no source, no timestamp
     asyncio.run(publish_raw(server.url, "alt.norm.news", records))
 
-    async def consume() -> LakeSink:
-        sink = LakeSink(settings, ALT_DATA, alt_row)
-        nc = await nats.connect(server.url)
-        stop = asyncio.Event()
-        task = asyncio.create_task(sink.run(nc, stop))
-        deadline = time.monotonic() + 30
-        while sink.rows_committed < 50 and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a counter)
-            await asyncio.sleep(0.1)
-        stop.set()
-        await task
-        await nc.close()
-        return sink
-
-    assert asyncio.run(consume()).rows_committed == 50
+    sink = asyncio.run(run_sink(server.url, LakeSink(settings, ALT_DATA, alt_row), rows=50, within=30))
+    assert sink.rows_committed == 50
     dead = [s.value for m in DEAD.collect() for s in m.samples
             if s.name.endswith("_total") and s.labels == {"table": "alt_data", "reason": "invalid_alt"}]  # fmt: skip
     assert dead == [1.0]
