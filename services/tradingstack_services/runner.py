@@ -27,22 +27,22 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
     }
 
 
-def build(name: str) -> FastAPI:
+def build(name: str) -> tuple[FastAPI, ServiceSettings]:
+    """The service's app and the settings it was built from (read from the environment once)."""
     factories = _factories()
     if name not in factories:
         raise LookupError(f"unknown service {name!r}; known: {', '.join(sorted(factories))}")
     settings = ServiceSettings(SERVICE_NAME=name)
     logs.configure(name, settings.LOG_FORMAT)
-    return factories[name](settings)
+    return factories[name](settings), settings
 
 
 def serve(name: str) -> None:
-    app = build(name)
+    app, settings = build(name)
     # The hot paths allocate many short-lived, acyclic objects (freed by reference counting): with
     # the default thresholds the cyclic collector runs every ~700 allocations and its full passes
     # show up as tail latency. Collect far less often, and never walk what startup loaded.
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    settings = ServiceSettings(SERVICE_NAME=name)
     uvicorn.run(app, host="0.0.0.0", port=settings.PORT, log_config=None, access_log=False)
