@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from questdb_double import QuestDBDouble
 from tradingstack.api import ServiceName
@@ -26,7 +27,9 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 from tradingstack_services import exeq, oms, pnl, risk
+from tradingstack_services.orderstore import ORDER_KEY, OrderStore
 from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.trading import Order, OrderRequest, OrderStatus
 
 from conftest import LiveServer, NatsServer, RedisServer, wait_for
 
@@ -297,10 +300,6 @@ def test_exeq_restarts_keep_resting_orders_and_finish_half_done_fills(platform: 
         _, half_done = oms_server.post("/orders", order("half", "buy", 3))
 
         async def fill_in_redis_only() -> None:
-            import redis.asyncio as aioredis
-
-            from tradingstack_services.orderstore import OrderStore
-
             client = aioredis.Redis.from_url(platform.redis.url)
             await OrderStore(client).move(half_done["order_id"], lambda o: o.filled_by(3, 100.1)[0])
             await client.aclose()
@@ -339,28 +338,24 @@ def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> N
 
 
 def test_a_market_order_with_no_price_is_cancelled_after_its_tries(platform: Platform) -> None:
-    from tradingstack_services.orderstore import OrderStore
-    from tradingstack_services.trading import Order, OrderRequest, OrderStatus
-
     request = OrderRequest(client_order_id="no-price", symbol="ETHUSDT", side="buy", quantity=1)
     routed = Order.new("o-no-price", request).moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED)
 
     async def route(nc: Any) -> None:  # as the OMS does, for a symbol nobody has quoted
-        import redis.asyncio as aioredis
-
         client = aioredis.Redis.from_url(platform.redis.url)
         stored, _ = await OrderStore(client).claim(routed)
         await client.aclose()
         await nc.jetstream().publish("orders.routed.ETHUSDT", stored.raw)
 
-    workload = next(w for w in platform.plan.workloads if w.service is ServiceName.EXEQ)
-    settings = ServiceSettings(**{**workload.config, "EXEQ_RETRY_SECONDS": "0.2", "EXEQ_PRICE_ATTEMPTS": "3"})  # type: ignore[arg-type]
+    settings = platform.settings(ServiceName.EXEQ).model_copy(
+        update={"EXEQ_RETRY_SECONDS": 0.2, "EXEQ_PRICE_ATTEMPTS": 3}
+    )
     with LiveServer(exeq.create(settings)) as exeq_server:
         wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready")
         platform.run(route)
 
         def cancelled() -> dict[str, Any] | None:
-            raw = redis.Redis.from_url(platform.redis.url).get("tradingstack:order:o-no-price")
+            raw = redis.Redis.from_url(platform.redis.url).get(f"{ORDER_KEY}o-no-price")
             order: dict[str, Any] = json.loads(raw or b"{}")
             return order if order.get("status") == "cancelled" else None
 
