@@ -50,8 +50,8 @@ bench: install deps ## benchmarks against floors measured in the same run (bench
 
 .PHONY: up
 up: ## kind cluster + image + helm install + sample TradingStack, then wait for Ready
-	hack/kind-up.sh
+	hack/up.sh
 
 .PHONY: down
 down: ## delete the kind cluster
-	hack/kind-down.sh
+	hack/down.sh

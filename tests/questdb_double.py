@@ -274,7 +274,7 @@ def _select(projection: str, rows: list[dict[str, Any]], known: set[str]) -> dic
 class QuestDBDouble:
     """`with QuestDBDouble() as qdb:` serves on 127.0.0.1:<free port>; `qdb.url`, `qdb.state`."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.state = QuestDBState()
         state = self.state
 
@@ -318,8 +318,8 @@ class QuestDBDouble:
             def log_message(self, *_: Any) -> None:
                 return None
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> QuestDBDouble:
@@ -331,7 +331,9 @@ class QuestDBDouble:
         self.server.server_close()
 
 
-if __name__ == "__main__":  # `python tests/questdb_double.py`: serve until killed, the URL on the first line
-    double = QuestDBDouble()
+if __name__ == "__main__":  # `python tests/questdb_double.py [HOST [PORT]]`: serve until killed, the URL first
+    import sys
+
+    double = QuestDBDouble(*sys.argv[1:2], *(int(p) for p in sys.argv[2:3]))
     print(double.url, flush=True)
     double.server.serve_forever()

@@ -362,3 +362,40 @@ def test_a_market_order_with_no_price_is_cancelled_after_its_tries(platform: Pla
         order = wait_for(cancelled, 10, "the order cancelled after 3 tries")
         assert order["reason"] == "no price for ETHUSDT after 3 tries"
         assert order["fills"] == []
+
+
+def test_a_service_answers_probes_before_nats_and_works_once_nats_comes(platform: Platform) -> None:
+    # In a cluster pods start in no particular order: a service must listen (liveness) before NATS
+    # answers, say why it is not ready, and get ready by itself once NATS is there.
+    platform.nats.stop()
+    with platform.serve(ServiceName.RISK) as risk_server:
+        assert risk_server.get("/healthz")[0] == 200
+        status, body = risk_server.get("/readyz")
+        assert status == 503
+        assert "not connected" in body["checks"]["nats"]
+        platform.nats.start()
+        wait_for(lambda: risk_server.get("/readyz")[0] == 200, 30, "risk ready once NATS is up")
+
+
+def test_a_worker_that_fails_on_a_late_dependency_is_started_again(platform: Platform) -> None:
+    # exeq's worker first reads Redis (resting orders); Redis comes up a few seconds after exeq.
+    platform.redis.stop()
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        exeq_server = stack.enter_context(platform.serve(ServiceName.EXEQ))
+
+        def worker_failed() -> dict[str, Any] | None:
+            status, body = exeq_server.get("/readyz")
+            return body if status == 503 and "Error" in body["checks"]["workers"] else None
+
+        body = wait_for(worker_failed, 15, "exeq to report its failed worker")
+        assert "run" in body["checks"]["workers"]  # the worker is named
+        assert exeq_server.get("/healthz")[0] == 200
+        platform.redis.start()
+        wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 40, "exeq ready once Redis is up")
+        servers = {s: stack.enter_context(platform.serve(s)) for s in FACTORIES if s is not ServiceName.EXEQ}
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        status, placed = servers[ServiceName.OMS].post("/orders", order("late-1", "buy", 1))
+        assert status == 201, placed
+        final(servers[ServiceName.OMS], placed["order_id"], "filled")

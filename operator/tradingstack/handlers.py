@@ -15,6 +15,7 @@ import time
 from typing import Any, cast
 
 import kopf
+import kubernetes
 
 from tradingstack import api
 from tradingstack.changes import UnreachableError
@@ -47,22 +48,32 @@ def _owner_name(body: dict[str, Any]) -> str | None:
     return None
 
 
-@kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
-    """kopf connects with the same credentials as the operator's own client."""
-    config = load_config()
+def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's connection from the kubernetes client's configuration (kubeconfig or in-cluster).
+
+    The client keeps the token with its scheme in front, "Bearer <t>" from a kubeconfig and
+    "bearer <t>" in a pod; kopf adds the scheme itself, so only the bare token is passed on.
+    """
     keys = config.api_key or {}
-    token = keys.get("BearerToken") or keys.get("authorization") or ""
+    stored = str(keys.get("BearerToken") or keys.get("authorization") or "").strip()
+    scheme, _, rest = stored.partition(" ")
+    token = rest.strip() if scheme.lower() == "bearer" and rest else stored
     return kopf.ConnectionInfo(
         server=config.host,
         ca_path=config.ssl_ca_cert,
         insecure=not config.verify_ssl,
         scheme="Bearer" if token else None,
-        token=token.removeprefix("Bearer ").strip() or None,
+        token=token or None,
         certificate_path=config.cert_file,
         private_key_path=config.key_file,
         default_namespace=None,
     )
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as the operator's own client."""
+    return connection_info(load_config())
 
 
 @kopf.on.startup()

@@ -7,12 +7,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import nats
 from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
 from tradingstack_services.app import Check, create_app
 from tradingstack_services.settings import ServiceSettings
@@ -21,7 +23,9 @@ from tradingstack_services.ticks import InvalidMessageError
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str) -> Client:
+async def connect(url: str, name: str, initial_attempts: int = -1) -> Client:
+    """A connection that reconnects forever once made; the first connect tries `initial_attempts` times."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
@@ -31,15 +35,17 @@ async def connect(url: str, name: str) -> Client:
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
-        max_reconnect_attempts=-1,  # a service outlives NATS restarts
+        max_reconnect_attempts=initial_attempts,
         reconnect_time_wait=0.5,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    nc.options["max_reconnect_attempts"] = -1  # once connected, a service outlives NATS restarts
+    return nc
 
 
 async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: InvalidMessageError) -> None:
@@ -104,30 +110,111 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
             await asyncio.sleep(RETRY_DELAY)
 
 
+# A worker that fails is started again after a delay that doubles from RESTART_DELAY up to
+# RESTART_DELAY_MAX; one that ran for STABLE_AFTER seconds since its last failure counts as recovered.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 10.0
+RESTARTS = Counter("tradingstack_worker_restarts_total", "Workers started again after they failed", ["worker"])
+
+
+@dataclass
+class Supervised:
+    """One worker of a service, started again with backoff whenever it fails."""
+
+    name: str
+    work: Worker
+    failures: int = 0  # in a row, since it last ran for STABLE_AFTER seconds
+    last_error: str | None = None
+    running_since: float | None = None
+    finished: bool = False
+
+    async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            self.running_since = loop.time()
+            try:
+                await self.work(nc, stop)
+                self.finished = True  # a worker with an end (a replay) is done, not failed
+                return
+            except Exception as exc:  # any failure: log it, wait, start again; never die for good
+                if loop.time() - self.running_since >= STABLE_AFTER:
+                    self.failures = 0
+                self.failures += 1
+                self.running_since = None
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(RESTART_DELAY * 2 ** (self.failures - 1), RESTART_DELAY_MAX)
+                log.error("worker %s failed (%d in a row), starting it again in %.1f s: %s",
+                          self.name, self.failures, delay, self.last_error, exc_info=exc)  # fmt: skip
+                RESTARTS.labels(self.name).inc()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    def problem(self, now: float) -> str | None:
+        """Why this worker does not count as working now, or None."""
+        if self.finished or self.last_error is None:
+            return None
+        if self.running_since is None:
+            return f"failed {self.failures} time(s) in a row, restarting: {self.last_error}"
+        if now - self.running_since < STABLE_AFTER:
+            return f"restarted after: {self.last_error}"
+        return None
+
+
+def _worker_name(work: Worker, index: int) -> str:
+    name = getattr(work, "__qualname__", "") or getattr(work, "__name__", "")
+    return name if name and "<lambda>" not in name else f"worker-{index}"
+
+
+async def connect_until_stopped(settings: ServiceSettings, stop: asyncio.Event) -> Client | None:
+    """Connect to NATS, trying again with backoff: a service starts (and answers probes) before NATS does."""
+    delay = RESTART_DELAY
+    while not stop.is_set():
+        try:
+            return await connect(settings.NATS_URL, settings.SERVICE_NAME, initial_attempts=1)
+        except Exception as exc:  # NATS not there yet: the HTTP side keeps serving, readiness says why
+            log.warning("nats: not reachable yet, trying again in %.1f s: %s", delay, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX / 6)
+    return None
+
+
 def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[str, Check] | None = None) -> FastAPI:
     """A service app whose work runs beside the HTTP server on one shared NATS connection.
 
-    The lifespan connects, starts every worker with a stop event, and on shutdown stops them
-    (their last batch is flushed) before closing the connection. Readiness adds a NATS round trip.
+    The HTTP server starts at once; the connection is made in the background (retried until NATS
+    answers), then every worker runs supervised: a failure is logged and the worker started again
+    with backoff, so a dependency that is late or briefly away never stops the service for good.
+    On shutdown the workers are stopped (their last batch flushed) before the connection closes.
+    Readiness adds a NATS round trip and each worker's state.
     """
     state: dict[str, Client] = {}
-    running: list[asyncio.Task[Any]] = []
+    supervised = [Supervised(_worker_name(work, i), work) for i, work in enumerate(workers)]
+
+    async def start(stop: asyncio.Event) -> None:
+        nc = await connect_until_stopped(settings, stop)
+        if nc is None:
+            return
+        state["nc"] = nc
+        await asyncio.gather(*(worker.run(nc, stop) for worker in supervised))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        nc = await connect(settings.NATS_URL, settings.SERVICE_NAME)
-        state["nc"] = nc
         stop = asyncio.Event()
-        running[:] = [asyncio.create_task(work(nc, stop)) for work in workers]
+        running = asyncio.create_task(start(stop))
         try:
             yield
         finally:
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 30)
-            # Flush what was published, then close (drain would wait on the pull subscriptions).
             with contextlib.suppress(Exception):
-                await nc.flush(timeout=5)
-            await nc.close()
+                await asyncio.wait_for(asyncio.shield(running), 30)
+            running.cancel()
+            if "nc" in state:
+                # Flush what was published, then close (drain would wait on the pull subscriptions).
+                with contextlib.suppress(Exception):
+                    await state["nc"].flush(timeout=5)
+                await state["nc"].close()
 
     async def nats_check() -> None:
         if "nc" not in state:
@@ -135,10 +222,10 @@ def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[st
         await readiness(state["nc"])()
 
     async def workers_check() -> None:
-        # A worker that died (not one that finished its job, like a replay) makes the service not ready.
-        for task in running:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise RuntimeError(f"worker failed: {task.exception()!r}")
+        now = asyncio.get_running_loop().time()
+        problems = [f"{w.name}: {p}" for w in supervised if (p := w.problem(now))]
+        if problems:
+            raise RuntimeError("; ".join(problems))
 
     all_checks = {"nats": nats_check, "workers": workers_check, **(checks or {})}
     return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan)

@@ -2,7 +2,9 @@
 tradingstack.infrastructure: a StatefulSet with a data PVC, its Service, probes, resources and
 the hardened security context, for one infrastructure component. Takes a dict:
   ctx (root), component (name suffix), values (the component's values), ports (list of
-  {name, port}), args (list), env (list), probe (readiness probe handler), dataPath.
+  {name, port}), env (list), probe (the default probe handler), dataPath.
+The component's values give image, command (empty: the image's entrypoint), args and probe
+(a handler that replaces the default one), so any image that speaks the protocol can stand in.
 */}}
 {{- define "tradingstack.infrastructure" -}}
 {{- $ctx := .ctx -}}
@@ -51,7 +53,11 @@ spec:
         - name: {{ .component }}
           image: {{ include "tradingstack.image" (dict "image" .values.image "root" $ctx) }}
           imagePullPolicy: {{ .values.image.pullPolicy }}
-          {{- with .args }}
+          {{- with .values.command }}
+          command:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with .values.args }}
           args:
             {{- toYaml . | nindent 12 }}
           {{- end }}
@@ -65,14 +71,19 @@ spec:
               containerPort: {{ .port }}
               protocol: TCP
             {{- end }}
+          {{- $probe := .values.probe | default .probe }}
+          startupProbe:
+            {{- toYaml $probe | nindent 12 }}
+            periodSeconds: 2
+            timeoutSeconds: 5
+            failureThreshold: 60
           readinessProbe:
-            {{- toYaml .probe | nindent 12 }}
+            {{- toYaml $probe | nindent 12 }}
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 3
           livenessProbe:
-            {{- toYaml .probe | nindent 12 }}
-            initialDelaySeconds: 30
+            {{- toYaml $probe | nindent 12 }}
             periodSeconds: 20
             timeoutSeconds: 5
             failureThreshold: 6
