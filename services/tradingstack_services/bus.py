@@ -27,7 +27,7 @@ async def connect(url: str, name: str, initial_attempts: int = -1) -> Client:
     """A connection that reconnects forever once made; the first connect tries `initial_attempts` times."""
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        log.warning("nats: %s", str(exc) or type(exc).__name__)
 
     async def on_disconnect() -> None:
         log.warning("nats: disconnected")
