@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 # A real kube-apiserver for the operator's tests (see ../shared/envtest/README.md).
 TRADINGSTACK_ENVTEST ?= $(abspath ../shared/envtest)
 export TRADINGSTACK_ENVTEST
+# A real single-node cluster (kubelet, containerd) for the end-to-end test (see ../shared/cluster/README.md).
+TRADINGSTACK_CLUSTER_KIT ?= $(abspath ../shared/cluster)
+export TRADINGSTACK_CLUSTER_KIT
 
 .PHONY: help
 help: ## list the targets

@@ -22,6 +22,7 @@ from typing import Any
 import nats
 import pytest
 from deltalake import DeltaTable, QueryBuilder
+from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from tradingstack.backends import S3Credentials
@@ -31,9 +32,11 @@ from tradingstack.lake import ALT_DATA, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 from tradingstack_services import gateway
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.sink import DEAD, LakeSink, alt_row, tick_row
+from tradingstack_services.sink import COMMIT_FAILURES, DEAD, LakeSink, alt_row, tick_row
+from tradingstack_services.ticks import InvalidMessageError
 
 from conftest import LiveServer, NatsServer, free_port, wait_for
+from faults import FaultyProxy
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret"}
 
@@ -249,3 +252,72 @@ def test_alt_data_lands_in_its_own_table(platform: Any) -> None:
     result = QueryBuilder().register("alt", table).execute("SELECT symbol, count(*) AS n FROM alt GROUP BY symbol")
     rows = [row for batch in result for row in zip(*(c.to_pylist() for c in batch.columns), strict=True)]
     assert rows == [("AAPL", 50)]
+
+
+def _ticks(first: int, count: int) -> list[bytes]:
+    return [json.dumps({"tick_id": f"t-{i}", "symbol": "BTCUSDT", "price": 100 + i % 7, "size": 1,
+                        "timestamp": 1767346200000 + i}).encode() for i in range(first, first + count)]  # fmt: skip
+
+
+def test_a_sink_rides_out_s3_errors_and_stalls_without_loss_or_duplicates(platform: Any) -> None:
+    server, _, env = platform
+    with FaultyProxy(env["S3_ENDPOINT_URL"], stall_seconds=3) as proxy:
+        # delta-rs's own retries give up after a second, so the faults reach the sink's retry loop.
+        settings = settings_from(env, S3_ENDPOINT_URL=proxy.url, SINK_MAX_AGE_SECONDS="0.2", S3_MAX_RETRIES="1",
+                                 S3_RETRY_TIMEOUT_SECONDS="1")  # fmt: skip
+        sink = LakeSink(settings, MARKET_TICKS, tick_row)
+        failures_before = COMMIT_FAILURES.labels("market_ticks")._value.get()
+
+        async def until(check: Any, within: float, what: str) -> None:
+            deadline = time.monotonic() + within
+            while not check():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.1)
+
+        async def scenario() -> None:
+            nc = await nats.connect(server.url)
+            stop = asyncio.Event()
+            task = asyncio.create_task(sink.run(nc, stop))
+            await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(0, 500))
+            await until(lambda: sink.rows_committed >= 500, 30, "the first 500 committed")
+            proxy.set("error")  # S3 answers 500 to everything
+            await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(500, 500))
+            await until(lambda: COMMIT_FAILURES.labels("market_ticks")._value.get() > failures_before, 30,
+                        "a commit failing")  # fmt: skip
+            await asyncio.sleep(3)
+            proxy.set("stall")  # then it hangs
+            await asyncio.sleep(4)
+            assert not task.done(), "the sink worker died on S3 errors"
+            proxy.set("pass")
+            await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(1000, 500))
+            await until(lambda: sink.rows_committed >= 1500, 60, "all 1,500 committed after S3 came back")
+            stop.set()
+            await task
+            await nc.close()
+
+        asyncio.run(scenario())
+        assert COMMIT_FAILURES.labels("market_ticks")._value.get() > failures_before
+    rows = lake_rows(settings_from(env))
+    assert len(rows) == 1500
+    assert {r["tick_id"] for r in rows} == {f"t-{i}" for i in range(1500)}
+    assert len({r["stream_seq"] for r in rows}) == 1500
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "BTC", "source": "x", "value": "abc"}', "ValueError"),
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "BTC", "source": "x", "value": NaN}', "finite"),
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "BTC", "source": "x", "value": [1]}', "TypeError"),
+        (b'{"event_ts": 1e20, "symbol": "BTC", "source": "x"}', "out of range"),
+        (b'{"event_ts": "9999-01-01T00:00:00", "symbol": "BTC", "source": "x"}', "outside"),
+        (b'{"symbol": "BTC", "source": "x"}', "KeyError"),
+        (b"[1, 2]", "TypeError"),
+        (b"\xff", "ValueError"),
+    ],
+)
+def test_bad_alt_records_are_invalid_messages_never_crashes(body: bytes, detail: str) -> None:
+    with pytest.raises(InvalidMessageError) as caught:
+        alt_row(Msg(_client=None, subject="alt.norm.x", data=body), 1)  # type: ignore[arg-type]
+    assert caught.value.reason == "invalid_alt"
+    assert detail in caught.value.detail

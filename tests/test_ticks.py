@@ -67,3 +67,27 @@ def test_sequence_ranges_remember_what_was_committed() -> None:
     assert 7 in ranges
     assert 11 not in ranges
     assert 2 not in ranges
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [1e20, -1e20, "1" * 30, 10**30, 253402300800000, 946684799999, "9999-12-31T23:59:59", "0001-01-01T00:00:00",
+     "not a time", True, [1], {"a": 1}],
+)  # fmt: skip
+def test_timestamps_out_of_range_or_of_the_wrong_type_are_invalid_ticks_never_crashes(timestamp: object) -> None:
+    # 1e20 ms overflows datetime (OverflowError), a 30-digit string too, year 9999 is no market time.
+    body = json.dumps({"symbol": "BTCUSDT", "price": 1.0, "timestamp": timestamp}).encode()
+    with pytest.raises(InvalidMessageError) as caught:
+        parse_tick(body)
+    assert caught.value.reason == "invalid_tick"
+    assert "event_ts" in caught.value.detail
+
+
+@pytest.mark.parametrize("body", [b"NaN", b"[]", b'"x"', b"1e999", b'{"symbol": 1, "price": 1, "timestamp": 1}',
+                                  b'{"symbol": "BTCUSDT", "price": 1e400, "timestamp": 1767346200000}',
+                                  b'{"symbol": "BTCUSDT", "price": NaN, "timestamp": 1767346200000}',
+                                  b'{"symbol": "BTCUSDT", "price": "abc", "timestamp": 1767346200000}',
+                                  b"\xff\xfe"])  # fmt: skip
+def test_any_malformed_body_is_an_invalid_message(body: bytes) -> None:
+    with pytest.raises(InvalidMessageError):
+        parse_tick(body)

@@ -24,7 +24,13 @@ class LakeTable:
 
 
 def storage_options(
-    endpoint: str, region: str, allow_http: bool, access_key_id: str | None, secret_access_key: str | None
+    endpoint: str,
+    region: str,
+    allow_http: bool,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    max_retries: int | None = None,
+    retry_timeout_seconds: float | None = None,
 ) -> dict[str, str]:
     """deltalake's S3 options, built in one place for the operator and the sinks.
 
@@ -37,6 +43,12 @@ def storage_options(
     }
     if access_key_id and secret_access_key:
         options |= {"AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_access_key}
+    # delta-rs retries reads inside one call for up to 3 minutes by default; a caller that retries
+    # whole commits itself (and says so in readiness) may want it to give up sooner.
+    if max_retries is not None:
+        options["max_retries"] = str(max_retries)
+    if retry_timeout_seconds is not None:
+        options["retry_timeout"] = f"{retry_timeout_seconds}s"
     return options
 
 

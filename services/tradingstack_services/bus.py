@@ -67,6 +67,11 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
     await msg.ack()
 
 
+def unprocessable(exc: BaseException) -> InvalidMessageError:
+    """A message whose handling raised something unexpected: dead-letter it with what was raised."""
+    return InvalidMessageError("unprocessable", f"{type(exc).__name__}: {exc}")
+
+
 def readiness(nc: Client) -> Check:
     async def check() -> None:
         if not nc.is_connected:

@@ -49,6 +49,8 @@ class ServiceSettings(BaseSettings):
     SINK_MAX_ROWS: int = Field(50_000, ge=1)
     SINK_MAX_AGE_SECONDS: float = Field(1.0, ge=0.1, description="flush at least this often; at most one commit/s")
     SINK_FETCH_BATCH: int = Field(5_000, ge=1)
+    S3_MAX_RETRIES: int | None = Field(None, ge=0, description="S3 request retries inside one Delta call")
+    S3_RETRY_TIMEOUT_SECONDS: float | None = Field(None, gt=0, description="give up retrying one call after this")
 
     @model_validator(mode="after")
     def _seed_port(self) -> ServiceSettings:
@@ -70,4 +72,6 @@ class ServiceSettings(BaseSettings):
             self.AWS_ALLOW_HTTP,
             self.AWS_ACCESS_KEY_ID,
             self.AWS_SECRET_ACCESS_KEY,
+            self.S3_MAX_RETRIES,
+            self.S3_RETRY_TIMEOUT_SECONDS,
         )

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from prometheus_client import Counter, Histogram
 from tradingstack.lake import ALT_DATA, MARKET_TICKS, LakeTable
 from tradingstack_services import bus
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError, parse_tick
+from tradingstack_services.ticks import InvalidMessageError, parse_tick, to_datetime
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +46,28 @@ ROWS = Counter("tradingstack_sink_rows_total", "Rows committed to Delta", ["tabl
 COMMITS = Counter("tradingstack_sink_commits_total", "Delta commits", ["table"])
 DEAD = Counter("tradingstack_sink_dead_lettered_total", "Messages sent to the dead-letter stream", ["table", "reason"])
 SKIPPED = Counter("tradingstack_sink_duplicates_skipped_total", "Redelivered messages already committed", ["table"])
+COMMIT_FAILURES = Counter("tradingstack_sink_commit_failures_total", "Delta commits that failed and were retried",
+                          ["table"])  # fmt: skip
+# A failed commit is tried again after a delay doubling up to the maximum. A stalled one ends with
+# delta-rs's own request timeouts (S3_RETRY_TIMEOUT_SECONDS); it is never abandoned while it may
+# still land, since a second attempt beside it could commit the same rows twice.
+COMMIT_RETRY_DELAY = 0.5
+COMMIT_RETRY_DELAY_MAX = 15.0
 COMMIT_SECONDS = Histogram("tradingstack_sink_commit_seconds", "Time to commit one batch to Delta", ["table"])
 
 RowMaker = Callable[[Msg, int], dict[str, Any]]
 
 
 class SequenceRanges:
-    """A set of stream sequences kept as merged [low, high] ranges (contiguous runs stay tiny)."""
+    """A set of stream sequences kept as merged [low, high] ranges (contiguous runs stay tiny).
 
-    def __init__(self) -> None:
+    Only the newest `limit` ranges are kept: a gap (a dead-lettered or foreign sequence) starts a
+    new range, and redeliveries come from the last few seconds, not from days ago.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
         self.ranges: list[list[int]] = []
+        self.limit = limit
 
     def add_run(self, low: int, high: int) -> None:
         self.ranges.append([low, high])
@@ -64,7 +78,7 @@ class SequenceRanges:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
-        self.ranges = merged
+        self.ranges = merged[-self.limit :]
 
     def __contains__(self, seq: int) -> bool:
         return any(lo <= seq <= hi for lo, hi in self.ranges)
@@ -96,25 +110,37 @@ def tick_row(msg: Msg, seq: int) -> dict[str, Any]:
     }
 
 
-def alt_row(msg: Msg, seq: int) -> dict[str, Any]:
-    import json
+def _finite_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"value must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"value must be finite, not {value!r}")
+    return number
 
+
+def alt_row(msg: Msg, seq: int) -> dict[str, Any]:
     try:
         data = json.loads(msg.data)
-        event_ts = datetime.fromisoformat(str(data["event_ts"]).replace("Z", "+00:00"))
+        if not isinstance(data, dict):
+            raise TypeError("an alt-data record is a JSON object")
+        event_ts = to_datetime(data["event_ts"])
         symbol, source = str(data["symbol"]).upper(), str(data["source"])
-    except (ValueError, KeyError, TypeError) as exc:
+        value = _finite_or_none(data.get("value"))
+        payload = json.dumps(data.get("payload")) if data.get("payload") is not None else None
+    except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 and number errors are ValueErrors
         raise InvalidMessageError("invalid_alt", f"{type(exc).__name__}: {exc}") from None
-    value = data.get("value")
     return {
         "record_id": str(data.get("record_id") or f"{msg.subject}:{seq}"),
-        "event_ts": event_ts if event_ts.tzinfo else event_ts.replace(tzinfo=UTC),
+        "event_ts": event_ts,
         "ingest_ts": datetime.now(UTC),
         "source": source,
         "symbol": symbol,
-        "kind": data.get("kind") or None,
-        "value": float(value) if value not in (None, "") else None,
-        "payload": json.dumps(data.get("payload")) if data.get("payload") is not None else None,
+        "kind": str(data["kind"]) if data.get("kind") else None,
+        "value": value,
+        "payload": payload,
         "stream_seq": seq,
         "dt": event_ts.strftime("%Y-%m-%d"),
     }
@@ -171,6 +197,33 @@ class LakeSink:
                     raise
                 time.sleep(0.2 * (attempt + 1))  # another writer committed first: try again
 
+    async def _commit_until_done(self, batch: pa.Table, seqs: str) -> None:
+        """Commit, trying again with backoff while S3 fails or stalls: the batch is never given up.
+
+        Its messages stay unacknowledged meanwhile (redeliveries only replace the message to ack),
+        and fetching pauses at the next flush, so memory stays bounded by one batch in flight.
+        """
+        delay = COMMIT_RETRY_DELAY
+        retry = False
+        while True:
+            try:
+                # A failed attempt may have committed all the same (the answer was lost): look first.
+                if not (retry and await asyncio.to_thread(self._holds, seqs)):
+                    await asyncio.to_thread(self._commit, batch, seqs)
+                return
+            except Exception as exc:  # S3 away, 5xx, stalled: the same rows again after a delay
+                COMMIT_FAILURES.labels(self.name).inc()
+                log.warning("commit of %d rows to %s failed, trying again in %.1f s: %s",
+                            batch.num_rows, self.name, delay, f"{type(exc).__name__}: {exc}")  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, COMMIT_RETRY_DELAY_MAX)
+                retry = True
+
+    def _holds(self, seqs: str) -> bool:
+        """Whether one of the table's latest commits is the one recording exactly these sequences."""
+        table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
+        return any(commit.get(SEQ_KEY) == seqs for commit in table.history(20))
+
     async def flush(self) -> None:
         """Commit what is buffered and wait for it (and for a commit already running)."""
         await self.start_flush()
@@ -194,7 +247,7 @@ class LakeSink:
         seqs = list(rows)
         started = time.monotonic()
         batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
-        await asyncio.to_thread(self._commit, batch, SequenceRanges.encode(seqs))
+        await self._commit_until_done(batch, SequenceRanges.encode(seqs))
         COMMIT_SECONDS.labels(self.name).observe(time.monotonic() - started)
         COMMITS.labels(self.name).inc()
         ROWS.labels(self.name).inc(len(seqs))
@@ -218,7 +271,8 @@ class LakeSink:
             return
         try:
             row = self.make_row(msg, seq)
-        except InvalidMessageError as error:
+        except Exception as exc:  # one message that cannot become a row never stops the others
+            error = exc if isinstance(exc, InvalidMessageError) else bus.unprocessable(exc)
             await bus.dead_letter(js, msg, self.settings, error)
             DEAD.labels(self.name, error.reason).inc()
             return
@@ -234,6 +288,9 @@ class LakeSink:
         return len(self.rows) >= self.settings.SINK_MAX_ROWS or aged
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        # Started again after a failure: what was buffered but not committed is unacknowledged and
+        # comes back from JetStream, so start from nothing rather than from half a batch.
+        self.rows, self.pending, self.committing, self.oldest, self.commit_task = {}, {}, {}, None, None
         js = nc.jetstream()
         self.committed = await asyncio.to_thread(self.read_committed)
         log.info("sink %s starts; recent commits hold sequences %s", self.name, self.committed.ranges[-3:])

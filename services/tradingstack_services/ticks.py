@@ -26,7 +26,12 @@ class InvalidMessageError(ValueError):
         self.detail = detail
 
 
-def _to_datetime(value: Any) -> datetime:
+# Market data from before 2000 or after 2100 is a unit mistake (seconds for milliseconds) or garbage.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _parse_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, bool):
@@ -40,6 +45,17 @@ def _to_datetime(value: Any) -> datetime:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     raise ValueError(f"not a timestamp: {value!r}")
+
+
+def to_datetime(value: Any) -> datetime:
+    """A UTC datetime within [2000, 2100), or ValueError: never OverflowError or OSError (huge numbers)."""
+    try:
+        parsed = _parse_datetime(value)
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"timestamp out of range: {str(value)[:40]}") from exc
+    if not EARLIEST <= parsed < LATEST:
+        raise ValueError(f"timestamp {parsed.isoformat()} outside {EARLIEST.year}-{LATEST.year}")
+    return parsed
 
 
 class Tick(BaseModel):
@@ -75,7 +91,7 @@ class Tick(BaseModel):
     @field_validator("event_ts", mode="before")
     @classmethod
     def _timestamp(cls, value: Any) -> datetime:
-        return _to_datetime(value)
+        return to_datetime(value)
 
     @field_validator("price", "size", "volume", "bid", "ask")
     @classmethod
