@@ -313,7 +313,7 @@ def test_a_sink_rides_out_s3_errors_and_stalls_without_loss_or_duplicates(platfo
         (b'{"event_ts": "9999-01-01T00:00:00", "symbol": "BTC", "source": "x"}', "outside"),
         (b'{"symbol": "BTC", "source": "x"}', "KeyError"),
         (b"[1, 2]", "TypeError"),
-        (b"\xff", "ValueError"),
+        (b"\xff", "UnicodeDecodeError"),
     ],
 )
 def test_bad_alt_records_are_invalid_messages_never_crashes(body: bytes, detail: str) -> None:
