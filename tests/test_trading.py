@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from tradingstack_services import ilp
 from tradingstack_services.prices import parse_quote
 from tradingstack_services.trading import (
+    MIN_QUANTITY,
     TRANSITIONS,
     Fill,
     Order,
@@ -37,8 +38,12 @@ def order(**changes: object) -> Order:
     [
         ({"order_type": "limit"}, "a limit order needs limit_price"),
         ({"limit_price": 10.0}, "a market order takes no limit_price"),
-        ({"quantity": 0}, "greater than 0"),
+        ({"quantity": 0}, r"greater than or equal to 0\.00000001"),
+        ({"quantity": 1e-12}, r"greater than or equal to 0\.00000001"),  # below what a fill can move (EPSILON)
+        ({"quantity": 1e15}, "less than or equal to 1000000000"),
         ({"quantity": float("inf")}, "finite number"),
+        ({"quantity": float("nan")}, "finite number"),
+        ({"order_type": "limit", "limit_price": 1e300}, "less than or equal to 1000000000000"),
         ({"side": "short"}, "'buy' or 'sell'"),
         ({"symbol": "btc usdt"}, "pattern"),
         ({"client_order_id": ""}, "pattern"),
@@ -48,6 +53,13 @@ def order(**changes: object) -> Order:
 def test_bad_requests_are_refused_with_the_reason(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         request(**changes)
+
+
+def test_the_smallest_accepted_order_fills_completely() -> None:
+    filled = order(quantity=MIN_QUANTITY).moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED)
+    filled, fill = filled.filled_by(MIN_QUANTITY, 1.0, TS)
+    assert filled.status is OrderStatus.FILLED
+    assert fill.quantity == MIN_QUANTITY
 
 
 def test_every_status_has_its_moves_and_terminal_ones_have_none() -> None:

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -33,6 +34,14 @@ def create_app(
     # more than they tell on a hot path.
     telemetry: Any = {"operation_spans": False, "metrics": False, "logs": False}
     app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan, telemetry=telemetry)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each problem. FastAPI's own handler echoes the input back, and an input holding
+        NaN or Infinity cannot be rendered as JSON: a client error would become a 500."""
+        problems = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                    for e in exc.errors()]  # fmt: skip
+        return JSONResponse({"detail": problems}, status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -11,15 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from enum import StrEnum
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tradingstack.api import RiskLimit
 from tradingstack_services import bus, rediskv
@@ -31,6 +32,12 @@ CHECKS = Counter("tradingstack_risk_checks_total", "Risk checks", ["approved", "
 # Above this share of a limit an approved order is reported HIGH, so humans notice the trend.
 WARN_SHARE = 0.8
 POSITIONS_RESYNC_SECONDS = 5.0
+# How long a check waits for the first load of positions before it answers "not ready".
+POSITIONS_WAIT_SECONDS = 2.0
+
+
+class NotReadyError(RuntimeError):
+    """Risk cannot decide yet (positions not loaded): the caller should retry, nothing was decided."""
 
 
 class RiskLevel(StrEnum):
@@ -40,6 +47,9 @@ class RiskLevel(StrEnum):
 
 
 class CheckRequest(BaseModel):
+    # JSON's NaN and Infinity (and literals that overflow to it) are refused: NaN passes every limit.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     symbol: str = Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")
     quantity: float
     side: Literal["buy", "sell"]
@@ -63,6 +73,8 @@ def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResu
     def reject(level: RiskLevel, reason: str) -> CheckResult:
         return CheckResult(approved=False, risk_level=level, reason=reason)
 
+    if not math.isfinite(request.quantity) or (request.price is not None and not math.isfinite(request.price)):
+        return reject(RiskLevel.CRITICAL, "quantity and price must be finite numbers")
     if request.quantity <= 0:
         return reject(RiskLevel.CRITICAL, "quantity must be positive")
     if request.quantity < limit.min_quantity:
@@ -94,7 +106,10 @@ class RiskService:
 
     async def evaluate(self, request: CheckRequest) -> CheckResult:
         if not self.loaded.is_set():  # never decide on positions we have not read yet
-            await asyncio.wait_for(self.loaded.wait(), 2)
+            try:
+                await asyncio.wait_for(self.loaded.wait(), POSITIONS_WAIT_SECONDS)
+            except TimeoutError:
+                raise NotReadyError("positions not loaded yet (Redis unreachable?); no decision made") from None
         result = check(request, self.limit_for(request.symbol), self.positions.get(request.symbol, 0.0))
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
@@ -127,10 +142,13 @@ class RiskService:
     async def serve_nats(self, nc: Client, stop: Any) -> None:
         async def on_request(msg: Msg) -> None:
             try:
-                result = await self.evaluate(CheckRequest.model_validate_json(msg.data))
+                answer = (await self.evaluate(CheckRequest.model_validate_json(msg.data))).model_dump_json().encode()
             except ValidationError as exc:
-                result = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL, reason=f"invalid request: {exc}")
-            await msg.respond(result.model_dump_json().encode())
+                reason = f"invalid request: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+                answer = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL, reason=reason).model_dump_json()
+            except NotReadyError as exc:  # not a decision: the OMS answers its client 503
+                answer = json.dumps({"error": str(exc)})
+            await msg.respond(answer.encode() if isinstance(answer, str) else answer)
 
         sub = await nc.subscribe("risk.check", queue="risk", cb=on_request)
         await stop.wait()
@@ -143,8 +161,11 @@ def create(settings: ServiceSettings) -> FastAPI:
 
     app = bus.worker_app(settings, [service.follow_positions, service.serve_nats], {"redis": redis_check})
 
-    @app.post("/check")
+    @app.post("/check", responses={503: {"description": "positions not loaded yet; retry after Retry-After"}})
     async def check_order(request: CheckRequest) -> CheckResult:
-        return await service.evaluate(request)
+        try:
+            return await service.evaluate(request)
+        except NotReadyError as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "2"}) from exc
 
     return app

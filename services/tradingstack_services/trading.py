@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SYMBOL = r"^[A-Z0-9][A-Z0-9_-]{0,31}$"
 # Quantities are floats; anything closer to zero than this is zero (no 1e-17 leftovers).
 EPSILON = 1e-9
+# What an order may ask for: at least ten times EPSILON (smaller could never be filled), at most
+# amounts no market trades; prices likewise. Out of range is a 422, never a stuck order.
+MIN_QUANTITY = 1e-8
+MAX_QUANTITY = 1e9
+MAX_PRICE = 1e12
 
 Side = Literal["buy", "sell"]
 
@@ -62,9 +67,9 @@ class OrderRequest(Strict):
     client_order_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="the client's idempotency key")
     symbol: str = Field(pattern=SYMBOL)
     side: Side
-    quantity: float = Field(gt=0, allow_inf_nan=False)
+    quantity: float = Field(ge=MIN_QUANTITY, le=MAX_QUANTITY, allow_inf_nan=False)
     order_type: Literal["market", "limit"] = "market"
-    limit_price: float | None = Field(None, gt=0, allow_inf_nan=False)
+    limit_price: float | None = Field(None, gt=0, le=MAX_PRICE, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _limit_price_iff_limit(self) -> Self:
