@@ -7,8 +7,8 @@ import json
 import math
 import urllib.error
 import urllib.request
-from email.message import Message
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 
 import nats
