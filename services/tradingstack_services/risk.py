@@ -142,13 +142,13 @@ class RiskService:
     async def serve_nats(self, nc: Client, stop: Any) -> None:
         async def on_request(msg: Msg) -> None:
             try:
-                answer = (await self.evaluate(CheckRequest.model_validate_json(msg.data))).model_dump_json().encode()
+                answer = (await self.evaluate(CheckRequest.model_validate_json(msg.data))).model_dump_json()
             except ValidationError as exc:
                 reason = f"invalid request: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
                 answer = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL, reason=reason).model_dump_json()
             except NotReadyError as exc:  # not a decision: the OMS answers its client 503
                 answer = json.dumps({"error": str(exc)})
-            await msg.respond(answer.encode() if isinstance(answer, str) else answer)
+            await msg.respond(answer.encode())
 
         sub = await nc.subscribe("risk.check", queue="risk", cb=on_request)
         await stop.wait()
