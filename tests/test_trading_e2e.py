@@ -399,3 +399,32 @@ def test_a_worker_that_fails_on_a_late_dependency_is_started_again(platform: Pla
         status, placed = servers[ServiceName.OMS].post("/orders", order("late-1", "buy", 1))
         assert status == 201, placed
         final(servers[ServiceName.OMS], placed["order_id"], "filled")
+
+
+def test_an_order_that_can_never_fill_is_cancelled_with_the_reason_and_its_batch_goes_on(platform: Platform) -> None:
+    # Routed without the OMS (which refuses it now): 1e-12 is below what a fill can move.
+    request = OrderRequest(client_order_id="tiny", symbol="BTCUSDT", side="buy", quantity=1)
+    tiny = Order.model_construct(**{**Order.new("o-tiny", request).model_dump(), "quantity": 1e-12})
+    good = Order.new("o-good", OrderRequest(client_order_id="good", symbol="BTCUSDT", side="buy", quantity=1))
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+
+    async def route(nc: Any) -> None:
+        client = aioredis.Redis.from_url(platform.redis.url)
+        for order_ in (tiny, good):
+            stored, _ = await OrderStore(client).claim(order_.moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED))
+            await nc.jetstream().publish(f"orders.routed.{order_.symbol}", stored.raw)
+        await client.aclose()
+
+    platform.run(route)  # both wait in the stream: exeq fetches them in one batch
+    with platform.serve(ServiceName.EXEQ) as exeq_server:
+        wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready")
+
+        def stored(order_id: str) -> dict[str, Any]:
+            raw = redis.Redis.from_url(platform.redis.url).get(f"{ORDER_KEY}{order_id}")
+            return dict(json.loads(raw or b"{}"))
+
+        wait_for(lambda: stored("o-good").get("status") == "filled", 10, "the good order filled")
+        # Not left "routed" for ever, not retried for ever: a final state that says why.
+        tiny_now = wait_for(lambda: (o := stored("o-tiny")).get("status") == "cancelled" and o, 10, "tiny cancelled")
+        assert "nothing left to fill" in tiny_now["reason"]
+        assert tiny_now["fills"] == []

@@ -412,6 +412,19 @@ def _default_tables() -> list[TableSpec]:
 _SERVICE_NAMES = [s.value for s in ServiceName]
 
 
+class Delivery(Model):
+    """How the services' durable consumers treat a message they cannot handle."""
+
+    max_deliver: int = Field(
+        20,
+        ge=2,
+        le=1000,
+        description="Deliveries of one message before it goes to the dead-letter stream with its last error. "
+        "Failed handling is retried after 1, 2, 4 ... 60 s, so the default rides out about 15 minutes "
+        "of a dependency being away.",
+    )
+
+
 class TradingStackSpec(Model):
     """Desired state of a trading platform. An empty spec runs all eight services with defaults."""
 
@@ -472,6 +485,7 @@ class TradingStackSpec(Model):
     drift_check_interval_seconds: int = Field(
         60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."
     )
+    delivery: Delivery = Field(default_factory=Delivery, description="Redelivery and dead-lettering of messages.")
 
     @field_validator("services")
     @classmethod

@@ -54,6 +54,7 @@ class ConsumerPlan:
     durable: str
     filter_subject: str
     service: ServiceName
+    max_deliver: int = 20
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def plan_consumers(spec: TradingStackSpec) -> list[ConsumerPlan]:
         stream, subject = _CONSUMERS[service]
         if stream not in streams:
             raise InvalidSpecError(f"service {service.value} reads stream {stream}, which spec.streams lacks")
-        consumers.append(ConsumerPlan(stream=stream, durable=service.value, filter_subject=subject, service=service))
+        consumers.append(ConsumerPlan(stream=stream, durable=service.value, filter_subject=subject, service=service,
+                                      max_deliver=spec.delivery.max_deliver))  # fmt: skip
     return consumers
 
 
@@ -187,7 +189,8 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     }
     if service in _CONSUMERS:
         stream, subject = _CONSUMERS[service]
-        config |= {"NATS_STREAM": stream, "NATS_DURABLE": service.value, "NATS_FILTER_SUBJECT": subject}
+        config |= {"NATS_STREAM": stream, "NATS_DURABLE": service.value, "NATS_FILTER_SUBJECT": subject,
+                   "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))

@@ -54,16 +54,19 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
     The JetStream publish waits for the dead-letter stream's ack, so the message is stored
     before the original is acknowledged: bad input is never silently dropped.
     """
-    seq = msg.metadata.sequence.stream
+    meta = msg.metadata
+    stream = meta.stream or settings.NATS_STREAM or "unknown"
     headers = {
         "Tradingstack-Reason": error.reason,
         "Tradingstack-Detail": error.detail[:512],
         "Tradingstack-Subject": msg.subject,
-        "Tradingstack-Stream-Seq": str(seq),
+        "Tradingstack-Stream": stream,
+        "Tradingstack-Stream-Seq": str(meta.sequence.stream),
+        "Tradingstack-Deliveries": str(meta.num_delivered),
     }
-    stream = settings.NATS_STREAM or "unknown"
     await js.publish(f"{settings.DEAD_LETTER_PREFIX}.{stream}.{error.reason}", msg.data, headers=headers)
-    log.warning("dead-lettered seq %d: %s", seq, error, extra={"reason": error.reason, "subject": msg.subject})
+    log.warning("dead-lettered seq %d: %s", meta.sequence.stream, error,
+                extra={"reason": error.reason, "subject": msg.subject})  # fmt: skip
     await msg.ack()
 
 
@@ -81,18 +84,41 @@ def readiness(nc: Client) -> Check:
     return check
 
 
-# How long a batch that could not be processed waits before it is delivered again.
+# A message whose handling failed comes back after 1, 2, 4 ... RETRY_DELAY_MAX seconds; on its
+# NATS_MAX_DELIVER-th delivery a failure dead-letters it instead. A batch that fails is retried one
+# message at a time, so one bad message cannot hold back the others; OUTAGE_AFTER failures in a
+# row mean a dependency is away, and the rest of the batch is handed back without trying each.
 RETRY_DELAY = 1.0
+RETRY_DELAY_MAX = 60.0
+OUTAGE_AFTER = 3
 Worker = Callable[[Client, asyncio.Event], Coroutine[Any, Any, Any]]
 Batch = Callable[[Any, list[Msg]], Awaitable[Any]]
+
+
+def retry_delay(deliveries: int) -> float:
+    return min(RETRY_DELAY * 2.0 ** max(deliveries - 1, 0), RETRY_DELAY_MAX)
+
+
+async def give_back(js: Any, msg: Msg, settings: ServiceSettings, error: BaseException) -> None:
+    """A message whose handling failed: delivered again later, or dead-lettered on its last delivery."""
+    if msg.is_acked:
+        return
+    deliveries = msg.metadata.num_delivered
+    if deliveries >= settings.NATS_MAX_DELIVER:
+        reason = InvalidMessageError("delivery_limit", f"{deliveries} deliveries; last error: "
+                                     f"{type(error).__name__}: {error}")  # fmt: skip
+        await dead_letter(js, msg, settings, reason)
+    else:
+        await msg.nak(delay=retry_delay(deliveries))
 
 
 async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, process: Batch, batch: int,
                   wait: float) -> None:  # fmt: skip
     """Fetch from the service's durable pull consumer (NATS_STREAM/NATS_DURABLE) and process each batch.
 
-    `process(js, messages)` acknowledges what it made durable. If it raises, what it did not
-    acknowledge is handed back (nak with a delay of `RETRY_DELAY`) for redelivery, and the loop goes on.
+    `process(js, messages)` acknowledges what it made durable. If it raises, the messages it did not
+    acknowledge are processed again one at a time; each that fails alone is handed back (`give_back`).
+    Nothing here raises for a message: the loop goes on until stopped.
     """
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
@@ -107,12 +133,33 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
             continue
         try:
             await process(js, messages)
-        except Exception as exc:  # a dependency is away: the batch comes back after the delay
-            log.warning("batch of %d not processed, it will be redelivered: %s", len(messages), exc)
-            for msg in messages:
-                with contextlib.suppress(Exception):  # acknowledged ones (dead letters) refuse a nak
-                    await msg.nak(delay=RETRY_DELAY)
+        except Exception as exc:
+            log.warning("batch of %d failed, retrying its messages one at a time: %s", len(messages), exc)
+            await _one_at_a_time(js, [m for m in messages if not m.is_acked], settings, process)
+
+
+async def _one_at_a_time(js: Any, messages: list[Msg], settings: ServiceSettings, process: Batch) -> None:
+    failures = 0
+    last: BaseException | None = None
+    for index, msg in enumerate(messages):
+        if msg.is_acked:
+            continue
+        if failures >= OUTAGE_AFTER and last is not None:  # a dependency is away: hand the rest back
+            for rest in messages[index:]:
+                with contextlib.suppress(Exception):
+                    await give_back(js, rest, settings, last)
             await asyncio.sleep(RETRY_DELAY)
+            return
+        try:
+            await process(js, [msg])
+            failures = 0
+        except Exception as exc:
+            failures += 1
+            last = exc
+            log.warning("message seq %d failed (delivery %d): %s", msg.metadata.sequence.stream,
+                        msg.metadata.num_delivered, exc)  # fmt: skip
+            with contextlib.suppress(Exception):  # NATS away: ack_wait brings it back all the same
+                await give_back(js, msg, settings, exc)
 
 
 # A worker that fails is started again after a delay that doubles from RESTART_DELAY up to

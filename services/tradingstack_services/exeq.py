@@ -102,7 +102,10 @@ class Exeq:
         if executable is None or routed.status is not OrderStatus.ROUTED:
             return None
         quote, price = executable
-        return routed, routed.filled_by(fill_quantity(routed, quote), price)[0]
+        try:
+            return routed, routed.filled_by(fill_quantity(routed, quote), price)[0]
+        except TransitionError:  # nothing it can fill: the careful path says why
+            return None
 
     def _executable(self, order: Order) -> tuple[Quote, float] | None:
         """The quote an order executes against now and its price, or None if it cannot execute yet."""
@@ -123,7 +126,9 @@ class Exeq:
         try:
             if executable is None:
                 if routed.order_type == "market":
-                    if msg.metadata.num_delivered < self.settings.EXEQ_PRICE_ATTEMPTS:
+                    # Give up on the last delivery JetStream will make, if that comes before the attempts.
+                    attempts = min(self.settings.EXEQ_PRICE_ATTEMPTS, self.settings.NATS_MAX_DELIVER)
+                    if msg.metadata.num_delivered < attempts:
                         await msg.nak(delay=self.settings.EXEQ_RETRY_SECONDS)  # no price yet for this symbol
                         return
                     await self.give_up(routed, f"no price for {routed.symbol} after {msg.metadata.num_delivered} tries")
@@ -166,10 +171,12 @@ class Exeq:
         """
         try:
             stored = await self.store.move(order.order_id, lambda o: o.filled_by(quantity, price)[0], current)
-        except TransitionError:
+        except TransitionError as exc:
             current = await self.store.get(order.order_id)
             if current is not None:
                 await self.publish_fills(current.order)
+                if current.order.status in LIVE:  # live, yet nothing it can fill (a dust quantity): end it
+                    await self.give_up(current.order, f"cannot be filled: {exc}")
             await self.unrest(order)
             return None
         filled = stored.order

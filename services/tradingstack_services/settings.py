@@ -32,6 +32,7 @@ class ServiceSettings(BaseSettings):
     NATS_STREAM: str | None = None
     NATS_DURABLE: str | None = None
     NATS_FILTER_SUBJECT: str | None = None
+    NATS_MAX_DELIVER: int = Field(20, ge=2, description="deliveries before a message is dead-lettered")
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits

@@ -56,6 +56,7 @@ def consumer_config(plan: ConsumerPlan) -> js.ConsumerConfig:
         ack_policy=js.AckPolicy.EXPLICIT,
         ack_wait=CONSUMER_ACK_WAIT,
         max_ack_pending=CONSUMER_MAX_ACK_PENDING,
+        max_deliver=plan.max_deliver,
     )
 
 
@@ -85,7 +86,7 @@ def diff_consumer(desired: js.ConsumerConfig, live: js.ConsumerConfig) -> tuple[
     for name in ("deliver_policy", "ack_policy"):
         if getattr(desired, name) != getattr(live, name):
             immutable.append(f"{name} is {_value(getattr(live, name))}, spec says {_value(getattr(desired, name))}")
-    for name in ("filter_subject", "ack_wait", "max_ack_pending"):
+    for name in ("filter_subject", "ack_wait", "max_ack_pending", "max_deliver"):
         if not _same(getattr(desired, name), getattr(live, name)):
             mutable.append(name)
     return mutable, immutable

@@ -1,0 +1,124 @@
+"""The shared consume loop on a real nats-server: a message whose handling fails is retried with
+backoff and dead-lettered on its last delivery, without holding back the rest of its batch; a
+dependency that is away for a while costs retries, not messages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+
+from tradingstack_services import bus
+from tradingstack_services.settings import ServiceSettings
+
+from conftest import NatsServer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    nats_server = NatsServer(tmp_path / "js")
+    nats_server.start()
+    yield nats_server
+    nats_server.stop()
+
+
+def settings(url: str, max_deliver: int) -> ServiceSettings:
+    return ServiceSettings(SERVICE_NAME="worker", NATS_URL=url, NATS_STREAM="WORK", NATS_DURABLE="worker",
+                           NATS_MAX_DELIVER=max_deliver)  # type: ignore[call-arg]  # fmt: skip
+
+
+async def prepare(url: str, max_deliver: int, count: int) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="WORK", subjects=["work.>"])
+    await js.add_stream(name="DEAD_LETTER", subjects=["dlq.>"])
+    await js.add_consumer("WORK", js_api.ConsumerConfig(
+        durable_name="worker", ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=30, max_deliver=max_deliver))  # fmt: skip
+    for i in range(count):
+        await js.publish(f"work.{i}", str(i).encode())
+    await nc.close()
+
+
+async def run(url: str, config: ServiceSettings, process: bus.Batch, until: Any, within: float) -> None:
+    nc = await nats.connect(url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(nc, stop, config, process, 100, 0.2))
+    deadline = time.monotonic() + within
+    while not until() and time.monotonic() < deadline:  # noqa: ASYNC110 (polls test state)
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await nc.close()
+
+
+async def dead_letters(url: str) -> list[Msg]:
+    nc = await nats.connect(url)
+    sub = await nc.jetstream().pull_subscribe("dlq.>", durable="inspect", stream="DEAD_LETTER")
+    try:
+        return list(await sub.fetch(10, timeout=1))
+    except TimeoutError:
+        return []
+    finally:
+        await nc.close()
+
+
+def test_a_poison_message_is_dead_lettered_on_its_last_delivery_and_the_rest_go_through(
+    server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "RETRY_DELAY", 0.1)
+    asyncio.run(prepare(server.url, 3, 10))
+    handled: list[int] = []
+    attempts: list[int] = []
+
+    async def process(_: Any, messages: list[Msg]) -> None:
+        for msg in messages:
+            if msg.data == b"4":
+                attempts.append(msg.metadata.num_delivered)
+                raise OverflowError("date value out of range")  # an error the handler did not expect
+            if not msg.is_acked:
+                handled.append(int(msg.data))
+                await msg.ack()
+
+    asyncio.run(run(server.url, settings(server.url, 3), process, lambda: 3 in attempts, 20))
+    assert sorted(handled) == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # each once, none held back by message 4
+    assert sorted(set(attempts)) == [1, 2, 3]  # three deliveries (each tried in its batch, then alone)
+    (letter,) = asyncio.run(dead_letters(server.url))
+    assert letter.data == b"4"
+    assert letter.subject == "dlq.WORK.delivery_limit"
+    assert letter.headers["Tradingstack-Deliveries"] == "3"
+    assert "OverflowError: date value out of range" in letter.headers["Tradingstack-Detail"]
+    assert letter.headers["Tradingstack-Subject"] == "work.4"
+
+
+def test_a_dependency_away_for_a_while_costs_retries_not_messages(
+    server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "RETRY_DELAY", 0.1)
+    asyncio.run(prepare(server.url, 10, 50))
+    back_at = time.monotonic() + 1.5
+    handled: list[int] = []
+    failed_calls: list[int] = []  # the size of each call that met the outage
+
+    async def process(_: Any, messages: list[Msg]) -> None:
+        if time.monotonic() < back_at:
+            failed_calls.append(len(messages))
+            raise ConnectionError("redis is away")
+        for msg in messages:
+            handled.append(int(msg.data))
+            await msg.ack()
+
+    asyncio.run(run(server.url, settings(server.url, 10), process, lambda: len(handled) >= 50, 30))
+    assert sorted(handled) == list(range(50))
+    assert asyncio.run(dead_letters(server.url)) == []
+    # The outage was noticed after OUTAGE_AFTER single tries per failed batch, not one try per message.
+    in_batches = sum(size for size in failed_calls if size > 1)
+    singles = sum(1 for size in failed_calls if size == 1)
+    assert in_batches >= 50
+    assert singles < in_batches / 4
