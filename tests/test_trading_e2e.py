@@ -428,3 +428,64 @@ def test_an_order_that_can_never_fill_is_cancelled_with_the_reason_and_its_batch
         tiny_now = wait_for(lambda: (o := stored("o-tiny")).get("status") == "cancelled" and o, 10, "tiny cancelled")
         assert "nothing left to fill" in tiny_now["reason"]
         assert tiny_now["fills"] == []
+
+
+def _orders_stream_subjects(platform: Platform, subjects: list[str]) -> None:
+    """Change what the ORDERS stream stores: without orders.routed.>, a routing publish gets no ack."""
+
+    async def update(nc: Any) -> None:
+        jsm = nc.jsm()
+        config = (await jsm.stream_info("ORDERS")).config
+        config.subjects = subjects
+        await jsm.update_stream(config)
+
+    platform.run(update)
+
+
+def test_a_retry_after_a_failed_routing_places_the_order_exactly_once(trading: Trading) -> None:
+    platform, oms_server, _exeq_server, _pnl_server = trading
+    _orders_stream_subjects(platform, ["orders.new.>", "orders.rejected.>", "orders.cancelled.>"])
+    status, body = oms_server.post("/orders", order("route-1", "buy", 1))
+    assert status == 503, body
+    assert "retry with the same client_order_id" in body["detail"]
+    _orders_stream_subjects(platform, ["orders.>"])
+    status, placed = oms_server.post("/orders", order("route-1", "buy", 1))
+    assert status == 200, placed  # the same order, now routed: not a cancelled one
+    assert placed["status"] in ("routed", "filled")
+    filled = final(oms_server, placed["order_id"], "filled")
+    assert len(filled["fills"]) == 1
+    routed = [s for s, _ in platform.messages("ORDERS") if s.startswith("orders.routed.")]
+    assert len(routed) == 1
+
+
+def test_an_order_whose_routing_was_never_confirmed_is_routed_by_the_recovery_pass(trading: Trading) -> None:
+    # The client gave up after the 503 (or the OMS died right after the claim): nobody retries.
+    platform, oms_server, _exeq_server, _pnl_server = trading
+    _orders_stream_subjects(platform, ["orders.new.>", "orders.rejected.>", "orders.cancelled.>"])
+    status, _ = oms_server.post("/orders", order("route-2", "buy", 1))
+    assert status == 503
+    order_id = json.loads(redis.Redis.from_url(platform.redis.url).get(
+        f"{ORDER_KEY}{redis.Redis.from_url(platform.redis.url).get('tradingstack:client-order:route-2').decode()}"
+    ))["order_id"]  # fmt: skip
+    _orders_stream_subjects(platform, ["orders.>"])
+    filled = wait_for(lambda: (b := oms_server.get(f"/orders/{order_id}")[1])["status"] == "filled" and b, 30,
+                      "the order routed by the recovery pass and filled")  # fmt: skip
+    assert len(filled["fills"]) == 1
+
+
+def test_a_retry_of_a_known_order_is_answered_without_risk(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        risk_server = stack.enter_context(platform.serve(ServiceName.RISK))
+        oms_server = stack.enter_context(platform.serve(ServiceName.OMS))
+        wait_for(lambda: oms_server.get("/readyz")[0] == 200, 20, "oms ready")
+        status, placed = oms_server.post("/orders", order("known-1", "buy", 1))
+        assert status == 201, placed
+        risk_server.__exit__()  # risk goes away
+        wait_for(lambda: oms_server.get("/readyz")[0] == 503, 20, "oms sees risk gone")
+        status, again = oms_server.post("/orders", order("known-1", "buy", 1))
+        assert status == 200, again
+        assert again["order_id"] == placed["order_id"]
+        status, other = oms_server.post("/orders", order("unknown-1", "buy", 1))
+        assert status == 503  # a new order still needs a decision
+        assert "risk did not answer" in other["detail"]

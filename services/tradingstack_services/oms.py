@@ -4,13 +4,17 @@ The hot path is three round trips on connections opened once: ask risk (NATS req
 on `risk.check`), store the decided order under its client order id (Redis, one Lua call
 that also makes a repeated id return the first order), publish it durably on
 `orders.routed.{SYMBOL}` (JetStream ack, deduplicated by order id). The order is stored as
-routed before it is published, so exeq never sees an order that Redis does not know as routed.
+routed before it is published, so exeq never sees an order that Redis does not know as routed;
+until JetStream acknowledges it, it is marked unrouted and published again by a retry of its
+client order id or by the recovery pass, so an accepted order is routed exactly once.
 History goes to QuestDB's `orders` table behind the hot path; every status change is also an
 event on `orders.{status}.{SYMBOL}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -39,6 +43,12 @@ LATENCY = Histogram(
     "tradingstack_oms_order_seconds", "POST /orders, decision to answer",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )  # fmt: skip
+
+
+# The recovery pass runs every REROUTE_INTERVAL seconds and routes orders whose routing has been
+# unconfirmed for REROUTE_AFTER seconds (longer than any request takes, so it never races one).
+REROUTE_INTERVAL = 2.0
+REROUTE_AFTER = 5.0
 
 
 class UnavailableError(RuntimeError):
@@ -108,39 +118,72 @@ class Oms:
 
         Risk decides first and the decided order is then claimed under its client order id in one
         step, so nothing is stored for a request that got no decision (the client retries the same
-        id), and two racing requests with one id end with one order. The order is serialised once:
-        the same bytes are stored, routed and answered (exeq relies on stored == routed bytes).
+        id), and two racing requests with one id end with one order. A routed order is claimed with
+        a mark that it still has to reach JetStream; the mark goes when JetStream acknowledges it, and
+        until then a retry of the same id (or the recovery pass) publishes it again, deduplicated by
+        order id. The order is serialised once: the same bytes are stored, routed and answered.
         """
         order = Order.new(uuid.uuid4().hex, request)
-        result = await self.risk_check(request)
+        try:
+            result = await self.risk_check(request)
+        except UnavailableError:
+            known = await self.store.find(request.client_order_id)  # a retry needs no new decision
+            if known is None:
+                raise
+            return await self._known(known, request), False
         if result.approved:
             decided = order.moved(OrderStatus.RISK_CHECKED, risk_level=result.risk_level).moved(OrderStatus.ROUTED)
         else:
             decided = order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
-        stored, created = await self.store.claim(decided)
+        routed = decided.status is OrderStatus.ROUTED
+        stored, created = await self.store.claim(decided, unrouted=routed)
         if not created:
-            if not stored.order.same_request(request):
-                raise ConflictError(
-                    f"client_order_id {request.client_order_id} already names order {stored.order.order_id}, "
-                    "with different terms"
-                )
-            return stored, False
+            return await self._known(stored, request), False
         await self._event(decided)
-        if decided.status is OrderStatus.ROUTED:
+        if routed:
             await self._route(stored)
         return stored, True
 
+    async def _known(self, stored: Stored, request: OrderRequest) -> Stored:
+        """A retry: the same terms get the order (routed now if its first routing did not finish)."""
+        if not stored.order.same_request(request):
+            raise ConflictError(
+                f"client_order_id {request.client_order_id} already names order {stored.order.order_id}, "
+                "with different terms"
+            )
+        if await self.store.is_unrouted(stored.order.order_id):
+            await self._route(stored)
+        return stored
+
     async def _route(self, stored: Stored) -> None:
+        """Publish the routing message and wait for JetStream's ack; only then is the order routed for sure."""
         order = stored.order
         headers = tracing.inject({"Nats-Msg-Id": order.order_id})  # the trace of the HTTP request goes along
         try:
             await self._nats().jetstream().publish(f"orders.routed.{order.symbol}", stored.raw, headers=headers)
         except Exception as exc:
-            # Not stored by JetStream (as far as we know): cancel it, so a late delivery cannot fill it.
-            reason = f"routing failed: {exc}"
-            cancelled = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
-            await self._event(cancelled.order)
-            raise UnavailableError(f"order {order.order_id} could not be routed and was cancelled: {exc}") from exc
+            # Kept, marked unrouted: a retry of the same client id or the recovery pass routes it.
+            raise UnavailableError(
+                f"order {order.order_id} accepted but not routed yet ({type(exc).__name__}: {exc}); "
+                "retry with the same client_order_id"
+            ) from exc
+        await self.store.routed(order.order_id)
+
+    async def reroute(self, _: Client, stop: asyncio.Event) -> None:
+        """Worker: route orders whose routing was never confirmed (a failed publish, a crash after the claim)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), REROUTE_INTERVAL)
+            try:
+                for order_id in await self.store.unrouted(older_than=REROUTE_AFTER):
+                    stored = await self.store.get(order_id)
+                    if stored is None or stored.order.status is not OrderStatus.ROUTED:
+                        await self.store.routed(order_id)  # gone, or moved on (cancelled): nothing to send
+                        continue
+                    await self._route(stored)
+                    log.warning("order %s routed by the recovery pass", order_id)
+            except Exception as exc:  # NATS or Redis away: the next pass tries again
+                log.warning("recovery pass: %s", exc)
 
     async def cancel(self, order_id: str) -> Order:
         stored = await self.store.move(order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason="cancelled by client"))
@@ -156,7 +199,8 @@ def create(settings: ServiceSettings) -> FastAPI:
         # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.
         await oms._nats().request("risk.check", b"{}", timeout=0.5)
 
-    app = bus.worker_app(settings, [oms.attach, oms.history.run], {"redis": redis_check, "risk": risk_check})
+    app = bus.worker_app(settings, [oms.attach, oms.history.run, oms.reroute],
+                         {"redis": redis_check, "risk": risk_check})  # fmt: skip
 
     @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})
     async def place_order(request: OrderRequest) -> Response:
@@ -169,7 +213,8 @@ def create(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(409, str(exc)) from exc
         except (UnavailableError, aioredis.RedisError) as exc:
             ORDERS.labels("unavailable").inc()
-            raise HTTPException(503, f"order not accepted, retry with the same client_order_id: {exc}") from exc
+            raise HTTPException(503, f"retry with the same client_order_id: {exc}",
+                                headers={"Retry-After": "1"}) from exc  # fmt: skip
         LATENCY.observe(time.perf_counter() - started)
         ORDERS.labels(stored.order.status.value if created else "retry").inc()
         # The stored bytes: FastAPI's generic encoder would cost ~0.1 ms an order.

@@ -8,6 +8,7 @@ fill ends in exactly one of them, never in a mix.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ from tradingstack_services.trading import Order
 
 ORDER_KEY = "tradingstack:order:"
 CLIENT_KEY = "tradingstack:client-order:"
+# Routed orders whose publish to JetStream is not confirmed yet, scored by claim time: the OMS
+# (a retry of the same client id, or its recovery pass) publishes them until one is acknowledged.
+UNROUTED_KEY = "tradingstack:oms:unrouted"
 # How often a compare-and-set is retried when another writer moved the order in between.
 CAS_ATTEMPTS = 20
 
@@ -25,6 +29,7 @@ local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 return false
 """
 _CAS = """
@@ -63,14 +68,17 @@ class OrderStore:
         self._cas = redis.register_script(_CAS)
         self._cas_loaded = False
 
-    async def claim(self, order: Order) -> tuple[Stored, bool]:
+    async def claim(self, order: Order, unrouted: bool = False) -> tuple[Stored, bool]:
         """Store an order under its client order id, atomically; if that id is taken, the order it names.
 
+        `unrouted` also records, in the same step, that the order still has to reach JetStream
+        (`routed()` clears that), so a crash right after the claim cannot strand it.
         Returns (stored order, created). One round trip when the id is new.
         """
         stored = Stored.of(order)
         existing = await self._claim(
-            keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id], args=[order.order_id, stored.raw]
+            keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id, UNROUTED_KEY],
+            args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0"],
         )
         if existing is None:
             return stored, True
@@ -79,6 +87,25 @@ class OrderStore:
         if found is None:
             raise UnknownOrderError(f"client order id {order.client_order_id} names order {order_id}, which is gone")
         return found, False
+
+    async def find(self, client_order_id: str) -> Stored | None:
+        """The order a client order id names, if any."""
+        order_id = await self.redis.get(CLIENT_KEY + client_order_id)
+        if order_id is None:
+            return None
+        return await self.get(order_id.decode() if isinstance(order_id, bytes) else str(order_id))
+
+    async def routed(self, order_id: str) -> None:
+        """JetStream acknowledged the order's routing message."""
+        await self.redis.zrem(UNROUTED_KEY, order_id)
+
+    async def is_unrouted(self, order_id: str) -> bool:
+        return await self.redis.zscore(UNROUTED_KEY, order_id) is not None
+
+    async def unrouted(self, older_than: float) -> list[str]:
+        """Orders claimed more than `older_than` seconds ago whose routing is still unconfirmed."""
+        ids = await self.redis.zrangebyscore(UNROUTED_KEY, "-inf", time.time() - older_than)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def get(self, order_id: str) -> Stored | None:
         raw = await self.redis.get(ORDER_KEY + order_id)
