@@ -75,7 +75,7 @@ class QuestDBState:
     mutations: list[str] = field(default_factory=list)  # DDL that changed something
     statements: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    unavailable: bool = False  # ILP writes answer 503 while set
+    unavailable: bool = False  # every request answers 503 while set
 
     def execute(self, sql: str) -> dict[str, Any]:
         sql = " ".join(sql.strip().rstrip(";").split())
@@ -297,6 +297,9 @@ class QuestDBDouble:
                 self.end_headers()
 
             def do_GET(self) -> None:
+                if state.unavailable:
+                    self._reply(503, {"error": "unavailable"})
+                    return
                 url = urlparse(self.path)
                 if url.path != "/exec":
                     self._reply(404, {"error": "not found"})

@@ -327,6 +327,11 @@ def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> N
         status, placed = oms_server.post("/orders", order("qdb-away", "buy", 2))
         assert (status, placed["status"]) == (201, "routed")
         assert position(pnl_server, 2)["avg_price"] == pytest.approx(100.1)  # visible without QuestDB
+        # Positions do not need QuestDB, so pnl stays ready (its Service keeps routing to it) and says why.
+        status, ready = pnl_server.get("/readyz")
+        assert status == 200, ready
+        assert "questdb" not in ready["checks"]
+        assert "503" in ready["degraded"]["questdb"]
         time.sleep(2.5)  # the batch has been handed back and retried at least once
         assert platform.questdb.state.tables["fills"].rows == []
     finally:

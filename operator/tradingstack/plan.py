@@ -258,6 +258,8 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
         "args": ["service", workload.service.value],
         "envFrom": [{"configMapRef": {"name": workload.name}}],
         "ports": [{"name": "http", "containerPort": workload.port, "protocol": "TCP"}],
+        # Up to 60 s to start (imports of pyarrow and deltalake on a busy node), then liveness takes over.
+        "startupProbe": _probe("/healthz", 2, 30),
         "readinessProbe": _probe("/readyz", 5, 3),
         "livenessProbe": _probe("/healthz", 10, 6),
         "resources": {k: v for k, v in resources.items() if v},

@@ -29,7 +29,10 @@ def create_app(
     name: str,
     checks: dict[str, Check],
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    degraded: dict[str, Check] | None = None,
 ) -> FastAPI:
+    """`checks` decide readiness; `degraded` ones (a dependency the service can serve without, like
+    QuestDB for history) are reported under "degraded" in /readyz without making it 503."""
     # Request spans carry trace context; per-operation spans and OTel metrics (Prometheus has them) cost
     # more than they tell on a hot path.
     telemetry: Any = {"operation_spans": False, "metrics": False, "logs": False}
@@ -51,12 +54,16 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """Ready only when every dependency answers right now; 503 names the ones that do not."""
-        results = await asyncio.gather(*(_run(c) for c in checks.values()))
-        failed = {dep: err for dep, err in zip(checks, results, strict=True) if err is not None}
+        optional = degraded or {}
+        results = await asyncio.gather(*(_run(c) for c in [*checks.values(), *optional.values()]))
+        outcome = {dep: err or "ok" for dep, err in zip([*checks, *optional], results, strict=True)}
+        failed = [dep for dep in checks if outcome[dep] != "ok"]
         body: dict[str, Any] = {
             "status": "ready" if not failed else "not ready",
-            "checks": {dep: failed.get(dep, "ok") for dep in checks},
+            "checks": {dep: outcome[dep] for dep in checks},
         }
+        if optional:
+            body["degraded"] = {dep: outcome[dep] for dep in optional}
         return JSONResponse(body, status_code=503 if failed else 200)
 
     @app.get("/metrics")

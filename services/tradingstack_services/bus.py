@@ -232,7 +232,12 @@ async def connect_until_stopped(settings: ServiceSettings, stop: asyncio.Event) 
     return None
 
 
-def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[str, Check] | None = None) -> FastAPI:
+def worker_app(
+    settings: ServiceSettings,
+    workers: list[Worker],
+    checks: dict[str, Check] | None = None,
+    degraded: dict[str, Check] | None = None,
+) -> FastAPI:
     """A service app whose work runs beside the HTTP server on one shared NATS connection.
 
     The HTTP server starts at once; the connection is made in the background (retried until NATS
@@ -280,4 +285,4 @@ def worker_app(settings: ServiceSettings, workers: list[Worker], checks: dict[st
             raise RuntimeError("; ".join(problems))
 
     all_checks = {"nats": nats_check, "workers": workers_check, **(checks or {})}
-    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan)
+    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan, degraded=degraded)

@@ -174,7 +174,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     async def questdb_check() -> None:
         await asyncio.to_thread(pnl.questdb.query, "SELECT table_name FROM tables()")
 
-    app = bus.worker_app(settings, [pnl.prices.follow, pnl.run], {"redis": redis_check, "questdb": questdb_check})
+    # Positions and P&L need Redis only; QuestDB away delays history, so it does not take pnl out of service.
+    app = bus.worker_app(settings, [pnl.prices.follow, pnl.run], {"redis": redis_check}, {"questdb": questdb_check})
 
     @app.get("/positions")
     async def positions() -> list[PositionView]:
