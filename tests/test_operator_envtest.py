@@ -293,3 +293,23 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(
         lambda: (s := get_stack(kube, namespace, "restart"))["status"].get("observedGeneration") == 2 and s
     )
     assert condition(stack, "Degraded")["status"] == "False"
+
+
+def test_a_removed_env_override_leaves_the_configmap(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    # The checksum rolls pods on every ConfigMap change: the ConfigMap must then hold exactly the
+    # spec's keys, or pods restart onto a value the spec no longer has.
+    spec = {**infra, "services": {"risk": {"env": [{"name": "EXTRA_FLAG", "value": "on"}]}},
+            "riskLimits": [{"symbol": "BTCUSDT", "maxQuantity": 5}]}  # fmt: skip
+    create_stack(kube, namespace, "rm", spec)
+    wait_for(lambda: children(kube, namespace, "rm").get(("ConfigMap", "rm-risk"), {}).get("data", {})
+             .get("EXTRA_FLAG") == "on", what="the override applied")  # fmt: skip
+    patch_spec(kube, namespace, "rm", {"services": {"risk": {"env": []}}, "riskLimits": []})
+
+    def removed() -> dict[str, str] | None:
+        data: dict[str, str] = children(kube, namespace, "rm")[("ConfigMap", "rm-risk")]["data"]
+        return data if "EXTRA_FLAG" not in data and "RISK_LIMITS" not in data else None
+
+    data = wait_for(removed, what="the removed keys gone from the ConfigMap")
+    assert data["SERVICE_NAME"] == "risk"

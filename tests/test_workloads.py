@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tradingstack.workloads import first_difference, quantity
+from tradingstack.workloads import diff_object, first_difference, quantity
 
 
 def test_server_defaults_are_not_drift() -> None:
@@ -33,3 +33,12 @@ def test_canonical_quantities_are_the_same_value() -> None:
     assert quantity("2k") == 2000
     assert quantity("1.5") == quantity("1500m")
     assert quantity("lots") is None
+
+
+def test_a_configmap_key_the_plan_no_longer_has_is_drift() -> None:
+    desired = {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "s-risk"}, "data": {"A": "1"}}
+    live = {"metadata": {"name": "s-risk", "resourceVersion": "7"}, "data": {"A": "1", "RISK_LIMITS": "[]"}}
+    change = diff_object(desired, live)
+    assert change is not None
+    assert "RISK_LIMITS" in change.detail
+    assert diff_object(desired, {"metadata": {"name": "s-risk"}, "data": {"A": "1"}}) is None

@@ -80,7 +80,15 @@ def diff_object(desired: dict[str, Any], live: dict[str, Any] | None) -> Change 
     # apiVersion/kind are not echoed on list items; compare what the plan owns.
     owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
     where = first_difference(owned, live)
-    return Change("update", desired["kind"], name, f"{where.lstrip('.')} differs") if where else None
+    if where:
+        return Change("update", desired["kind"], name, f"{where.lstrip('.')} differs")
+    if desired["kind"] == "ConfigMap":
+        # Every key of a ConfigMap is ours (the server adds none): one the plan dropped must go, or the
+        # pods the checksum rolls would start with it. Server-side apply removes what we stop applying.
+        extra = sorted(set(live.get("data") or {}) - set(desired.get("data") or {}))
+        if extra:
+            return Change("update", desired["kind"], name, f"data.{', data.'.join(extra)} not in the spec")
+    return None
 
 
 class WorkloadProvisioner:
