@@ -167,6 +167,8 @@ def test_make_up_reaches_ready_with_every_deployment_available(cluster: Cluster)
     assert row.split()[:4] == [STACK, "True", "Ready", "8/8"]
     for kind in ("StreamsReady", "BucketsReady", "TablesReady", "ServicesReady"):
         assert cluster.conditions()[kind]["status"] == "True", cluster.conditions()[kind]
+    # The chart's test hook agrees (it waits for the sample stack's Ready condition from a pod).
+    assert "Phase:          Succeeded" in cluster.helm("test", RELEASE, "--timeout", "3m")
     # The operator ran in its pod with the chart's ServiceAccount (its in-cluster login worked).
     operator = cluster.json("pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
     assert operator["spec"]["serviceAccountName"] == f"{RELEASE}-tradingstack"
