@@ -3,7 +3,10 @@
 Lines are appended in memory and written once a second in one ILP request from a worker
 thread. While QuestDB is unreachable they wait (up to MAX_BUFFERED lines, then the oldest
 are dropped and counted: history, unlike positions, is not worth an outage of the OMS).
-A batch QuestDB refuses (4xx: it can never succeed) is logged, counted and dropped.
+A batch QuestDB refuses (4xx) is split in halves until the lines it refuses are alone: those
+are logged with QuestDB's reason, counted and dropped, and every other line is written. Every
+history table has dedup keys, so writing a line again (a half QuestDB half-applied, across
+tables) changes nothing.
 """
 
 from __future__ import annotations
@@ -41,10 +44,7 @@ class History:
             return
         batch, self.lines = self.lines, deque()  # rows added while writing wait for the next flush
         try:
-            await asyncio.to_thread(self.questdb.write_ilp, list(batch))
-        except QuestDBError as exc:
-            log.error("QuestDB refused %d history rows, dropped: %s", len(batch), exc)
-            DROPPED.labels("refused").inc(len(batch))
+            await asyncio.to_thread(self._write, list(batch))
         except Exception as exc:  # unreachable: keep them, oldest first, for the next try
             batch.extend(self.lines)
             self.lines = batch
@@ -52,9 +52,26 @@ class History:
                 self.lines.popleft()
                 DROPPED.labels("buffer_full").inc()
             log.warning("history not written yet (%d rows buffered): %s", len(self.lines), exc)
-        else:
-            WRITTEN.inc(len(batch))
         BUFFERED.set(len(self.lines))
+
+    def _write(self, lines: list[str]) -> None:
+        """Write the lines; a refused group is split until each refused line is alone, and dropped.
+
+        Raises only when QuestDB cannot be reached: what was written stays written (dedup keys make
+        the retry harmless) and the caller keeps the whole batch for the next flush.
+        """
+        try:
+            self.questdb.write_ilp(lines)
+        except QuestDBError as exc:
+            if len(lines) == 1:
+                log.error("QuestDB refused a history row, dropped: %s; row: %s", exc.message, lines[0][:512])
+                DROPPED.labels("refused").inc()
+                return
+            middle = len(lines) // 2
+            self._write(lines[:middle])
+            self._write(lines[middle:])
+            return
+        WRITTEN.inc(len(lines))
 
     async def run(self, _nc: object, stop: asyncio.Event) -> None:
         """A service worker: flush every interval, and once more on the way out."""
