@@ -130,6 +130,13 @@ class QuestDBState:
                     raise RejectedError(f"deduplicate key column not found [column={key}]")
             if ts not in dedup:
                 raise RejectedError("deduplicate key list must include dedicated timestamp column")
+            for key in dedup:
+                # Variable-size STRING and BINARY cannot be upsert keys (VARCHAR and SYMBOL can):
+                # "deduplicate key column can only be fixed size column [column=device_id, type=STRING]",
+                # github.com/questdb/questdb-connect/issues/14; questdb.com/docs/concept/deduplication/
+                if columns[key] in ("STRING", "BINARY"):
+                    raise RejectedError(f"deduplicate key column can only be fixed size column "
+                                        f"[column={key}, type={columns[key]}]")  # fmt: skip
         self.tables[name] = Table(columns, ts, part, wal, dedup)
         self.mutations.append(f"create {name}")
         return {"ddl": "OK"}
@@ -239,9 +246,11 @@ def _parse_line(number: int, line: str, tables: dict[str, Table]) -> tuple[str, 
         if kind is None:
             raise fail(f"column {col} does not exist (auto-creation is off)")
         if value.endswith("i") and value[:-1].lstrip("-").isdigit():
-            if kind not in ("LONG", "INT", "SHORT", "BYTE"):
+            # An ILP integer is cast into byte, short, int, long, float, double, date and timestamp
+            # columns (questdb.com/docs/ingestion/ilp/columnset-types, "Cast table"); nothing else.
+            if kind not in ("LONG", "INT", "SHORT", "BYTE", "FLOAT", "DOUBLE", "DATE", "TIMESTAMP"):
                 raise fail(f"cast error: integer into {kind} column {col}")
-            row[col] = int(value[:-1])
+            row[col] = float(value[:-1]) if kind in ("FLOAT", "DOUBLE") else int(value[:-1])
         elif value.startswith('"'):
             if kind not in ("STRING", "VARCHAR"):
                 raise fail(f"cast error: string into {kind} column {col}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from questdb_double import QuestDBDouble
 from tradingstack import backends
 from tradingstack.api import S3Endpoint
 from tradingstack.backends.jetstream import JetStreamProvisioner
-from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack.backends.questdb import QuestDBError, QuestDBProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
@@ -242,7 +243,8 @@ def test_tables_from_nothing_then_nothing_to_do(qdb: QuestDBDouble) -> None:
     assert [c.name for c in first.changes] == ["ticks", "ohlcv_1m", "orders", "fills", "positions"]
     ticks = qdb.state.tables["ticks"]
     assert (ticks.designated, ticks.partition_by, ticks.wal) == ("ts", "DAY", True)
-    assert ticks.dedup == ["ts", "symbol", "venue"]
+    assert ticks.dedup == ["ts", "symbol", "tick_id"]
+    assert ticks.columns["tick_id"] == "VARCHAR"
     assert ticks.columns["symbol"] == "SYMBOL"
     mutations = list(qdb.state.mutations)
     assert provisioner.reconcile(plan).changes == []
@@ -304,7 +306,7 @@ def test_the_questdb_double_rejects_what_questdb_rejects(qdb: QuestDBDouble, sql
     ("line", "error"),
     [
         ("nope,symbol=A price=1.0 1767346200000000000", "table does not exist"),
-        ("ticks,symbol=A price=1i 1767346200000000000", "integer into DOUBLE"),
+        ("ticks,symbol=A tick_id=1i 1767346200000000000", "integer into VARCHAR"),  # into DOUBLE is cast
         ('ticks,symbol=A price="x" 1767346200000000000', "string into DOUBLE"),
         ("ticks,symbol=A colour=1.0 1767346200000000000", "column colour does not exist"),
         ("ticks,price=1.0 size=1.0 1767346200000000000", "must be a SYMBOL column"),
@@ -317,3 +319,30 @@ def test_the_questdb_double_rejects_bad_line_protocol(qdb: QuestDBDouble, line: 
     with pytest.raises(Exception, match=error):
         provisioner.write_ilp(["ticks,symbol=A price=1.0 1767346200000000000", line])  # all or nothing
     assert qdb.state.tables["ticks"].rows == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        ("CREATE TABLE t (id STRING, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL DEDUP UPSERT KEYS(ts, id)",
+         "can only be fixed size column [column=id, type=STRING]"),
+        ("CREATE TABLE t (id BINARY, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL DEDUP UPSERT KEYS(ts, id)",
+         "can only be fixed size column"),
+    ],
+)  # fmt: skip
+def test_the_double_refuses_variable_size_dedup_keys_as_questdb_does(qdb: QuestDBDouble, sql: str, error: str) -> None:
+    with pytest.raises(QuestDBError, match=re.escape(error)):
+        QuestDBProvisioner(qdb.url).query(sql)
+    ok = "CREATE TABLE v (id VARCHAR, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL DEDUP UPSERT KEYS(ts, id)"
+    QuestDBProvisioner(qdb.url).query(ok)
+
+
+def test_the_double_casts_an_ilp_integer_into_a_double_column_as_questdb_does(qdb: QuestDBDouble) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.query(
+        "CREATE TABLE p (price DOUBLE, n LONG, s VARCHAR, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL"
+    )
+    provisioner.write_ilp(["p price=100i,n=3i 1767346200000000000"])
+    assert qdb.state.tables["p"].rows == [{"price": 100.0, "n": 3, "ts": 1767346200000000}]
+    with pytest.raises(QuestDBError, match="cast error"):
+        provisioner.write_ilp(["p s=5i 1767346200000000000"])

@@ -136,3 +136,19 @@ def test_ticks_become_exact_bars_and_a_replay_changes_nothing(servers: Any) -> N
     )
     asyncio.run(run_until_drained(server, settings))
     assert stored_bars(qdb) == before
+
+
+def test_two_trades_in_one_microsecond_on_one_venue_are_two_ticks_and_count_in_the_bar(servers: Any) -> None:
+    server, qdb = servers
+    same_time = (T0 + timedelta(seconds=5)).isoformat()
+    trades = [{"tick_id": f"burst-{i}", "symbol": "BTCUSDT", "timestamp": same_time, "price": 100 + i, "size": 1,
+               "venue": "v1", "exchange": "X"} for i in range(3)]  # fmt: skip
+    asyncio.run(publish(server.url, [json.dumps(t).encode() for t in trades]))
+    settings = ServiceSettings(  # type: ignore[call-arg]
+        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
+        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
+    )  # fmt: skip
+    asyncio.run(run_until_drained(server, settings))
+    assert len(qdb.state.tables["ticks"].rows) == 3
+    ((_, _, _, _, volume, count),) = stored_bars(qdb).values()
+    assert (volume, count) == (3.0, 3)

@@ -368,10 +368,11 @@ def _default_tables() -> list[TableSpec]:
         TableSpec(
             name="ticks",
             columns=_columns(
-                symbol="SYMBOL", exchange="SYMBOL", venue="SYMBOL", price="DOUBLE", size="DOUBLE",
-                volume="DOUBLE", bid="DOUBLE", ask="DOUBLE", ts="TIMESTAMP",
+                symbol="SYMBOL", exchange="SYMBOL", venue="SYMBOL", tick_id="VARCHAR", price="DOUBLE",
+                size="DOUBLE", volume="DOUBLE", bid="DOUBLE", ask="DOUBLE", ts="TIMESTAMP",
             ),
-            dedup_keys=["ts", "symbol", "venue"],
+            # One row per trade: two trades of one venue in one microsecond are two ticks.
+            dedup_keys=["ts", "symbol", "tick_id"],
         ),
         TableSpec(
             name="ohlcv_1m",
@@ -384,7 +385,8 @@ def _default_tables() -> list[TableSpec]:
         TableSpec(
             name="orders",
             columns=_columns(
-                order_id="SYMBOL", client_order_id="VARCHAR", symbol="SYMBOL", side="SYMBOL",
+                # Ids are VARCHAR: as SYMBOLs every id ever seen would grow the symbol table.
+                order_id="VARCHAR", client_order_id="VARCHAR", symbol="SYMBOL", side="SYMBOL",
                 order_type="SYMBOL", quantity="DOUBLE", limit_price="DOUBLE", status="SYMBOL",
                 ts="TIMESTAMP",
             ),
@@ -393,7 +395,7 @@ def _default_tables() -> list[TableSpec]:
         TableSpec(
             name="fills",
             columns=_columns(
-                fill_id="SYMBOL", order_id="SYMBOL", symbol="SYMBOL", side="SYMBOL",
+                fill_id="VARCHAR", order_id="VARCHAR", symbol="SYMBOL", side="SYMBOL",
                 quantity="DOUBLE", price="DOUBLE", ts="TIMESTAMP",
             ),
             dedup_keys=["ts", "fill_id"],

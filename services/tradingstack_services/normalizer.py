@@ -1,7 +1,7 @@
 """normalizer: ticks -> validated, typed ticks and one-minute OHLCV bars, in QuestDB and on NATS.
 
 Restart-safe without keeping state: each batch of ticks is first written to QuestDB's
-`ticks` table (deduplicated on ts, symbol, venue, so a redelivery rewrites the same row),
+`ticks` table (deduplicated on ts, symbol, tick_id, so a redelivery rewrites the same row),
 then every bar the batch touched is rebuilt from that table with one aggregate query and
 upserted into `ohlcv_1m` (deduplicated on ts, symbol), then published on
 `market.bar.{SYMBOL}`, and only then are the ticks acknowledged. A crash anywhere before
@@ -35,8 +35,10 @@ DEAD = Counter("tradingstack_normalizer_dead_lettered_total", "Ticks sent to the
 
 def tick_line(tick: Tick) -> str:
     tags = {"symbol": tick.symbol, "exchange": tick.exchange, "venue": tick.venue}
-    fields = {"price": tick.price, "size": tick.size, "volume": tick.volume, "bid": tick.bid, "ask": tick.ask}
-    return ilp.line("ticks", tags, {k: float(v) if v is not None else None for k, v in fields.items()}, tick.event_ts)
+    prices = {"price": tick.price, "size": tick.size, "volume": tick.volume, "bid": tick.bid, "ask": tick.ask}
+    fields: dict[str, ilp.Field] = {"tick_id": tick.tick_id}
+    fields |= {k: float(v) if v is not None else None for k, v in prices.items()}
+    return ilp.line("ticks", tags, fields, tick.event_ts)
 
 
 def _iso(ts: datetime) -> str:

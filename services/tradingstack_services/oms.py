@@ -56,10 +56,10 @@ class UnavailableError(RuntimeError):
 
 
 def history_line(order: Order) -> str:
-    tags = {"order_id": order.order_id, "symbol": order.symbol, "side": order.side,
-            "order_type": order.order_type, "status": order.status.value}  # fmt: skip
+    tags = {"symbol": order.symbol, "side": order.side, "order_type": order.order_type, "status": order.status.value}
     fields: dict[str, ilp.Field] = {
-        "client_order_id": order.client_order_id, "quantity": order.quantity, "limit_price": order.limit_price,
+        "order_id": order.order_id, "client_order_id": order.client_order_id, "quantity": order.quantity,
+        "limit_price": order.limit_price,
     }  # fmt: skip
     return ilp.line("orders", tags, fields, order.updated_at)
 

@@ -65,8 +65,9 @@ class Totals(BaseModel):
 
 
 def fill_line(fill: Fill) -> str:
-    tags = {"fill_id": fill.fill_id, "order_id": fill.order_id, "symbol": fill.symbol, "side": fill.side}
-    return ilp.line("fills", tags, {"quantity": fill.quantity, "price": fill.price}, fill.ts)
+    fields: dict[str, ilp.Field] = {"fill_id": fill.fill_id, "order_id": fill.order_id, "quantity": fill.quantity,
+                                    "price": fill.price}  # fmt: skip
+    return ilp.line("fills", {"symbol": fill.symbol, "side": fill.side}, fields, fill.ts)
 
 
 def position_line(event: PositionEvent) -> str:
