@@ -306,3 +306,31 @@ _PATHS = {
 
 def _path_for(doc: dict[str, Any], namespace: str) -> str:
     return _PATHS[doc["kind"]].format(ns=doc["metadata"].get("namespace", namespace), name=doc["metadata"]["name"])
+
+
+def _nats(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    docs = render(values)
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-nats"))
+    config = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("nats-config")), None)
+    return statefulset, config
+
+
+def test_in_release_nats_puts_every_write_on_disk_before_its_ack() -> None:
+    # An order answered 201 after JetStream's ack must survive a node crash: fsync always (Jepsen,
+    # NATS 2.12.1, Dec 2025: with the 2-minute default, acknowledged writes can be lost).
+    statefulset, config = _nats(ALL_INFRA)
+    assert config is not None
+    assert "sync_interval: always" in config["data"]["nats.conf"]
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert "--config=/etc/nats/nats.conf" in container["args"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/nats/nats.conf", True)
+    annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/config"]  # a changed setting restarts NATS
+
+
+def test_the_local_nats_stand_in_gets_no_setting_it_would_refuse() -> None:
+    local = yaml.safe_load((ROOT / "hack" / "values-local-infra.yaml").read_text())
+    statefulset, config = _nats(local)
+    assert config is None
+    assert not any(a.startswith("--config") for a in statefulset["spec"]["template"]["spec"]["containers"][0]["args"])

@@ -2,13 +2,27 @@
 tradingstack.infrastructure: a StatefulSet with a data PVC, its Service, probes, resources and
 the hardened security context, for one infrastructure component. Takes a dict:
   ctx (root), component (name suffix), values (the component's values), ports (list of
-  {name, port}), env (list), probe (the default probe handler), dataPath.
+  {name, port}), env (list), probe (the default probe handler), dataPath, and optionally
+  config (a file's text, mounted from a ConfigMap at configPath and named by configArg).
 The component's values give image, command (empty: the image's entrypoint), args and probe
 (a handler that replaces the default one), so any image that speaks the protocol can stand in.
 */}}
 {{- define "tradingstack.infrastructure" -}}
 {{- $ctx := .ctx -}}
 {{- $name := printf "%s-%s" (include "tradingstack.fullname" $ctx) .component -}}
+{{- if .config }}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ $name }}-config
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "tradingstack.labels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+data:
+  {{ base .configPath }}: |
+    {{- .config | nindent 4 }}
+---
+{{- end }}
 apiVersion: v1
 kind: Service
 metadata:
@@ -45,6 +59,10 @@ spec:
     metadata:
       labels:
         {{- include "tradingstack.labels" (dict "ctx" $ctx "component" .component) | nindent 8 }}
+      {{- if .config }}
+      annotations:
+        checksum/config: {{ .config | sha256sum }}
+      {{- end }}
     spec:
       automountServiceAccountToken: false
       securityContext:
@@ -57,7 +75,11 @@ spec:
           command:
             {{- toYaml . | nindent 12 }}
           {{- end }}
-          {{- with .values.args }}
+          {{- $args := .values.args }}
+          {{- if .config }}
+          {{- $args = append $args (printf "%s%s" .configArg .configPath) }}
+          {{- end }}
+          {{- with $args }}
           args:
             {{- toYaml . | nindent 12 }}
           {{- end }}
@@ -96,9 +118,20 @@ spec:
               mountPath: {{ .dataPath }}
             - name: tmp
               mountPath: /tmp
+            {{- if .config }}
+            - name: config
+              mountPath: {{ .configPath }}
+              subPath: {{ base .configPath }}
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir: {}
+        {{- if .config }}
+        - name: config
+          configMap:
+            name: {{ $name }}-config
+        {{- end }}
   volumeClaimTemplates:
     - metadata:
         name: data
