@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 
 import pytest
+from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from tradingstack_services import ilp
-from tradingstack_services.prices import parse_quote
+from tradingstack_services.prices import PriceBook, parse_quote
 from tradingstack_services.trading import (
     MIN_QUANTITY,
     TRANSITIONS,
@@ -162,3 +165,19 @@ def test_ilp_lines_escape_tags_and_type_fields() -> None:
         ilp.line("t", {}, {"x": float("nan")}, TS)
     with pytest.raises(ValueError, match="at least one field"):
         ilp.line("t", {"a": "b"}, {"x": None}, TS)
+
+
+def test_the_price_book_keeps_only_the_traded_symbols() -> None:
+    book = PriceBook(["BTCUSDT"])
+
+    def tick(symbol: str, price: float) -> Msg:
+        data = json.dumps({"symbol": symbol, "price": price}).encode()
+        return Msg(_client=None, subject=f"market.tick.{symbol}", data=data)  # type: ignore[arg-type]
+
+    async def feed() -> None:
+        for i in range(1000):  # made-up symbols from anyone who can publish on market.tick.>
+            await book.receive(tick(f"FAKE{i}", 1.0))
+        await book.receive(tick("BTCUSDT", 2.0))
+
+    asyncio.run(feed())
+    assert list(book.quotes) == ["BTCUSDT"]

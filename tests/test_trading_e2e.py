@@ -11,6 +11,9 @@ import asyncio
 import contextlib
 import json
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ import nats
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from questdb_double import QuestDBDouble
 from tradingstack.api import ServiceName
@@ -494,3 +499,93 @@ def test_a_retry_of_a_known_order_is_answered_without_risk(platform: Platform) -
         status, other = oms_server.post("/orders", order("unknown-1", "buy", 1))
         assert status == 503  # a new order still needs a decision
         assert "risk did not answer" in other["detail"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+# A valid order with any one field replaced by anything JSON can hold (NaN, 1e308, -0, huge ints, lists...).
+HOSTILE_ORDER = st.builds(
+    lambda field, value: {**order("fuzz", "buy", 1), field: value},
+    st.sampled_from(["client_order_id", "symbol", "side", "quantity", "order_type", "limit_price", "extra"]),
+    JSON,
+)
+
+
+def test_no_body_a_client_can_send_gets_a_500_or_kills_a_service(trading: Trading) -> None:
+    platform, oms_server, exeq_server, pnl_server = trading
+    with platform.serve(ServiceName.RISK) as risk_server:  # a second risk replica, to fuzz /check directly
+        wait_for(lambda: risk_server.get("/readyz")[0] == 200, 20, "risk ready")
+        answers: list[int] = []
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(body=st.one_of(JSON, HOSTILE_ORDER), raw=st.sampled_from([None, b"NaN", b"{", b"\xff", b"1e999"]))
+        def fuzz(body: Any, raw: bytes | None) -> None:
+            data = raw if raw is not None else json.dumps(body).encode()
+            for server, path in ((oms_server, "/orders"), (risk_server, "/check"),
+                                 (oms_server, "/orders/x/cancel")):  # fmt: skip
+                status = post_bytes(server, path, data)
+                answers.append(status)
+                assert status < 500 or status == 503, (path, data[:200], status)
+            ident = str(body)[:40] if not isinstance(body, dict) else str(body.get("client_order_id"))[:40]
+            status, _ = oms_server.get(f"/orders/{urllib.parse.quote(ident, safe='')}")
+            assert status < 500, ident
+
+        fuzz()
+        assert 422 in answers  # the fuzzer did reach the validation
+        for server in (oms_server, exeq_server, pnl_server, risk_server):
+            assert server.get("/readyz")[0] == 200  # nothing died
+
+
+def post_bytes(server: LiveServer, path: str, data: bytes) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_final_orders_expire_after_the_retention_and_live_ones_never(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for service in FACTORIES:
+            settings_ = platform.settings(service).model_copy(update={"ORDER_RETENTION_SECONDS": 3600})
+            servers[service] = stack.enter_context(LiveServer(FACTORIES[service](settings_)))
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        oms_server = servers[ServiceName.OMS]
+        _, filled = oms_server.post("/orders", order("ttl-filled", "buy", 1))
+        _, resting = oms_server.post("/orders", order("ttl-resting", "buy", 1, order_type="limit", limit_price=50.0))
+        final(oms_server, filled["order_id"], "filled")
+        client = redis.Redis.from_url(platform.redis.url)
+        assert 0 < client.ttl(f"{ORDER_KEY}{filled['order_id']}") <= 3600
+        assert 0 < client.ttl("tradingstack:client-order:ttl-filled") <= 3600
+        assert client.ttl(f"{ORDER_KEY}{resting['order_id']}") == -1  # live: kept until it ends
+        # As if it had expired: the client id now names nothing; reusing it is a clear 409, not a 500.
+        client.delete(f"{ORDER_KEY}{filled['order_id']}")
+        status, body = oms_server.post("/orders", order("ttl-filled", "buy", 1))
+        assert status == 409, body
+        assert "expired" in body["detail"]
+
+
+def test_a_cancelled_resting_order_leaves_exeq_without_a_crossing_quote(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)  # nothing in this test crosses 500
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for service in FACTORIES:
+            settings_ = platform.settings(service).model_copy(update={"EXEQ_SWEEP_SECONDS": 0.5})
+            servers[service] = stack.enter_context(LiveServer(FACTORIES[service](settings_)))
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        oms_server, exeq_server = servers[ServiceName.OMS], servers[ServiceName.EXEQ]
+        _, offer = oms_server.post("/orders", order("sweep-1", "sell", 1, order_type="limit", limit_price=500.0))
+        wait_for(lambda: [o["order_id"] for o in exeq_server.get("/resting")[1]] == [offer["order_id"]], 10,
+                 "the order resting")  # fmt: skip
+        assert oms_server.post(f"/orders/{offer['order_id']}/cancel", {})[0] == 200
+        wait_for(lambda: exeq_server.get("/resting")[1] == [], 10, "dropped by the sweep")
+        assert not redis.Redis.from_url(platform.redis.url).hexists("tradingstack:exeq:resting", offer["order_id"])

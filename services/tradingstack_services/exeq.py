@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import asdict
 from typing import Any
@@ -51,7 +52,7 @@ class Exeq:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.store = OrderStore(redis)
+        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS)
         self.prices = PriceBook(settings.symbols, on_quote=self.on_quote)
         self.resting: dict[str, dict[str, Order]] = {}  # symbol -> order id -> order
         self.nc: Client | None = None
@@ -227,6 +228,21 @@ class Exeq:
             else:
                 await self.redis.hdel(RESTING_KEY, order_id)
 
+    async def sweep(self, _: Client, stop: asyncio.Event) -> None:
+        """Worker: forget resting orders that ended elsewhere (a cancel at the OMS) without a quote
+        ever crossing them, so memory and the resting set hold live orders only."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.EXEQ_SWEEP_SECONDS)
+            for order in [o for orders in self.resting.values() for o in orders.values()]:
+                try:
+                    stored = await self.store.get(order.order_id)
+                    if stored is None or stored.order.status not in LIVE:
+                        await self.unrest(order)
+                except Exception as exc:  # Redis away: the next sweep tries again
+                    log.warning("sweep of resting orders: %s", exc)
+                    break
+
     async def on_quote(self, quote: Quote) -> None:
         if self.js is None:
             return
@@ -247,7 +263,7 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL)
     exeq = Exeq(settings, redis)
 
-    app = bus.worker_app(settings, [exeq.prices.follow, exeq.run], {"redis": redis_check})
+    app = bus.worker_app(settings, [exeq.prices.follow, exeq.run, exeq.sweep], {"redis": redis_check})
 
     @app.get("/quotes")
     async def quotes() -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ def history_line(order: Order) -> str:
 class Oms:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
-        self.store = OrderStore(redis)
+        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS)
         self.prices = PriceBook(settings.symbols)
         self.history = History(settings.QUESTDB_URL)
         self.nc: Client | None = None

@@ -24,17 +24,27 @@ UNROUTED_KEY = "tradingstack:oms:unrouted"
 # How often a compare-and-set is retried when another writer moved the order in between.
 CAS_ATTEMPTS = 20
 
+# A final order (filled, cancelled, rejected) and its client id expire after the retention
+# (ARGV ttl > 0); a live one never does.
 _CLAIM = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 if ARGV[4] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
 return false
 """
 _CAS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
   return 1
 end
 return 0
@@ -47,6 +57,10 @@ class ConflictError(RuntimeError):
 
 class UnknownOrderError(LookupError):
     """No order has that id."""
+
+
+class ExpiredOrderError(ConflictError):
+    """A client order id whose order expired (final, older than the retention): the id cannot be reused yet."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,9 @@ class Stored:
 
 
 class OrderStore:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = redis
+        self.retention = retention_seconds
         self._claim = redis.register_script(_CLAIM)
         self._cas = redis.register_script(_CAS)
         self._cas_loaded = False
@@ -78,15 +93,20 @@ class OrderStore:
         stored = Stored.of(order)
         existing = await self._claim(
             keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id, UNROUTED_KEY],
-            args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0"],
+            args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0", self._ttl(order)],
         )
         if existing is None:
             return stored, True
         order_id = existing.decode() if isinstance(existing, bytes) else str(existing)
         found = await self.get(order_id)
         if found is None:
-            raise UnknownOrderError(f"client order id {order.client_order_id} names order {order_id}, which is gone")
+            raise ExpiredOrderError(
+                f"client_order_id {order.client_order_id} named order {order_id}, which has expired; use a new id"
+            )
         return found, False
+
+    def _ttl(self, order: Order) -> int:
+        return self.retention if order.terminal else 0
 
     async def find(self, client_order_id: str) -> Stored | None:
         """The order a client order id names, if any."""
@@ -117,7 +137,10 @@ class OrderStore:
     async def replace(self, current: Stored, new: Order) -> Stored | None:
         """Write `new` if the order is still `current`; None if someone moved it first."""
         stored = Stored.of(new)
-        swapped = await self._cas(keys=[ORDER_KEY + new.order_id], args=[current.raw, stored.raw])
+        swapped = await self._cas(
+            keys=[ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id],
+            args=[current.raw, stored.raw, self._ttl(new)],
+        )
         return stored if swapped else None
 
     async def replace_many(self, pairs: list[tuple[Stored, Order]]) -> list[bool]:
@@ -132,7 +155,8 @@ class OrderStore:
             self._cas_loaded = True
         async with self.redis.pipeline(transaction=False) as pipe:
             for current, new in pairs:
-                pipe.evalsha(self._cas.sha, 1, ORDER_KEY + new.order_id, current.raw, Stored.of(new).raw)
+                pipe.evalsha(self._cas.sha, 2, ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id,
+                             current.raw, Stored.of(new).raw, self._ttl(new))  # fmt: skip
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, Exception) for r in results):
             self._cas_loaded = False

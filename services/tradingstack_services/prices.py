@@ -55,7 +55,9 @@ class PriceBook:
     """Quotes by symbol; `on_quote` (if given) runs for each new quote, in arrival order.
 
     On start it subscribes, then seeds each configured symbol from the last tick the tick
-    stream holds, so a service that (re)starts between ticks has prices at once.
+    stream holds, so a service that (re)starts between ticks has prices at once. Only the
+    configured symbols are kept: anyone who can publish on `market.tick.>` could otherwise
+    grow the book without bound with made-up symbols.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class PriceBook:
         on_quote: Callable[[Quote], Awaitable[None]] | None = None,
     ) -> None:
         self.symbols = symbols
+        self.traded = frozenset(symbols)
         self.stream = stream
         self.quotes: dict[str, Quote] = {}
         self.on_quote = on_quote
@@ -78,9 +81,10 @@ class PriceBook:
 
     async def receive(self, msg: Msg) -> None:
         quote = parse_quote(msg.data)
-        TICKS.labels(str(quote is not None).lower()).inc()
-        if quote is None:
+        if quote is None or quote.symbol not in self.traded:
+            TICKS.labels("false").inc()
             return
+        TICKS.labels("true").inc()
         self.quotes[quote.symbol] = quote
         if self.on_quote is not None:
             await self.on_quote(quote)

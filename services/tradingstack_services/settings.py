@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
+    # oms, exeq
+    ORDER_RETENTION_SECONDS: int = Field(
+        7 * 24 * 3600, ge=60, description="how long a final order stays in Redis (the ORDERS stream keeps 7 days)"
+    )
     # oms
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
@@ -43,6 +47,9 @@ class ServiceSettings(BaseSettings):
         30, ge=1, description="deliveries before a market order with no price is cancelled"
     )
     EXEQ_RETRY_SECONDS: float = Field(1.0, gt=0, description="retry delay for a market order with no price yet")
+    EXEQ_SWEEP_SECONDS: float = Field(
+        30.0, gt=0, description="how often resting orders that ended elsewhere are dropped"
+    )
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
     REPLAY_FILE: str | None = None
