@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -188,8 +189,8 @@ class OperatorRunner:
 
 
 @pytest.fixture(scope="session")
-def operator(crd: dict[str, Any], infra: dict[str, Any]) -> Iterator[OperatorRunner]:
-    # Depends on infra so the servers outlive the operator that talks to them.
+def operator(crd: dict[str, Any], s3_url: str, questdb: Any) -> Iterator[OperatorRunner]:
+    # Depends on the shared servers so they outlive the operator that talks to them.
     runner = OperatorRunner()
     runner.start()
     try:
@@ -199,11 +200,19 @@ def operator(crd: dict[str, Any], infra: dict[str, Any]) -> Iterator[OperatorRun
 
 
 @pytest.fixture
-def namespace(kube: Any) -> Iterator[str]:
+def namespace(kube: Any, infra: dict[str, Any]) -> Iterator[str]:
+    """A namespace of the test's own. Its stacks are deleted (and finalized by the operator) before
+    the test's servers stop: `infra` is set up first, so it is torn down last."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": name}})
     kube.request("POST", f"/api/v1/namespaces/{name}/secrets", body=lake_secret())
     yield name
+    stacks = f"/apis/tradingstack.io/v1alpha1/namespaces/{name}/tradingstacks"
+    with contextlib.suppress(Exception):
+        kube.request("DELETE", stacks)
+        deadline = time.monotonic() + 20
+        while kube.request("GET", stacks).get("items") and time.monotonic() < deadline:
+            time.sleep(0.2)
     kube.request("DELETE", f"/api/v1/namespaces/{name}")
 
 
@@ -301,16 +310,22 @@ def questdb() -> Iterator[Any]:
 LAKE_SECRET = "lake-credentials"
 
 
-@pytest.fixture(scope="session")
-def infra(nats_server: NatsServer, s3_url: str, questdb: Any) -> dict[str, Any]:
-    """The spec block pointing a TradingStack at this session's real servers."""
-    return {
+@pytest.fixture
+def infra(tmp_path: Path, s3_url: str, questdb: Any) -> Iterator[dict[str, Any]]:
+    """The spec block pointing a TradingStack at real servers: a nats-server and a lake bucket of the
+    test's own (a stack owns the streams and bucket it creates; two tests' stacks must not meet
+    there), and the session's S3 server and QuestDB double."""
+    server = NatsServer(tmp_path / "nats-infra")
+    server.start()
+    bucket = f"lake-{uuid.uuid4().hex[:10]}"
+    yield {
         "infrastructure": {
-            "nats": {"url": nats_server.url},
+            "nats": {"url": server.url},
             "questdb": {"url": questdb.url},
-            "s3": {"endpoint": s3_url, "allowHttp": True, "secretRef": {"name": LAKE_SECRET}},
+            "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket, "secretRef": {"name": LAKE_SECRET}},
         }
     }
+    server.stop()
 
 
 def lake_secret() -> dict[str, Any]:

@@ -346,3 +346,44 @@ def test_the_double_casts_an_ilp_integer_into_a_double_column_as_questdb_does(qd
     assert qdb.state.tables["p"].rows == [{"price": 100.0, "n": 3, "ts": 1767346200000000}]
     with pytest.raises(QuestDBError, match="cast error"):
         provisioner.write_ilp(["p s=5i 1767346200000000000"])
+
+
+def test_delete_removes_only_the_streams_this_stack_made(nats_alone: NatsServer) -> None:
+    async def by_hand() -> None:  # ALT_DATA existed before any stack (made in nats-box, say)
+        nc = await nats.connect(nats_alone.url)
+        await nc.jsm().add_stream(name="ALT_DATA", subjects=["alt.norm.>"])
+        await nc.close()
+
+    asyncio.run(by_hand())
+    ours, theirs = plan_for(), build_plan(StackRef("other", "team-b"), parse_spec({}))
+    assert JetStreamProvisioner(nats_alone.url).reconcile(ours).ok
+    # Another stack on the same NATS finds the streams taken: a clear reason, no silent sharing.
+    shared = JetStreamProvisioner(nats_alone.url).reconcile(theirs)
+    assert {p.reason for p in shared.problems} == {"OwnedByAnotherStack"}
+    assert {p.name for p in shared.problems} == {s.name for s in theirs.streams} - {"ALT_DATA"}
+    assert "ns/demo" in shared.problems[0].message
+    assert JetStreamProvisioner(nats_alone.url).delete(theirs) == []  # nothing of theirs to delete
+    deleted = {c.name for c in JetStreamProvisioner(nats_alone.url).delete(ours)}
+    assert deleted == {s.name for s in ours.streams} - {"ALT_DATA"}
+
+    async def left() -> list[str]:
+        nc = await nats.connect(nats_alone.url)
+        names = [s.config.name for s in await nc.jsm().streams_info()]
+        await nc.close()
+        return names
+
+    assert asyncio.run(left()) == ["ALT_DATA"]
+
+
+def test_delete_keeps_a_bucket_it_did_not_make_and_what_others_put_there(lake: tuple[S3Endpoint, Plan]) -> None:
+    endpoint, plan = lake
+    provisioner = S3Provisioner(endpoint, CREDS)
+    fs = provisioner._filesystem()
+    fs.create_dir(endpoint.bucket)  # the user's bucket, with the user's data
+    with fs.open_output_stream(f"{endpoint.bucket}/reports/2026.csv") as out:
+        out.write(b"a,b\n")
+    provisioner.reconcile(plan)  # the stack adds its Delta tables to it
+    deleted = [str(c) for c in provisioner.delete(plan)]
+    assert deleted == [f"delete DeltaTable/{endpoint.bucket}/{t.path}" for t in LAKE_TABLES]
+    assert fs.get_file_info(f"{endpoint.bucket}/reports/2026.csv").type == pafs.FileType.File
+    assert fs.get_file_info(f"{endpoint.bucket}/{MARKET_TICKS.path}").type == pafs.FileType.NotFound

@@ -296,6 +296,7 @@ _PATHS = {
     "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts/{name}",
     "Service": "/api/v1/namespaces/{ns}/services/{name}",
     "Secret": "/api/v1/namespaces/{ns}/secrets/{name}",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps/{name}",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}",
     "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{name}",

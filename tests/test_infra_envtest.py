@@ -49,9 +49,8 @@ def test_every_stream_bucket_and_table_is_created_and_reported(
     assert condition(stack, "BucketsReady")["status"] == "True"
     status = stack["status"]
     assert {s["name"] for s in status["streams"]} >= {"MARKET_TICKS", "ALT_DATA", "ORDERS", "FILLS", "DEAD_LETTER"}
-    assert {b["name"] for b in status["buckets"]} == {
-        "trader2025", "trader2025/lake/market_ticks", "trader2025/lake/alt_data",
-    }  # fmt: skip
+    bucket = infra["infrastructure"]["s3"]["bucket"]
+    assert {b["name"] for b in status["buckets"]} == {bucket, f"{bucket}/lake/market_ticks", f"{bucket}/lake/alt_data"}
     assert {t["name"] for t in status["tables"]} == {"ticks", "ohlcv_1m", "orders", "fills", "positions"}
     assert {"ticks", "ohlcv_1m", "orders", "fills", "positions"} <= set(questdb.state.tables)
 

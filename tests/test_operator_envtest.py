@@ -263,7 +263,7 @@ def test_delete_honours_deletion_policy(
     else:
         assert "Deployment/bye-delete-oms" in reasons["Deleted"]
         assert "Stream/MARKET_TICKS" in reasons["Deleted"]
-        assert "Bucket/trader2025" in reasons["Deleted"]
+        assert f"Bucket/{infra['infrastructure']['s3']['bucket']}" in reasons["Deleted"]
         assert "Table/ticks" in reasons["Deleted"]
         assert "ticks" not in questdb.state.tables
     wait_for(lambda: children(kube, namespace, name) == {}, what="children removed")

@@ -36,6 +36,9 @@ class InvalidSpecError(ValueError):
     """The spec passed the CRD schema but cannot be realised; reported, never retried."""
 
 
+OWNER_PREFIX = "tradingstack stack "
+
+
 @dataclass(frozen=True)
 class StackRef:
     """Identity of the TradingStack a plan is for."""
@@ -44,6 +47,13 @@ class StackRef:
     namespace: str
     uid: str = ""
     generation: int = 0
+
+    @property
+    def owner(self) -> str:
+        """The mark a stack leaves on what it creates outside Kubernetes (a stream's description, a
+        bucket's marker object, a Delta table's description), so that Delete removes only that.
+        By name, not uid: a stack deleted with Retain and made again takes its data back."""
+        return f"{OWNER_PREFIX}{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)

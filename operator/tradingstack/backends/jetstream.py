@@ -19,7 +19,7 @@ from nats.js.manager import JetStreamManager
 
 from tradingstack.api import StreamSpec, parse_duration
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
-from tradingstack.plan import ConsumerPlan, Plan
+from tradingstack.plan import OWNER_PREFIX, ConsumerPlan, Plan
 
 # How long a consumer waits for an ack before redelivering, and how many may be in flight.
 CONSUMER_ACK_WAIT = 30.0
@@ -136,23 +136,32 @@ class JetStreamProvisioner:
     async def _reconcile(self, jsm: JetStreamManager, plan: Plan, dry_run: bool) -> BackendResult:
         result = BackendResult(self.backend, dry_run=dry_run)
         for spec in plan.streams:
-            await self._stream(jsm, spec, result)
+            await self._stream(jsm, spec, result, plan.stack.owner)
         for consumer in plan.consumers:
             await self._consumer(jsm, consumer, result)
         return result
 
-    async def _stream(self, jsm: JetStreamManager, spec: StreamSpec, result: BackendResult) -> None:
+    async def _stream(self, jsm: JetStreamManager, spec: StreamSpec, result: BackendResult, owner: str) -> None:
         desired = stream_config(spec)
         try:
             live = (await jsm.stream_info(spec.name)).config
         except NotFoundError:
             result.changes.append(Change("create", "Stream", spec.name))
             if not result.dry_run:
+                desired.description = owner  # made by this stack: its to delete
                 await jsm.add_stream(desired)
             result.items.append(
                 ItemStatus(spec.name, not result.dry_run, "InSync" if not result.dry_run else "Missing")
             )
             return
+        holder = live.description or ""
+        if holder.startswith(OWNER_PREFIX) and holder != owner:
+            message = (f"stream {spec.name} was made by {holder.removeprefix(OWNER_PREFIX)}; two stacks on one NATS "
+                       "need streams of their own names (spec.streams)")  # fmt: skip
+            result.problems.append(Problem("Stream", spec.name, "OwnedByAnotherStack", message))
+            result.items.append(ItemStatus(spec.name, False, "OwnedByAnotherStack", message))
+            return
+        desired.description = live.description  # who made it does not change on an update
         mutable, immutable = diff_stream(desired, live)
         if immutable:
             message = "; ".join(immutable) + " (immutable: recreate the stream by hand to change it)"
@@ -193,6 +202,9 @@ class JetStreamProvisioner:
         deleted = []
         for spec in plan.streams:
             try:
+                # Only a stream this stack made: one made by hand or by another stack stays.
+                if (await jsm.stream_info(spec.name)).config.description != plan.stack.owner:
+                    continue
                 await jsm.delete_stream(spec.name)  # its consumers go with it
             except NotFoundError:
                 continue

@@ -21,6 +21,9 @@ from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, Unr
 from tradingstack.lake import LAKE_TABLES, LakeTable
 from tradingstack.plan import Plan
 
+# Written into a bucket the operator creates, holding the creating stack's owner mark.
+OWNER_OBJECT = ".tradingstack-owner"
+
 
 @dataclass(frozen=True)
 class S3Credentials:
@@ -82,6 +85,8 @@ class S3Provisioner:
                 result.changes.append(Change("create", "Bucket", bucket))
                 if not dry_run:
                     fs.create_dir(bucket)
+                    with fs.open_output_stream(f"{bucket}/{OWNER_OBJECT}") as marker:  # made by this stack
+                        marker.write(plan.stack.owner.encode())
                 result.items.append(ItemStatus(bucket, not dry_run, "InSync" if not dry_run else "Missing"))
             else:
                 result.items.append(ItemStatus(bucket, True, "InSync"))
@@ -89,7 +94,7 @@ class S3Provisioner:
         for table in LAKE_TABLES:
             if lake_ready:
                 try:
-                    self._delta_table(table, result)
+                    self._delta_table(table, result, plan.stack.owner)
                 except OSError as exc:
                     # deltalake reports transport failures as OSError with the cause in the text.
                     if "connect" in str(exc).lower():
@@ -101,7 +106,7 @@ class S3Provisioner:
                 result.items.append(ItemStatus(name, False, "Missing"))
         return result
 
-    def _delta_table(self, table: LakeTable, result: BackendResult) -> None:
+    def _delta_table(self, table: LakeTable, result: BackendResult, owner: str) -> None:
         name = f"{self.endpoint.bucket}/{table.path}"
         options = self.storage_options()
         try:
@@ -110,8 +115,9 @@ class S3Provisioner:
             result.changes.append(Change("create", "DeltaTable", name))
             if not result.dry_run:
                 DeltaTable.create(
-                    self._uri(table), table.schema, partition_by=list(table.partition_by), storage_options=options
-                )
+                    self._uri(table), table.schema, partition_by=list(table.partition_by), storage_options=options,
+                    description=owner,  # made by this stack: its to delete
+                )  # fmt: skip
             result.items.append(ItemStatus(name, not result.dry_run, "InSync" if not result.dry_run else "Missing"))
             return
         present = {f.name for f in live.schema().fields}
@@ -129,18 +135,42 @@ class S3Provisioner:
         result.items.append(ItemStatus(name, True, "InSync"))
 
     def delete(self, plan: Plan) -> list[Change]:
+        """Remove what this stack made and nothing else: a bucket it created (marker object) goes
+        whole; in a bucket it did not create, only the Delta tables it created go."""
         if self.credentials_error:
             raise UnreachableError(self.credentials_error)
         fs = self._filesystem()
+        owner = plan.stack.owner
         deleted = []
         try:
             for bucket in plan.buckets:
-                if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+                if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    continue
+                if self._marker(fs, bucket) == owner:
                     fs.delete_dir(bucket)  # objects first, then the bucket
                     deleted.append(Change("delete", "Bucket", bucket))
+                    continue
+                if bucket != self.endpoint.bucket:
+                    continue
+                for table in LAKE_TABLES:
+                    try:
+                        made_by = DeltaTable(self._uri(table), storage_options=self.storage_options()).metadata()
+                    except TableNotFoundError:
+                        continue
+                    if made_by.description == owner:
+                        fs.delete_dir(f"{bucket}/{table.path}")
+                        deleted.append(Change("delete", "DeltaTable", f"{bucket}/{table.path}"))
         except OSError as exc:
             raise UnreachableError(f"S3 at {self.endpoint.endpoint}: {exc}") from exc
         return deleted
+
+    @staticmethod
+    def _marker(fs: pafs.S3FileSystem, bucket: str) -> str | None:
+        try:
+            with fs.open_input_stream(f"{bucket}/{OWNER_OBJECT}") as marker:
+                return bytes(marker.read()).decode(errors="replace")
+        except FileNotFoundError:  # not made by the operator
+            return None
 
 
 def _added_columns(fields: list[pa.Field]) -> list[Field]:
