@@ -338,6 +338,19 @@ def lake_secret() -> dict[str, Any]:
     }
 
 
+def http_json(url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    """(status, JSON body) of a GET, or a POST of `body`; (0, why) when nothing answered."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (OSError, ValueError) as exc:  # refused, reset, timed out, not JSON: nothing usable answered
+        return 0, str(exc)
+
+
 class LiveServer:
     """The service app served by uvicorn on a loopback port, as in its container."""
 

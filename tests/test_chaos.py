@@ -18,8 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 from tradingstack_services.trading import Fill, Position
 
-from conftest import NatsServer, RedisServer, free_port, wait_for
+from conftest import NatsServer, RedisServer, free_port, http_json, wait_for
 
 SERVICES = [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL]
 LIMITS = [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxNotional": 10_000_000, "maxPosition": 1_000_000}]
@@ -73,16 +71,7 @@ class Service:
                 self.kill()
 
     def call(self, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except (OSError, ValueError) as exc:  # refused, reset, timed out: the service is away
-            return 0, str(exc)
+        return http_json(f"http://127.0.0.1:{self.port}{path}", body, timeout=5)
 
     def ready(self) -> bool:
         return self.call("/readyz")[0] == 200

@@ -17,8 +17,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +27,7 @@ from deltalake import DeltaTable, QueryBuilder
 
 from tradingstack.lake import MARKET_TICKS, storage_options
 
-from conftest import wait_for
+from conftest import http_json, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -128,15 +126,7 @@ class Cluster:
 
 
 def http(url: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://{url}", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
+    return http_json(f"http://{url}", body)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,10 @@ since Docker Hub is out of reach here (TRADINGSTACK_COMPOSE_REAL_IMAGES=1 takes 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ import yaml
 from tradingstack.plan import StackRef, build_plan, parse_spec
 
 from conftest import free_port, wait_for
+from conftest import http_json as http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,18 +47,6 @@ def _unavailable(why: str) -> None:
     if os.environ.get("TRADINGSTACK_REQUIRE_CLUSTER") == "1":
         pytest.fail(f"TRADINGSTACK_REQUIRE_CLUSTER=1 but {why}")
     pytest.skip(why)
-
-
-def http(url: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,16 @@ class Platform:
         workload = next(w for w in self.plan.workloads if w.service == service)
         return ServiceSettings(**workload.config)  # type: ignore[arg-type]
 
-    def serve(self, service: ServiceName) -> LiveServer:
-        return LiveServer(FACTORIES[service](self.settings(service)))
+    def serve(self, service: ServiceName, **overrides: Any) -> LiveServer:
+        return LiveServer(FACTORIES[service](self.settings(service).model_copy(update=overrides)))
+
+    def serve_all(self, stack: contextlib.ExitStack, services: Iterable[ServiceName] = tuple(FACTORIES),
+                  **overrides: Any) -> dict[ServiceName, LiveServer]:  # fmt: skip
+        """The services up (settings as the operator sets them, plus `overrides`) and ready."""
+        servers = {s: stack.enter_context(self.serve(s, **overrides)) for s in services}
+        for service, server in servers.items():
+            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        return servers
 
     def run(self, work: Callable[[Any], Any]) -> Any:
         async def go() -> Any:
@@ -118,9 +126,7 @@ def trading(platform: Platform) -> Iterator[Trading]:
     """The four trading services up and ready, with a first BTCUSDT quote: bid 99.9, ask 100.1."""
     platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
     with contextlib.ExitStack() as stack:
-        servers = {s: stack.enter_context(platform.serve(s)) for s in FACTORIES}
-        for service, server in servers.items():
-            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        servers = platform.serve_all(stack)
         yield platform, servers[ServiceName.OMS], servers[ServiceName.EXEQ], servers[ServiceName.PNL]
 
 
@@ -288,10 +294,7 @@ def test_bad_and_repeated_messages_are_dead_lettered_or_counted_once(
 def test_exeq_restarts_keep_resting_orders_and_finish_half_done_fills(platform: Platform) -> None:
     platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
     with contextlib.ExitStack() as stack:
-        servers = {s: stack.enter_context(platform.serve(s)) for s in (ServiceName.RISK, ServiceName.OMS,
-                                                                        ServiceName.PNL)}  # fmt: skip
-        for service, server in servers.items():
-            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        servers = platform.serve_all(stack, (ServiceName.RISK, ServiceName.OMS, ServiceName.PNL))
         oms_server, pnl_server = servers[ServiceName.OMS], servers[ServiceName.PNL]
 
         with platform.serve(ServiceName.EXEQ) as exeq_server:
@@ -403,9 +406,7 @@ def test_a_worker_that_fails_on_a_late_dependency_is_started_again(platform: Pla
         assert exeq_server.get("/healthz")[0] == 200
         platform.redis.start()
         wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 40, "exeq ready once Redis is up")
-        servers = {s: stack.enter_context(platform.serve(s)) for s in FACTORIES if s is not ServiceName.EXEQ}
-        for service, server in servers.items():
-            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        servers = platform.serve_all(stack, [s for s in FACTORIES if s is not ServiceName.EXEQ])
         status, placed = servers[ServiceName.OMS].post("/orders", order("late-1", "buy", 1))
         assert status == 201, placed
         final(servers[ServiceName.OMS], placed["order_id"], "filled")
@@ -552,13 +553,7 @@ def post_bytes(server: LiveServer, path: str, data: bytes) -> int:
 def test_final_orders_expire_after_the_retention_and_live_ones_never(platform: Platform) -> None:
     platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for service in FACTORIES:
-            settings_ = platform.settings(service).model_copy(update={"ORDER_RETENTION_SECONDS": 3600})
-            servers[service] = stack.enter_context(LiveServer(FACTORIES[service](settings_)))
-        for service, server in servers.items():
-            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
-        oms_server = servers[ServiceName.OMS]
+        oms_server = platform.serve_all(stack, ORDER_RETENTION_SECONDS=3600)[ServiceName.OMS]
         _, filled = oms_server.post("/orders", order("ttl-filled", "buy", 1))
         _, resting = oms_server.post("/orders", order("ttl-resting", "buy", 1, order_type="limit", limit_price=50.0))
         final(oms_server, filled["order_id"], "filled")
@@ -576,12 +571,7 @@ def test_final_orders_expire_after_the_retention_and_live_ones_never(platform: P
 def test_a_cancelled_resting_order_leaves_exeq_without_a_crossing_quote(platform: Platform) -> None:
     platform.tick("BTCUSDT", 100.0, 99.9, 100.1)  # nothing in this test crosses 500
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for service in FACTORIES:
-            settings_ = platform.settings(service).model_copy(update={"EXEQ_SWEEP_SECONDS": 0.5})
-            servers[service] = stack.enter_context(LiveServer(FACTORIES[service](settings_)))
-        for service, server in servers.items():
-            wait_for(lambda server=server: server.get("/readyz")[0] == 200, 20, f"{service.value} ready")
+        servers = platform.serve_all(stack, EXEQ_SWEEP_SECONDS=0.5)
         oms_server, exeq_server = servers[ServiceName.OMS], servers[ServiceName.EXEQ]
         _, offer = oms_server.post("/orders", order("sweep-1", "sell", 1, order_type="limit", limit_price=500.0))
         wait_for(lambda: [o["order_id"] for o in exeq_server.get("/resting")[1]] == [offer["order_id"]], 10,
