@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,6 +35,7 @@ CREATE = re.compile(
 ALTER_ADD = re.compile(rf"^ALTER TABLE (?P<name>{IDENT}) ADD COLUMN (?P<col>{IDENT}) (?P<type>\w+)$", re.IGNORECASE)
 DROP = re.compile(rf"^DROP TABLE (?P<ie>IF EXISTS )?(?P<name>{IDENT})$", re.IGNORECASE)
 SELECT_TABLES = re.compile(r"^SELECT (?P<cols>.+) FROM tables\(\)$", re.IGNORECASE)
+SELECT_WAL = re.compile(r"^SELECT (?P<cols>.+) FROM wal_tables\(\)$", re.IGNORECASE)
 SELECT_COLUMNS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_columns\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
 # The one aggregate the normaliser runs: a bar rebuilt from the ticks of one symbol and minute.
 SELECT_BAR = re.compile(
@@ -57,6 +59,10 @@ class Table:
     dedup: list[str] = field(default_factory=list)
     # Rows by dedup key (a table without dedup keys numbers them): an upsert is a dict write.
     stored: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+    # WAL tables: committed transactions wait here, (visible at, rows), until the apply job runs.
+    pending: list[tuple[float, list[dict[str, Any]]]] = field(default_factory=list)
+    sequencer_txn: int = 0  # transactions committed to the WAL
+    writer_txn: int = 0  # transactions applied to the table (visible to SELECT)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -76,14 +82,31 @@ class QuestDBState:
     statements: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     unavailable: bool = False  # every request answers 503 while set
+    # QuestDB acknowledges an ILP write to a WAL table once it is in the WAL; the rows become visible
+    # to SELECT only when the apply job has run, "usually milliseconds, longer under load"
+    # (questdb.com/docs/concept/write-ahead-log; wal_tables() shows writerTxn behind sequencerTxn
+    # meanwhile, questdb.com/docs/reference/function/meta/#wal_tables). 0 applies at once.
+    apply_delay: float = 0.0
+
+    def apply_due(self) -> None:
+        """The WAL apply job: make visible every transaction whose time has come, in order."""
+        now = time.monotonic()
+        for table in self.tables.values():
+            while table.pending and table.pending[0][0] <= now:
+                _, rows = table.pending.pop(0)
+                for row in rows:
+                    table.upsert(row)
+                table.writer_txn += 1
 
     def execute(self, sql: str) -> dict[str, Any]:
         sql = " ".join(sql.strip().rstrip(";").split())
         with self.lock:
+            self.apply_due()
             self.statements.append(sql)
             for pattern, handler in (
                 (CREATE, self._create), (ALTER_ADD, self._alter), (DROP, self._drop),
                 (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns), (SELECT_BAR, self._bar),
+                (SELECT_WAL, self._wal_tables),
             ):  # fmt: skip
                 match = pattern.match(sql)
                 if match:
@@ -173,6 +196,11 @@ class QuestDBState:
         return _select(m["cols"], list(rows.values()), {"table_name", "designatedTimestamp", "partitionBy",
                                                          "walEnabled", "dedup"})  # fmt: skip
 
+    def _wal_tables(self, m: re.Match[str]) -> dict[str, Any]:
+        rows = [{"name": name, "suspended": False, "writerTxn": t.writer_txn, "sequencerTxn": t.sequencer_txn}
+                for name, t in sorted(self.tables.items()) if t.wal]  # fmt: skip
+        return _select(m["cols"], rows, {"name", "suspended", "writerTxn", "sequencerTxn"})
+
     def _columns(self, m: re.Match[str]) -> dict[str, Any]:
         table = self._table(m["name"])
         rows = [
@@ -198,12 +226,44 @@ class QuestDBState:
                 "dataset": [row], "count": 1}  # fmt: skip
 
     def write_ilp(self, body: str) -> None:
-        """ILP over HTTP, with auto-creation of tables and columns off (as the chart configures it)."""
+        """ILP over HTTP, with auto-creation of tables and columns off (as the chart configures it).
+
+        A request is one transaction per table, not across tables: a bad line refuses its table's
+        rows and the request answers 400, while the other tables' rows may be committed all the
+        same ("ILP over HTTP is transactional per table", questdb.com/docs/ingestion/ilp/overview/,
+        transactionality). The double takes that worst case: it commits every table without a bad
+        line. Committed rows of a WAL table wait for the apply job (`apply_delay`).
+        """
         with self.lock:
-            parsed = [_parse_line(n, line, self.tables) for n, line in enumerate(body.splitlines(), 1) if line.strip()]
-            for name, row in parsed:  # all lines valid: apply them
-                self.tables[name].upsert(row)
-            self.mutations.extend(f"write {name}" for name, _ in parsed)
+            self.apply_due()
+            by_table: dict[str, list[dict[str, Any]]] = {}
+            refused: set[str] = set()
+            first_error: RejectedError | None = None
+            for number, line in enumerate(body.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    name, row = _parse_line(number, line, self.tables)
+                except RejectedError as exc:
+                    refused.add(line.split(",", 1)[0].split(" ", 1)[0])
+                    first_error = first_error or exc
+                    continue
+                by_table.setdefault(name, []).append(row)
+            for name, rows in by_table.items():
+                if name in refused:
+                    continue
+                table = self.tables[name]
+                table.sequencer_txn += 1
+                if table.wal:
+                    table.pending.append((time.monotonic() + self.apply_delay, rows))
+                else:
+                    table.writer_txn += 1
+                    for row in rows:
+                        table.upsert(row)
+                self.mutations.append(f"write {name}")
+            self.apply_due()
+            if first_error is not None:
+                raise first_error
 
     def _table(self, name: str) -> Table:
         table = self.tables.get(name.lower())

@@ -23,7 +23,7 @@ from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 
-from conftest import NatsServer, free_port
+from conftest import NatsServer, free_port, wait_for
 
 CREDS = S3Credentials("testing", "testing-secret")
 
@@ -317,8 +317,10 @@ def test_the_questdb_double_rejects_bad_line_protocol(qdb: QuestDBDouble, line: 
     provisioner = QuestDBProvisioner(qdb.url)
     provisioner.reconcile(plan_for())
     with pytest.raises(Exception, match=error):
-        provisioner.write_ilp(["ticks,symbol=A price=1.0 1767346200000000000", line])  # all or nothing
-    assert qdb.state.tables["ticks"].rows == []
+        provisioner.write_ilp(["ticks,symbol=A price=1.0 1767346200000000000", line])
+    # All or nothing per table: a bad ticks line refuses the good one; a bad line for another table does not.
+    committed = 0 if line.startswith("ticks") else 1
+    assert len(qdb.state.tables["ticks"].rows) == committed
 
 
 @pytest.mark.parametrize(
@@ -387,3 +389,19 @@ def test_delete_keeps_a_bucket_it_did_not_make_and_what_others_put_there(lake: t
     assert deleted == [f"delete DeltaTable/{endpoint.bucket}/{t.path}" for t in LAKE_TABLES]
     assert fs.get_file_info(f"{endpoint.bucket}/reports/2026.csv").type == pafs.FileType.File
     assert fs.get_file_info(f"{endpoint.bucket}/{MARKET_TICKS.path}").type == pafs.FileType.NotFound
+
+
+def test_the_double_applies_wal_writes_after_a_delay_as_questdb_does(qdb: QuestDBDouble) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    qdb.state.apply_delay = 0.5
+
+    def wal() -> list[Any]:
+        rows = provisioner.query("SELECT name, writerTxn, sequencerTxn FROM wal_tables()")["dataset"]
+        return next(row[1:] for row in rows if row[0] == "ticks")
+
+    provisioner.write_ilp(['ticks,symbol=A tick_id="t1",price=1.0 1767346200000000000'])  # acknowledged...
+    assert wal() == [0, 1]  # ...in the WAL, not applied: a SELECT does not see it yet
+    assert qdb.state.tables["ticks"].rows == []
+    wait_for(lambda: wal() == [1, 1], 5, "the apply job")
+    assert len(qdb.state.tables["ticks"].rows) == 1

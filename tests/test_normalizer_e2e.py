@@ -152,3 +152,20 @@ def test_two_trades_in_one_microsecond_on_one_venue_are_two_ticks_and_count_in_t
     assert len(qdb.state.tables["ticks"].rows) == 3
     ((_, _, _, _, volume, count),) = stored_bars(qdb).values()
     assert (volume, count) == (3.0, 3)
+
+
+def test_bars_are_exact_while_questdb_applies_writes_late(servers: Any) -> None:
+    # Real QuestDB acknowledges ILP into a WAL table before a SELECT can see it (the apply job runs
+    # later): bars must not be built from what happens to be visible yet.
+    server, qdb = servers
+    qdb.state.apply_delay = 0.3
+    data = ticks()
+    asyncio.run(publish(server.url, [json.dumps(t).encode() for t in data]))
+    settings = ServiceSettings(  # type: ignore[call-arg]
+        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
+        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
+    )  # fmt: skip
+    asyncio.run(run_until_drained(server, settings))
+    time.sleep(0.5)  # the last bars' own writes applied
+    qdb.state.apply_due()
+    assert stored_bars(qdb) == expected_bars(data)

@@ -2,7 +2,8 @@
 
 Restart-safe without keeping state: each batch of ticks is first written to QuestDB's
 `ticks` table (deduplicated on ts, symbol, tick_id, so a redelivery rewrites the same row),
-then every bar the batch touched is rebuilt from that table with one aggregate query and
+then, once QuestDB has applied the write (WAL tables apply asynchronously: `wal_tables()`
+shows when), every bar the batch touched is rebuilt from that table with one aggregate query and
 upserted into `ohlcv_1m` (deduplicated on ts, symbol), then published on
 `market.bar.{SYMBOL}`, and only then are the ticks acknowledged. A crash anywhere before
 the ack replays the batch into the same rows.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +30,8 @@ from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick
 
 log = logging.getLogger(__name__)
+# How long a batch waits for QuestDB to make its ticks visible before it is handed back.
+WAL_APPLY_TIMEOUT = 30.0
 TICKS = Counter("tradingstack_normalizer_ticks_total", "Ticks normalised and stored")
 BARS = Counter("tradingstack_normalizer_bar_updates_total", "Bar upserts written and published")
 DEAD = Counter("tradingstack_normalizer_dead_lettered_total", "Ticks sent to the dead-letter stream", ["reason"])
@@ -60,9 +64,36 @@ class Normalizer:
             return None
         return Bar(symbol, minute, first, high, low, last, float(volume or 0.0), int(count))
 
+    def wal_position(self, table: str) -> tuple[int, int]:
+        """(applied, committed) WAL transactions of a table: `writerTxn` and `sequencerTxn` of wal_tables()."""
+        for name, writer, sequencer in self.questdb.query("SELECT name, writerTxn, sequencerTxn FROM wal_tables()")[
+            "dataset"
+        ]:
+            if name == table:
+                return int(writer), int(sequencer)
+        return 0, 0  # not a WAL table: writes are visible when acknowledged
+
+    def wait_visible(self, table: str) -> None:
+        """Wait until QuestDB applied every transaction committed so far (ours included).
+
+        An acknowledged ILP write to a WAL table is durable but visible to SELECT only once the apply
+        job ran (usually milliseconds); a table the apply job suspended never catches up, and the
+        batch is handed back (and retried) rather than built from part of its ticks.
+        """
+        _, committed = self.wal_position(table)
+        deadline = time.monotonic() + WAL_APPLY_TIMEOUT
+        delay = 0.005
+        while self.wal_position(table)[0] < committed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QuestDB has not applied {table}'s WAL after {WAL_APPLY_TIMEOUT:.0f} s "
+                                   "(a suspended table? see wal_tables())")  # fmt: skip
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
     def store(self, ticks: list[Tick]) -> list[Bar]:
-        """Ticks into QuestDB, then the bars they touch rebuilt from QuestDB and upserted."""
+        """Ticks into QuestDB, then (once QuestDB shows them) the bars they touch rebuilt and upserted."""
         self.questdb.write_ilp([tick_line(t) for t in ticks])
+        self.wait_visible("ticks")
         keys = sorted({(t.symbol, minute_of(t.event_ts)) for t in ticks}, key=lambda k: (k[1], k[0]))
         bars = [bar for symbol, minute in keys if (bar := self.rebuild(symbol, minute)) is not None]
         if bars:
