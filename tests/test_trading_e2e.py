@@ -211,9 +211,12 @@ def test_a_rejected_order_never_reaches_exeq(trading: Trading) -> None:
     final(oms_server, accepted["order_id"], "filled")
     position(pnl_server, 1)
 
-    orders = [(subject, json.loads(data)["order_id"]) for subject, data in platform.messages("ORDERS")]
+    def recorded() -> list[tuple[str, str]] | None:  # status events are published just after the change
+        got = [(subject, json.loads(data)["order_id"]) for subject, data in platform.messages("ORDERS")]
+        return got if ("orders.rejected.BTCUSDT", rejected["order_id"]) in got else None
+
+    orders = wait_for(recorded, 10, "the rejection recorded")
     assert [order_id for subject, order_id in orders if subject.startswith("orders.routed.")] == [accepted["order_id"]]
-    assert ("orders.rejected.BTCUSDT", rejected["order_id"]) in orders
     assert [json.loads(data)["order_id"] for _, data in platform.messages("FILLS")] == [accepted["order_id"]]
     assert final(oms_server, rejected["order_id"], "rejected")["fills"] == []
 
@@ -579,3 +582,26 @@ def test_a_cancelled_resting_order_leaves_exeq_without_a_crossing_quote(platform
         assert oms_server.post(f"/orders/{offer['order_id']}/cancel", {})[0] == 200
         wait_for(lambda: exeq_server.get("/resting")[1] == [], 10, "dropped by the sweep")
         assert not redis.Redis.from_url(platform.redis.url).hexists("tradingstack:exeq:resting", offer["order_id"])
+
+
+def test_a_status_change_made_while_nats_is_away_is_recorded_once_when_it_is_back(platform: Platform) -> None:
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    with contextlib.ExitStack() as stack:
+        oms_server = platform.serve_all(stack)[ServiceName.OMS]
+        _, rejected = oms_server.post("/orders", order("ev-big", "buy", 50))  # above maxQuantity: rejected
+        assert rejected["status"] == "rejected"
+        _, resting = oms_server.post("/orders", order("ev-rest", "buy", 1, order_type="limit", limit_price=50.0))
+        platform.nats.stop()
+        status, cancelled = oms_server.post(f"/orders/{resting['order_id']}/cancel", {})
+        assert (status, cancelled["status"]) == (200, "cancelled")  # the cancel needs Redis only
+    # Every service stopped while NATS was away: the record waits in Redis, not in a process's memory.
+    platform.nats.start()
+
+    def events() -> list[str]:
+        return sorted(s for s, data in platform.messages("ORDERS") if b"ev-" in data and "routed" not in s)
+
+    with contextlib.ExitStack() as stack:
+        platform.serve_all(stack, [ServiceName.RISK, ServiceName.OMS])
+        wait_for(lambda: len(events()) >= 2, 20, "both events in the ORDERS stream")
+        time.sleep(1)  # a second publication would show up now
+    assert events() == ["orders.cancelled.BTCUSDT", "orders.rejected.BTCUSDT"]

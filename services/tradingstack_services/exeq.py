@@ -151,9 +151,7 @@ class Exeq:
             stored = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
         except TransitionError:
             return
-        log.warning("order %s cancelled: %s", order.order_id, reason)
-        if self.nc is not None:
-            await self.nc.publish(f"orders.cancelled.{order.symbol}", stored.raw)
+        log.warning("order %s cancelled: %s (%s)", order.order_id, reason, stored.order.status.value)
 
     async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:
         await bus.dead_letter(js, msg, self.settings, error)
@@ -195,8 +193,7 @@ class Exeq:
         for fill in order.fills[-1:] if only_last else order.fills:
             headers = {"Nats-Msg-Id": fill.fill_id, **tracing.passthrough(trace)}
             await self.js.publish(f"fills.{fill.symbol}", fill.model_dump_json().encode(), headers=headers)
-        if order.fills and self.nc is not None:  # the order's new status, as an event (core publish)
-            await self.nc.publish(f"orders.{order.status.value}.{order.symbol}", order.model_dump_json().encode())
+        # The order's new status is recorded with the move itself and published by the event worker.
 
     # --- resting limit orders
 
@@ -263,7 +260,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL)
     exeq = Exeq(settings, redis)
 
-    app = bus.worker_app(settings, [exeq.prices.follow, exeq.run, exeq.sweep], {"redis": redis_check})
+    app = bus.worker_app(settings, [exeq.prices.follow, exeq.run, exeq.sweep, exeq.store.publish_events_forever],
+                         {"redis": redis_check})  # fmt: skip
 
     @app.get("/quotes")
     async def quotes() -> list[dict[str, Any]]:

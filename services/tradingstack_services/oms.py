@@ -83,15 +83,10 @@ class Oms:
         return self.nc
 
     async def _event(self, order: Order) -> None:
-        """Record a status change: an event on NATS (kept by the ORDERS stream) and a history row.
-
-        The routed event is the routing message itself (`_route`), published once and awaited.
-        """
+        """A history row for a status change. Its event on `orders.{status}.{SYMBOL}` was recorded in
+        Redis with the change itself and is published by the event worker (the routed event is the
+        routing message, `_route`)."""
         self.history.add(history_line(order))
-        if order.status is not OrderStatus.ROUTED and self.nc is not None and self.nc.is_connected:
-            # A core publish (buffered, no ack awaited): this is the record, not the command; routing awaits its ack.
-            subject = f"orders.{order.status.value}.{order.symbol}"
-            await self.nc.publish(subject, order.model_dump_json().encode(), headers=tracing.inject())
 
     def price_for(self, request: OrderRequest) -> float | None:
         if request.limit_price is not None:
@@ -199,7 +194,7 @@ def create(settings: ServiceSettings) -> FastAPI:
         # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.
         await oms._nats().request("risk.check", b"{}", timeout=0.5)
 
-    app = bus.worker_app(settings, [oms.attach, oms.history.run, oms.reroute],
+    app = bus.worker_app(settings, [oms.attach, oms.history.run, oms.reroute, oms.store.publish_events_forever],
                          {"redis": redis_check, "risk": risk_check})  # fmt: skip
 
     @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})

@@ -8,19 +8,33 @@ fill ends in exactly one of them, never in a mix.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from tradingstack_services.trading import Order
+from tradingstack_services.trading import Order, OrderStatus
 
+log = logging.getLogger(__name__)
 ORDER_KEY = "tradingstack:order:"
 CLIENT_KEY = "tradingstack:client-order:"
 # Routed orders whose publish to JetStream is not confirmed yet, scored by claim time: the OMS
 # (a retry of the same client id, or its recovery pass) publishes them until one is acknowledged.
 UNROUTED_KEY = "tradingstack:oms:unrouted"
+# Every status change but "routed" (whose record is the routing message itself) is appended to this
+# Redis stream in the same Lua step that makes it, and published from there to JetStream
+# (`orders.{status}.{SYMBOL}`) by `publish_events`: a change is never made without its record.
+EVENTS_KEY = "tradingstack:order-events"
+EVENTS_GROUP = "publishers"
+# An event a publisher took but did not acknowledge (it died) is taken over after this long.
+EVENT_CLAIM_IDLE_MS = 30_000
 # How often a compare-and-set is retried when another writer moved the order in between.
 CAS_ATTEMPTS = 20
 
@@ -36,6 +50,7 @@ if tonumber(ARGV[5]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
+if ARGV[6] == '1' then redis.call('XADD', KEYS[4], '*', 'order', ARGV[2]) end
 return false
 """
 _CAS = """
@@ -45,6 +60,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('EXPIRE', KEYS[1], ARGV[3])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
+  if ARGV[4] == '1' then redis.call('XADD', KEYS[3], '*', 'order', ARGV[2]) end
   return 1
 end
 return 0
@@ -92,9 +108,10 @@ class OrderStore:
         """
         stored = Stored.of(order)
         existing = await self._claim(
-            keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id, UNROUTED_KEY],
-            args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0", self._ttl(order)],
-        )
+            keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id, UNROUTED_KEY, EVENTS_KEY],
+            args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0", self._ttl(order),
+                  _recorded(order)],
+        )  # fmt: skip
         if existing is None:
             return stored, True
         order_id = existing.decode() if isinstance(existing, bytes) else str(existing)
@@ -127,6 +144,48 @@ class OrderStore:
         ids = await self.redis.zrangebyscore(UNROUTED_KEY, "-inf", time.time() - older_than)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
+    async def publish_events(self, js: Any, consumer: str, count: int = 256) -> int:
+        """Publish recorded status changes to JetStream, each acknowledged there before it leaves Redis.
+
+        Deduplicated by `Nats-Msg-Id` (order id, status, filled quantity), so an event published
+        twice (a publisher that died before its XACK, taken over by another) is stored once.
+        Returns how many were published.
+        """
+        with contextlib.suppress(aioredis.ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(EVENTS_KEY, EVENTS_GROUP, id="0", mkstream=True)
+        # Ours not yet acknowledged (a failed publish, or this pod before a restart), then another
+        # publisher's that it left idle, then new ones.
+        mine: Any = await self.redis.xreadgroup(EVENTS_GROUP, consumer, {EVENTS_KEY: "0"}, count=count)
+        taken: Any = await self.redis.xautoclaim(EVENTS_KEY, EVENTS_GROUP, consumer, EVENT_CLAIM_IDLE_MS, count=count)
+        fresh: Any = await self.redis.xreadgroup(EVENTS_GROUP, consumer, {EVENTS_KEY: ">"}, count=count)
+        entries: list[Any] = [e for _, got in mine for e in got] + list(taken[1])  # xautoclaim: [next, entries, ...]
+        entries += [e for _, got in fresh for e in got]
+        entries = list({entry[0]: entry for entry in entries}.values())  # an id may come twice
+        for entry_id, fields in entries:
+            raw = fields.get(b"order") or fields.get("order") or b"{}"
+            data = raw if isinstance(raw, bytes) else str(raw).encode()
+            order = Order.model_validate_json(data)
+            msg_id = f"{order.order_id}:{order.status.value}:{order.filled_quantity}"
+            await js.publish(f"orders.{order.status.value}.{order.symbol}", data, headers={"Nats-Msg-Id": msg_id})
+            await self.redis.xack(EVENTS_KEY, EVENTS_GROUP, entry_id)
+            await self.redis.xdel(EVENTS_KEY, entry_id)
+        return len(entries)
+
+    async def publish_events_forever(self, nc: Any, stop: asyncio.Event) -> None:
+        """Worker: publish recorded status changes as they come (every 0.1 s when idle) until stopped."""
+        js = nc.jetstream()
+        consumer = f"{socket.gethostname()}-{os.getpid()}"
+        while not stop.is_set():
+            try:
+                published = await self.publish_events(js, consumer)
+            except Exception as exc:  # NATS or Redis away: the events wait in Redis
+                log.warning("order events not published yet: %s", exc)
+                published = 0
+                await asyncio.sleep(1)
+            if not published:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.1)
+
     async def get(self, order_id: str) -> Stored | None:
         raw = await self.redis.get(ORDER_KEY + order_id)
         if raw is None:
@@ -138,8 +197,8 @@ class OrderStore:
         """Write `new` if the order is still `current`; None if someone moved it first."""
         stored = Stored.of(new)
         swapped = await self._cas(
-            keys=[ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id],
-            args=[current.raw, stored.raw, self._ttl(new)],
+            keys=[ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id, EVENTS_KEY],
+            args=[current.raw, stored.raw, self._ttl(new), _recorded(new)],
         )
         return stored if swapped else None
 
@@ -155,8 +214,8 @@ class OrderStore:
             self._cas_loaded = True
         async with self.redis.pipeline(transaction=False) as pipe:
             for current, new in pairs:
-                pipe.evalsha(self._cas.sha, 2, ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id,
-                             current.raw, Stored.of(new).raw, self._ttl(new))  # fmt: skip
+                pipe.evalsha(self._cas.sha, 3, ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id,
+                             EVENTS_KEY, current.raw, Stored.of(new).raw, self._ttl(new), _recorded(new))  # fmt: skip
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, Exception) for r in results):
             self._cas_loaded = False
@@ -173,3 +232,8 @@ class OrderStore:
                 return stored
             current = None
         raise ConflictError(f"order {order_id} kept changing; gave up after {CAS_ATTEMPTS} attempts")
+
+
+def _recorded(order: Order) -> str:
+    """'1' when this status change is recorded as an event ('routed' is recorded by its routing message)."""
+    return "0" if order.status is OrderStatus.ROUTED else "1"
