@@ -75,6 +75,14 @@ async def publish(url: str, payloads: list[bytes]) -> None:
     await nc.close()
 
 
+def normalizer_settings(server: NatsServer, qdb: QuestDBDouble) -> ServiceSettings:
+    """What the operator gives the normalizer, with small batches so a test spans many of them."""
+    return ServiceSettings(  # type: ignore[call-arg]
+        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
+        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
+    )  # fmt: skip
+
+
 async def run_until_drained(server: NatsServer, settings: ServiceSettings) -> None:
     nc = await nats.connect(server.url)
     stop = asyncio.Event()
@@ -96,10 +104,7 @@ def test_ticks_become_exact_bars_and_a_replay_changes_nothing(servers: Any) -> N
     payloads = [json.dumps(t).encode() for t in data]
     # The same ten ticks twice (a producer retry without a message id) and one broken tick.
     asyncio.run(publish(server.url, payloads + payloads[:10] + [b"{broken"]))
-    settings = ServiceSettings(  # type: ignore[call-arg]
-        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
-        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
-    )  # fmt: skip
+    settings = normalizer_settings(server, qdb)
     asyncio.run(run_until_drained(server, settings))
 
     assert stored_bars(qdb) == expected_bars(data)
@@ -144,10 +149,7 @@ def test_two_trades_in_one_microsecond_on_one_venue_are_two_ticks_and_count_in_t
     trades = [{"tick_id": f"burst-{i}", "symbol": "BTCUSDT", "timestamp": same_time, "price": 100 + i, "size": 1,
                "venue": "v1", "exchange": "X"} for i in range(3)]  # fmt: skip
     asyncio.run(publish(server.url, [json.dumps(t).encode() for t in trades]))
-    settings = ServiceSettings(  # type: ignore[call-arg]
-        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
-        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
-    )  # fmt: skip
+    settings = normalizer_settings(server, qdb)
     asyncio.run(run_until_drained(server, settings))
     assert len(qdb.state.tables["ticks"].rows) == 3
     ((_, _, _, _, volume, count),) = stored_bars(qdb).values()
@@ -161,10 +163,7 @@ def test_bars_are_exact_while_questdb_applies_writes_late(servers: Any) -> None:
     qdb.state.apply_delay = 0.3
     data = ticks()
     asyncio.run(publish(server.url, [json.dumps(t).encode() for t in data]))
-    settings = ServiceSettings(  # type: ignore[call-arg]
-        SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
-        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
-    )  # fmt: skip
+    settings = normalizer_settings(server, qdb)
     asyncio.run(run_until_drained(server, settings))
     time.sleep(0.5)  # the last bars' own writes applied
     qdb.state.apply_due()
