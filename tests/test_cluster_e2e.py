@@ -5,7 +5,8 @@ kube-proxy: pods really run, probes are really called), then orders and ticks th
 Runs when the cluster kit (TRADINGSTACK_CLUSTER_KIT) and a Docker engine are there; CI sets
 TRADINGSTACK_REQUIRE_CLUSTER=1 so that it fails instead of skipping. TRADINGSTACK_CLUSTER_DIR
 reuses a cluster that `cluster-up DIR` already runs (the kit allows one per machine); otherwise
-the test starts its own and stops it at the end. The cases share that one install, in order.
+the test starts its own, with RBAC enforced (`AUTHZ=RBAC`), and stops it at the end. The cases
+share that one install, in order.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         yield str(Path(reuse) / "kubeconfig"), Path(reuse)
         return
     directory = tmp_path_factory.mktemp("cluster")
-    started = subprocess.run([f"{kit}/cluster-up", str(directory)], capture_output=True, text=True, timeout=900)
+    # RBAC enforced: the operator's pod gets exactly what the chart's Role grants its ServiceAccount.
+    started = subprocess.run([f"{kit}/cluster-up", str(directory)], capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "AUTHZ": "RBAC"})  # fmt: skip
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     try:
         yield started.stdout.strip().splitlines()[-1], directory
