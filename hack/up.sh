@@ -84,6 +84,7 @@ values=(--set image.registry= --set image.repository="$IMAGE_REPO" --set image.t
 if [[ $LOCAL_INFRA == 1 ]]; then
   echo "==> building the infrastructure stand-ins (hack/local-infra)"
   mapfile -t infra < <("$here/local-infra.sh")
+  [[ ${#infra[@]} -eq 4 ]] || { echo "make up: building the infrastructure stand-ins failed (hack/local-infra.sh)" >&2; exit 1; }
   values+=(-f "$here/values-local-infra.yaml")
   for ref in "${infra[@]}"; do
     component=${ref#*/}; component=${component%%:*}
