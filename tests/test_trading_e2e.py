@@ -605,3 +605,15 @@ def test_a_status_change_made_while_nats_is_away_is_recorded_once_when_it_is_bac
         wait_for(lambda: len(events()) >= 2, 20, "both events in the ORDERS stream")
         time.sleep(1)  # a second publication would show up now
     assert events() == ["orders.cancelled.BTCUSDT", "orders.rejected.BTCUSDT"]
+
+
+def test_a_tick_with_a_dust_size_neither_fills_nor_drops_a_resting_order(trading: Trading) -> None:
+    platform, oms_server, exeq_server, _ = trading
+    _, bid = oms_server.post("/orders", order("dust-1", "buy", 2, order_type="limit", limit_price=95.0))
+    wait_for(lambda: [o["order_id"] for o in exeq_server.get("/resting")[1]] == [bid["order_id"]], 10, "resting")
+    platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=1e-12)  # crosses, but trades (almost) nothing
+    time.sleep(1)
+    assert oms_server.get(f"/orders/{bid['order_id']}")[1]["status"] == "routed"
+    assert [o["order_id"] for o in exeq_server.get("/resting")[1]] == [bid["order_id"]]
+    platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=5)
+    assert final(oms_server, bid["order_id"], "filled")["filled_quantity"] == 2

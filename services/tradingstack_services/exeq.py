@@ -31,7 +31,7 @@ from tradingstack_services.orderstore import OrderStore, Stored, UnknownOrderErr
 from tradingstack_services.prices import PriceBook, Quote
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError
-from tradingstack_services.trading import Order, OrderStatus, TransitionError, execution_price
+from tradingstack_services.trading import EPSILON, Order, OrderStatus, TransitionError, execution_price
 
 log = logging.getLogger(__name__)
 RESTING_KEY = "tradingstack:exeq:resting"
@@ -168,14 +168,16 @@ class Exeq:
         An order that cannot fill because it is already filled gets its recorded fills republished:
         that finishes the work of an exeq that died between recording a fill and publishing it.
         """
+        if quantity <= EPSILON < order.remaining:
+            return order  # the tick traded (next to) nothing: no fill now, the order keeps waiting
         try:
             stored = await self.store.move(order.order_id, lambda o: o.filled_by(quantity, price)[0], current)
         except TransitionError as exc:
             current = await self.store.get(order.order_id)
             if current is not None:
                 await self.publish_fills(current.order)
-                if current.order.status in LIVE:  # live, yet nothing it can fill (a dust quantity): end it
-                    await self.give_up(current.order, f"cannot be filled: {exc}")
+                if current.order.status in LIVE and current.order.remaining <= EPSILON:
+                    await self.give_up(current.order, f"cannot be filled: {exc}")  # a dust quantity: end it
             await self.unrest(order)
             return None
         filled = stored.order
