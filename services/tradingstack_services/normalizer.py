@@ -80,15 +80,16 @@ class Normalizer:
         job ran (usually milliseconds); a table the apply job suspended never catches up, and the
         batch is handed back (and retried) rather than built from part of its ticks.
         """
-        _, committed = self.wal_position(table)
+        applied, committed = self.wal_position(table)  # one query when QuestDB is already caught up
         deadline = time.monotonic() + WAL_APPLY_TIMEOUT
         delay = 0.005
-        while self.wal_position(table)[0] < committed:
+        while applied < committed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"QuestDB has not applied {table}'s WAL after {WAL_APPLY_TIMEOUT:.0f} s "
                                    "(a suspended table? see wal_tables())")  # fmt: skip
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
+            applied = self.wal_position(table)[0]
 
     def store(self, ticks: list[Tick]) -> list[Bar]:
         """Ticks into QuestDB, then (once QuestDB shows them) the bars they touch rebuilt and upserted."""
