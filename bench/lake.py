@@ -11,11 +11,12 @@ from nats.js import api as js_api
 
 from bench.report import Measure
 from bench.servers import nats_server, s3_server
+from tradingstack.api import ServiceName
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import MARKET_TICKS
-from tradingstack.plan import StackRef, build_plan, parse_spec
+from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
 from tradingstack_services.gateway import MockFeed
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.sink import LakeSink, tick_row
@@ -82,7 +83,7 @@ def run(quick: bool, duration: float | None = None) -> list[Measure]:
         settings = ServiceSettings(
             SERVICE_NAME="sink-ticks", NATS_URL=url, S3_ENDPOINT_URL=s3, S3_BUCKET=bucket, AWS_ALLOW_HTTP=True,
             AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", NATS_STREAM="MARKET_TICKS",
-            NATS_DURABLE="sink-ticks", NATS_FILTER_SUBJECT="market.tick.>",
+            NATS_DURABLE=durable_name(plan.stack, ServiceName.SINK_TICKS), NATS_FILTER_SUBJECT="market.tick.>",
         )  # fmt: skip
         rate, elapsed = asyncio.run(_sink(settings, url, count))
         commits_per_s = asyncio.run(_commit_rate(settings, elapsed))

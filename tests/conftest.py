@@ -189,14 +189,33 @@ class OperatorRunner:
 
 
 @pytest.fixture(scope="session")
-def operator(crd: dict[str, Any], s3_url: str, questdb: Any) -> Iterator[OperatorRunner]:
+def operator(crd: dict[str, Any], s3_url: str) -> Iterator[OperatorRunner]:
     # Depends on the shared servers so they outlive the operator that talks to them.
     runner = OperatorRunner()
     runner.start()
+    RUNNING_OPERATORS.append(runner)
     try:
         yield runner
     finally:
+        RUNNING_OPERATORS.remove(runner)
         runner.stop()  # always, or a failing test hangs at teardown
+
+
+RUNNING_OPERATORS: list[OperatorRunner] = []
+
+
+@pytest.fixture
+def no_operator() -> Iterator[None]:
+    """For a test that writes a stack's status itself: the session's operator (started by an earlier
+    test) would write it too, in between, so it is stopped for the test and started again after."""
+    stopped = list(RUNNING_OPERATORS)
+    for runner in stopped:
+        runner.stop()
+    try:
+        yield
+    finally:
+        for runner in stopped:
+            runner.start()
 
 
 @pytest.fixture
@@ -299,8 +318,10 @@ def s3_url() -> Iterator[str]:
         process.wait(10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def questdb() -> Iterator[Any]:
+    """A QuestDB double of the test's own: a stack owns the tables it creates, so two tests' stacks
+    on one QuestDB would find each other's tables taken (OwnedByAnotherStack)."""
     from questdb_double import QuestDBDouble
 
     with QuestDBDouble() as double:
@@ -312,9 +333,9 @@ LAKE_SECRET = "lake-credentials"
 
 @pytest.fixture
 def infra(tmp_path: Path, s3_url: str, questdb: Any) -> Iterator[dict[str, Any]]:
-    """The spec block pointing a TradingStack at real servers: a nats-server and a lake bucket of the
-    test's own (a stack owns the streams and bucket it creates; two tests' stacks must not meet
-    there), and the session's S3 server and QuestDB double."""
+    """The spec block pointing a TradingStack at real servers: a nats-server, a lake bucket and a
+    QuestDB double of the test's own (a stack owns the streams, bucket and tables it creates; two
+    tests' stacks must not meet there), and the session's S3 server."""
     server = NatsServer(tmp_path / "nats-infra")
     server.start()
     bucket = f"lake-{uuid.uuid4().hex[:10]}"

@@ -36,6 +36,12 @@ ALTER_ADD = re.compile(rf"^ALTER TABLE (?P<name>{IDENT}) ADD COLUMN (?P<col>{IDE
 DROP = re.compile(rf"^DROP TABLE (?P<ie>IF EXISTS )?(?P<name>{IDENT})$", re.IGNORECASE)
 SELECT_TABLES = re.compile(r"^SELECT (?P<cols>.+) FROM tables\(\)$", re.IGNORECASE)
 SELECT_WAL = re.compile(r"^SELECT (?P<cols>.+) FROM wal_tables\(\)$", re.IGNORECASE)
+# INSERT of string literals ('' escapes a quote), the one form tradingstack sends over /exec.
+INSERT = re.compile(
+    rf"^INSERT INTO (?P<name>{IDENT}) VALUES ?\((?P<values>(?:'(?:[^']|'')*'(?:, ?)?)+)\)$", re.IGNORECASE
+)
+LITERAL = re.compile(r"'((?:[^']|'')*)'")
+SELECT_ALL = re.compile(rf"^SELECT (?P<cols>[A-Za-z_, ]+) FROM (?P<name>{IDENT})$", re.IGNORECASE)
 SELECT_COLUMNS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_columns\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
 # The one aggregate the normaliser runs: a bar rebuilt from the ticks of one symbol and minute.
 SELECT_BAR = re.compile(
@@ -106,7 +112,7 @@ class QuestDBState:
             for pattern, handler in (
                 (CREATE, self._create), (ALTER_ADD, self._alter), (DROP, self._drop),
                 (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns), (SELECT_BAR, self._bar),
-                (SELECT_WAL, self._wal_tables),
+                (SELECT_WAL, self._wal_tables), (INSERT, self._insert), (SELECT_ALL, self._select_all),
             ):  # fmt: skip
                 match = pattern.match(sql)
                 if match:
@@ -200,6 +206,33 @@ class QuestDBState:
         rows = [{"name": name, "suspended": False, "writerTxn": t.writer_txn, "sequencerTxn": t.sequencer_txn}
                 for name, t in sorted(self.tables.items()) if t.wal]  # fmt: skip
         return _select(m["cols"], rows, {"name", "suspended", "writerTxn", "sequencerTxn"})
+
+    def _insert(self, m: re.Match[str]) -> dict[str, Any]:
+        """`INSERT INTO t VALUES ('..', ..)`: into a non-WAL table the row is committed and visible when
+        the call returns; into a WAL table it waits for the apply job like an ILP write
+        (questdb.com/docs/reference/sql/insert/, questdb.com/docs/concept/write-ahead-log/)."""
+        table = self._table(m["name"])
+        values = [v.replace("''", "'") for v in LITERAL.findall(m["values"])]
+        if len(values) != len(table.columns):
+            raise RejectedError(f"not enough values [expected={len(table.columns)}, actual={len(values)}]")
+        for (col, type_), value in zip(table.columns.items(), values, strict=True):
+            if type_ not in ("VARCHAR", "STRING", "SYMBOL"):
+                raise RejectedError(f"inconvertible value: '{value}' [STRING -> {type_}] (column {col})")
+        row = dict(zip(table.columns, values, strict=True))
+        table.sequencer_txn += 1
+        if table.wal:
+            table.pending.append((time.monotonic() + self.apply_delay, [row]))
+        else:
+            table.writer_txn += 1
+            table.upsert(row)
+        self.mutations.append(f"insert {m['name'].lower()}")
+        return {"dml": "OK"}
+
+    def _select_all(self, m: re.Match[str]) -> dict[str, Any]:
+        """Every visible row of a table, in the order written (a table without a designated
+        timestamp keeps insertion order)."""
+        table = self._table(m["name"])
+        return _select(m["cols"], table.rows, set(table.columns))
 
     def _columns(self, m: re.Match[str]) -> dict[str, Any]:
         table = self._table(m["name"])

@@ -18,7 +18,7 @@ from questdb_double import QuestDBDouble
 from tradingstack import backends
 from tradingstack.api import S3Endpoint
 from tradingstack.backends.jetstream import JetStreamProvisioner
-from tradingstack.backends.questdb import QuestDBError, QuestDBProvisioner
+from tradingstack.backends.questdb import OWNERS_TABLE, QuestDBError, QuestDBProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
@@ -70,7 +70,9 @@ def test_streams_and_consumers_from_nothing_then_nothing_to_do(nats_alone: NatsS
     assert all(item.ready and item.reason == "InSync" for item in second.items)
 
     async def inspect(jsm: Any, _: Any) -> tuple[Any, Any]:
-        return (await jsm.stream_info("MARKET_TICKS")).config, (await jsm.consumer_info("MARKET_TICKS", "sink-ticks"))
+        return (await jsm.stream_info("MARKET_TICKS")).config, (
+            await jsm.consumer_info("MARKET_TICKS", "ns_demo_sink-ticks")
+        )
 
     stream, consumer = js_call(nats_alone.url, inspect)
     assert stream.subjects == ["market.tick.>"]
@@ -275,7 +277,37 @@ def test_delete_drops_the_tables(qdb: QuestDBDouble) -> None:
     provisioner = QuestDBProvisioner(qdb.url)
     provisioner.reconcile(plan_for())
     assert len(provisioner.delete(plan_for())) == 5
-    assert qdb.state.tables == {}
+    assert set(qdb.state.tables) == {OWNERS_TABLE}  # the record of who made what stays for other stacks
+
+
+def test_tables_are_owned_a_stack_deletes_only_its_own(qdb: QuestDBDouble) -> None:
+    """Two stacks on one QuestDB: the second is told the tables are taken, and Delete on either
+    drops only what it made; a table made by hand before any stack is used, never dropped."""
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.query("CREATE TABLE fills (fill_id VARCHAR, order_id VARCHAR, symbol SYMBOL, side SYMBOL, "
+                      "quantity DOUBLE, price DOUBLE, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY WAL")  # fmt: skip
+    ours, theirs = plan_for(), build_plan(StackRef("other", "team-b"), parse_spec({}))
+    assert provisioner.reconcile(ours).ok
+    shared = provisioner.reconcile(theirs)
+    assert {(p.kind, p.reason) for p in shared.problems} == {("Table", "OwnedByAnotherStack")}
+    assert {p.name for p in shared.problems} == {"ticks", "ohlcv_1m", "orders", "positions"}
+    assert "ns/demo" in shared.problems[0].message
+    assert provisioner.delete(theirs) == []
+    assert {c.name for c in provisioner.delete(ours)} == {"ticks", "ohlcv_1m", "orders", "positions"}
+    assert set(qdb.state.tables) == {"fills", OWNERS_TABLE}
+    # Gone, the names are free: the other stack makes them and owns them now.
+    assert provisioner.reconcile(theirs).ok
+    assert {c.name for c in provisioner.delete(theirs)} == {"ticks", "ohlcv_1m", "orders", "positions"}
+
+
+def test_a_table_recorded_but_not_made_is_made_by_its_owner(qdb: QuestDBDouble) -> None:
+    """The owner is recorded before the table is made: a crash between the two leaves a record
+    that the next reconcile completes, never a table nobody owns."""
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    provisioner.query("DROP TABLE ticks")
+    assert [str(c) for c in provisioner.reconcile(plan_for()).changes] == ["create Table/ticks"]
+    assert [c.name for c in provisioner.delete(plan_for())] == ["ticks", "ohlcv_1m", "orders", "fills", "positions"]
 
 
 @pytest.mark.parametrize(
@@ -292,7 +324,9 @@ def test_delete_drops_the_tables(qdb: QuestDBDouble) -> None:
          "only on WAL tables"),
         ("CREATE TABLE t (a LONG, a DOUBLE, ts TIMESTAMP) TIMESTAMP(ts) PARTITION BY DAY", "Duplicate column"),
         ("ALTER TABLE nope ADD COLUMN a LONG", "table does not exist"),
-        ("SELECT * FROM trades", "unsupported statement"),
+        ("SELECT a FROM trades", "table does not exist"),
+        ("SELECT a FROM tradingstack_owners WHERE a = 1", "unsupported statement"),
+        ("INSERT INTO tradingstack_owners VALUES ('a', 'b')", "table does not exist"),
     ],
 )  # fmt: skip
 def test_the_questdb_double_rejects_what_questdb_rejects(qdb: QuestDBDouble, sql: str, error: str) -> None:
@@ -405,3 +439,40 @@ def test_the_double_applies_wal_writes_after_a_delay_as_questdb_does(qdb: QuestD
     assert qdb.state.tables["ticks"].rows == []
     wait_for(lambda: wal() == [1, 1], 5, "the apply job")
     assert len(qdb.state.tables["ticks"].rows) == 1
+
+
+def test_a_durable_held_by_another_stack_is_a_problem_not_shared(nats_alone: NatsServer) -> None:
+    """Two stacks reading a stream made by hand get durables of their own; one taken anyway is reported."""
+
+    async def by_hand(jsm: Any, _: Any) -> None:
+        await jsm.add_stream(name="MARKET_TICKS", subjects=["market.tick.>"])
+
+    js_call(nats_alone.url, by_hand)
+    ticks_only = {"streams": [{"name": "MARKET_TICKS", "subjects": ["market.tick.>"]}],
+                  "services": {s: {"enabled": False} for s in ("sink-alt", "exeq", "pnl")}}  # fmt: skip
+    ours = build_plan(StackRef("demo", "a"), parse_spec(ticks_only))
+    theirs = build_plan(StackRef("demo", "b"), parse_spec(ticks_only))
+    assert JetStreamProvisioner(nats_alone.url).reconcile(ours).ok
+    assert JetStreamProvisioner(nats_alone.url).reconcile(theirs).ok  # their own durables
+
+    async def durables(jsm: Any, _: Any) -> dict[str, str]:
+        return {c.name: c.config.description for c in await jsm.consumers_info("MARKET_TICKS")}
+
+    held = js_call(nats_alone.url, durables)
+    assert held == {c.durable: ours.stack.owner for c in ours.consumers} | {
+        c.durable: theirs.stack.owner for c in theirs.consumers
+    }
+    taken = build_plan(StackRef("demo", "a"), parse_spec(ticks_only))
+    impostor = JetStreamProvisioner(nats_alone.url)
+
+    async def steal(jsm: Any, _: Any) -> None:  # another stack's mark on a name of ours
+        for consumer in ours.consumers:
+            info = await jsm.consumer_info("MARKET_TICKS", consumer.durable)
+            info.config.description = theirs.stack.owner
+            await jsm.add_consumer("MARKET_TICKS", info.config)
+
+    js_call(nats_alone.url, steal)
+    result = impostor.reconcile(taken)
+    assert {(p.kind, p.reason) for p in result.problems} == {("Consumer", "OwnedByAnotherStack")}
+    assert "b/demo" in result.problems[0].message
+    assert not result.ok

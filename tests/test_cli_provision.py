@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from questdb_double import QuestDBDouble
+from tradingstack.api import OWNERS_TABLE
 
 from conftest import NatsServer
 
@@ -62,7 +63,7 @@ def test_check_then_provision_then_check_clean(stack_file: Any) -> None:
     applied = run("provision", "-f", str(path))
     assert applied.returncode == 0, applied.stderr
     assert "did create Bucket/" in applied.stdout
-    assert set(qdb.state.tables) == {"ticks", "ohlcv_1m", "orders", "fills", "positions"}
+    assert set(qdb.state.tables) == {"ticks", "ohlcv_1m", "orders", "fills", "positions", OWNERS_TABLE}
 
     after = run("check", "-f", str(path))
     assert after.returncode == 0, after.stdout + after.stderr

@@ -11,7 +11,7 @@ from tradingstack.reconciler import StatusWriter
 
 from kubetools import create_stack, get_stack
 
-pytestmark = pytest.mark.envtest
+pytestmark = [pytest.mark.envtest, pytest.mark.usefixtures("no_operator")]
 
 
 def test_status_write_recomputes_after_a_409_conflict(kube: KubeClient, crd: dict[str, Any], namespace: str) -> None:

@@ -25,11 +25,12 @@ from deltalake import DeltaTable, QueryBuilder
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
+from tradingstack.api import ServiceName
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import ALT_DATA, MARKET_TICKS
-from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
+from tradingstack.plan import Plan, StackRef, build_plan, durable_name, parse_spec
 from tradingstack_services import gateway
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.sink import COMMIT_FAILURES, DEAD, LakeSink, alt_row, tick_row
@@ -55,7 +56,8 @@ def platform(tmp_path: Path, s3_url: str) -> Iterator[tuple[NatsServer, Plan, di
     env = {
         "SERVICE_NAME": "sink-ticks", "NATS_URL": server.url, "S3_ENDPOINT_URL": s3_url, "S3_BUCKET": bucket,
         "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1", "NATS_STREAM": "MARKET_TICKS",
-        "NATS_DURABLE": "sink-ticks", "NATS_FILTER_SUBJECT": "market.tick.>", "SYMBOLS": "BTCUSDT,ETHUSDT",
+        "NATS_DURABLE": durable_name(plan.stack, ServiceName.SINK_TICKS), "NATS_FILTER_SUBJECT": "market.tick.>",
+        "SYMBOLS": "BTCUSDT,ETHUSDT",
         **CREDS,
     }  # fmt: skip
     yield server, plan, env
@@ -157,7 +159,7 @@ def test_a_sink_killed_mid_batch_loses_nothing_and_duplicates_nothing(platform: 
         nc = await nats.connect(server.url)
         # Redeliver quickly in the test: the operator's 30 s ack wait would only slow it down.
         config = js_api.ConsumerConfig(
-            durable_name="sink-ticks",
+            durable_name=env["NATS_DURABLE"],
             filter_subject="market.tick.>",
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=2,
@@ -233,7 +235,8 @@ def test_an_unknown_service_says_which_exist() -> None:
 
 def test_alt_data_lands_in_its_own_table(platform: Any) -> None:
     server, _, env = platform
-    settings = settings_from(env, SERVICE_NAME="sink-alt", NATS_STREAM="ALT_DATA", NATS_DURABLE="sink-alt",
+    settings = settings_from(env, SERVICE_NAME="sink-alt", NATS_STREAM="ALT_DATA",
+                             NATS_DURABLE=durable_name(_.stack, ServiceName.SINK_ALT),
                              NATS_FILTER_SUBJECT="alt.norm.>", SINK_MAX_AGE_SECONDS="0.3")  # fmt: skip
     records = [
         json.dumps({"record_id": f"r{i}", "event_ts": "2026-01-02T09:30:00Z", "source": "news", "symbol": "aapl",

@@ -14,15 +14,17 @@ import nats
 import pytest
 
 from questdb_double import QuestDBDouble
+from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack.plan import StackRef, build_plan, parse_spec
+from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
 from tradingstack_services.normalizer import Normalizer
 from tradingstack_services.settings import ServiceSettings
 
 from conftest import NatsServer
 
 T0 = datetime(2026, 1, 2, 9, 30, tzinfo=UTC)
+NORMALIZER_DURABLE = durable_name(StackRef("e2e", "ns"), ServiceName.NORMALIZER)
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def normalizer_settings(server: NatsServer, qdb: QuestDBDouble) -> ServiceSettin
     """What the operator gives the normalizer, with small batches so a test spans many of them."""
     return ServiceSettings(  # type: ignore[call-arg]
         SERVICE_NAME="normalizer", NATS_URL=server.url, QUESTDB_URL=qdb.url, NATS_STREAM="MARKET_TICKS",
-        NATS_DURABLE="normalizer", SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
+        NATS_DURABLE=NORMALIZER_DURABLE, SINK_FETCH_BATCH=25, SINK_MAX_AGE_SECONDS=0.3,
     )  # fmt: skip
 
 
@@ -89,7 +91,7 @@ async def run_until_drained(server: NatsServer, settings: ServiceSettings) -> No
     task = asyncio.create_task(Normalizer(settings).run(nc, stop))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        info = await nc.jsm().consumer_info("MARKET_TICKS", "normalizer")
+        info = await nc.jsm().consumer_info("MARKET_TICKS", NORMALIZER_DURABLE)
         if info.num_pending == 0 and info.num_ack_pending == 0:
             break
         await asyncio.sleep(0.2)
@@ -131,7 +133,7 @@ def test_ticks_become_exact_bars_and_a_replay_changes_nothing(servers: Any) -> N
     # A replay of everything (as after a crash before the acks) rewrites the very same rows.
     async def rewind() -> None:
         nc = await nats.connect(server.url)
-        await nc.jsm().delete_consumer("MARKET_TICKS", "normalizer")
+        await nc.jsm().delete_consumer("MARKET_TICKS", NORMALIZER_DURABLE)
         await nc.close()
 
     before = stored_bars(qdb)

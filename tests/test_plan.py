@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -39,9 +40,25 @@ def test_empty_spec_renders_all_eight_services() -> None:
     assert plan.buckets == ["trader2025"]
     assert {t.name for t in plan.tables} == {"ticks", "ohlcv_1m", "orders", "fills", "positions"}
     assert {(c.stream, c.durable) for c in plan.consumers} >= {
-        ("MARKET_TICKS", "sink-ticks"),
-        ("ALT_DATA", "sink-alt"),
+        ("MARKET_TICKS", "trading_demo_sink-ticks"),
+        ("ALT_DATA", "trading_demo_sink-alt"),
     }
+
+
+def test_durable_names_are_unique_per_stack_and_valid_for_nats() -> None:
+    """Two stacks reading one stream (a stream made by hand, say) must not split its messages."""
+    spec = parse_spec({})
+    names = {
+        (ref.namespace, ref.name): {c.durable for c in build_plan(ref, spec).consumers}
+        for ref in (StackRef("demo", "a"), StackRef("demo", "b"), StackRef("a.demo", "x"), StackRef("a", "demo.x"))
+    }
+    every = [n for group in names.values() for n in group]
+    assert len(every) == len(set(every)) == 4 * 5
+    long = build_plan(StackRef("s" * 52, "n" * 63), spec).consumers
+    for name in every + [c.durable for c in long]:
+        # NATS refuses '.', '*', '>' and whitespace in a durable name; a file store keeps it as a directory.
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,255}", name), name
+    assert len({c.durable for c in long}) == 5
 
 
 def test_children_carry_labels_owner_and_seed_ports() -> None:
@@ -61,7 +78,7 @@ def test_children_carry_labels_owner_and_seed_ports() -> None:
     assert container["args"] == ["service", "oms"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert objects[("Service", "demo-gateway")]["spec"]["ports"][0]["port"] == 8080
-    assert objects[("ConfigMap", "demo-sink-ticks")]["data"]["NATS_DURABLE"] == "sink-ticks"
+    assert objects[("ConfigMap", "demo-sink-ticks")]["data"]["NATS_DURABLE"] == "trading_demo_sink-ticks"
 
 
 def test_config_change_changes_checksum_only_where_config_changed() -> None:
@@ -83,7 +100,7 @@ def test_plan_is_deterministic() -> None:
 def test_disabled_service_has_no_objects_and_no_consumer() -> None:
     plan = plan_for({"services": {"sink-alt": {"enabled": False}}})
     assert not any(o["metadata"]["name"] == "demo-sink-alt" for o in plan.objects)
-    assert "sink-alt" not in {c.durable for c in plan.consumers}
+    assert ServiceName.SINK_ALT not in {c.service for c in plan.consumers}
 
 
 def test_secret_ref_reaches_only_the_lake_writers() -> None:

@@ -41,6 +41,8 @@ IDENTIFIER_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 URL_PATTERN = r"^[a-z][a-z0-9+.-]*://[^\s]+$"
+# QuestDB has no table comments: which stack made which table is recorded in this table.
+OWNERS_TABLE = "tradingstack_owners"
 
 
 class ServiceName(StrEnum):
@@ -291,6 +293,7 @@ class TableSpec(Model):
                 "dedupKeys must include the designated timestamp",
             ),
             cel("!self.wal || self.partitionBy != 'NONE'", "a WAL table must be partitioned"),
+            cel(f"self.name != '{OWNERS_TABLE}'", f"{OWNERS_TABLE} is the operator's record of who made each table"),
         )
     )
 
@@ -323,6 +326,8 @@ class TableSpec(Model):
             raise ValueError("dedupKeys must include the designated timestamp")
         if self.wal and self.partition_by == "NONE":
             raise ValueError("a WAL table must be partitioned")
+        if self.name == OWNERS_TABLE:
+            raise ValueError(f"{OWNERS_TABLE} is the operator's record of who made each table")
         return self
 
 

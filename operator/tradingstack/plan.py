@@ -56,6 +56,14 @@ class StackRef:
         return f"{OWNER_PREFIX}{self.namespace}/{self.name}"
 
 
+def durable_name(stack: StackRef, service: ServiceName) -> str:
+    """`<namespace>_<name>_<service>`: unique per stack, so two stacks reading one stream never split
+    its messages. A namespace has no '.' or '_' and a name no '_', so the mapping is one to one;
+    '.' (allowed in a name, refused by NATS) becomes '_'. At most 63 + 1 + 52 + 1 + 11 characters,
+    as build_plan bounds a stack's name by its children's."""
+    return f"{stack.namespace}_{stack.name}_{service.value}".replace(".", "_")
+
+
 @dataclass(frozen=True)
 class ConsumerPlan:
     """A durable JetStream consumer one service reads through."""
@@ -163,7 +171,7 @@ def _check_streams(spec: TradingStackSpec) -> None:
             owners.append((stream.name, subject))
 
 
-def plan_consumers(spec: TradingStackSpec) -> list[ConsumerPlan]:
+def plan_consumers(stack: StackRef, spec: TradingStackSpec) -> list[ConsumerPlan]:
     streams = {s.name for s in spec.streams}
     consumers = []
     for service in spec.enabled_services():
@@ -172,7 +180,8 @@ def plan_consumers(spec: TradingStackSpec) -> list[ConsumerPlan]:
         stream, subject = _CONSUMERS[service]
         if stream not in streams:
             raise InvalidSpecError(f"service {service.value} reads stream {stream}, which spec.streams lacks")
-        consumers.append(ConsumerPlan(stream=stream, durable=service.value, filter_subject=subject, service=service,
+        durable = durable_name(stack, service)
+        consumers.append(ConsumerPlan(stream=stream, durable=durable, filter_subject=subject, service=service,
                                       max_deliver=spec.delivery.max_deliver))  # fmt: skip
     return consumers
 
@@ -199,7 +208,7 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     }
     if service in _CONSUMERS:
         stream, subject = _CONSUMERS[service]
-        config |= {"NATS_STREAM": stream, "NATS_DURABLE": service.value, "NATS_FILTER_SUBJECT": subject,
+        config |= {"NATS_STREAM": stream, "NATS_DURABLE": durable_name(stack, service), "NATS_FILTER_SUBJECT": subject,
                    "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
@@ -322,7 +331,7 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
             f"must fit in {MAX_OBJECT_NAME} characters (use at most {MAX_OBJECT_NAME - 1 - longest})"
         )
     _check_streams(spec)
-    consumers = plan_consumers(spec)
+    consumers = plan_consumers(stack, spec)
     workloads = []
     for service in spec.enabled_services():
         svc = spec.service(service)

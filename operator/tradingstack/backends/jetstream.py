@@ -47,10 +47,11 @@ def stream_config(spec: StreamSpec) -> js.StreamConfig:
     return config
 
 
-def consumer_config(plan: ConsumerPlan) -> js.ConsumerConfig:
+def consumer_config(plan: ConsumerPlan, owner: str = "") -> js.ConsumerConfig:
     # A single filter_subject: 2.9 servers silently ignore filter_subjects.
     return js.ConsumerConfig(
         durable_name=plan.durable,
+        description=owner or None,
         filter_subject=plan.filter_subject,
         deliver_policy=js.DeliverPolicy.ALL,
         ack_policy=js.AckPolicy.EXPLICIT,
@@ -138,7 +139,7 @@ class JetStreamProvisioner:
         for spec in plan.streams:
             await self._stream(jsm, spec, result, plan.stack.owner)
         for consumer in plan.consumers:
-            await self._consumer(jsm, consumer, result)
+            await self._consumer(jsm, consumer, result, plan.stack.owner)
         return result
 
     async def _stream(self, jsm: JetStreamManager, spec: StreamSpec, result: BackendResult, owner: str) -> None:
@@ -178,9 +179,9 @@ class JetStreamProvisioner:
             return
         result.items.append(ItemStatus(spec.name, True, "InSync"))
 
-    async def _consumer(self, jsm: JetStreamManager, plan: ConsumerPlan, result: BackendResult) -> None:
+    async def _consumer(self, jsm: JetStreamManager, plan: ConsumerPlan, result: BackendResult, owner: str) -> None:
         name = f"{plan.stream}/{plan.durable}"
-        desired = consumer_config(plan)
+        desired = consumer_config(plan, owner)
         if any(p.kind == "Stream" and p.name == plan.stream for p in result.problems):
             return  # its stream is not as declared; leave the consumer as it is
         try:
@@ -190,7 +191,15 @@ class JetStreamProvisioner:
             if not result.dry_run:
                 await jsm.add_consumer(plan.stream, desired)
             return
+        holder = live.description or ""
+        if holder.startswith(OWNER_PREFIX) and holder != owner:
+            message = (f"durable {plan.durable} on {plan.stream} is held by {holder.removeprefix(OWNER_PREFIX)}; "
+                       "sharing it would split the stream's messages between the two stacks")  # fmt: skip
+            result.problems.append(Problem("Consumer", name, "OwnedByAnotherStack", message))
+            return
         mutable, immutable = diff_consumer(desired, live)
+        if holder != owner:
+            mutable.append("owner")  # made by hand or by an older operator: this stack's from now on
         if immutable:
             result.problems.append(Problem("Consumer", name, IMMUTABLE, "; ".join(immutable)))
         elif mutable:

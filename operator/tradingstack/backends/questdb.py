@@ -4,6 +4,12 @@ Tables are created with `CREATE TABLE IF NOT EXISTS ... TIMESTAMP(ts) PARTITION 
 DEDUP UPSERT KEYS(...)`; a missing column is added with `ALTER TABLE ... ADD COLUMN`. A
 column of another type, another designated timestamp or partitioning is reported
 (ImmutableFieldChanged), never altered: that would rewrite or drop data.
+
+QuestDB keeps no comment on a table, so who made which table is recorded in a table of its
+own, OWNERS_TABLE: a plain (unpartitioned, hence non-WAL) table, whose INSERTs are visible
+as soon as they return. The owner is recorded before the table is made, so a crash between
+the two leaves a record the next reconcile completes, never a table nobody owns. The last
+record of a name wins (a table dropped by one stack and made again by another).
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tradingstack.api import TableSpec
+from tradingstack.api import OWNERS_TABLE, TableSpec
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
-from tradingstack.plan import Plan
+from tradingstack.plan import OWNER_PREFIX, Plan
 
 IMMUTABLE = "ImmutableFieldChanged"
 
@@ -99,11 +105,35 @@ class QuestDBProvisioner:
             )
         return live
 
+    def owners(self, live: dict[str, LiveTable]) -> dict[str, str]:
+        """table name -> the stack that made it, from OWNERS_TABLE (the last record of a name wins)."""
+        if OWNERS_TABLE not in live:
+            return {}
+        return {name: owner for name, owner in self.query(f"SELECT table_name, owner FROM {OWNERS_TABLE}")["dataset"]}
+
+    def _record_owner(self, table: str, owner: str, live: dict[str, LiveTable]) -> None:
+        if OWNERS_TABLE not in live:
+            self.query(f"CREATE TABLE IF NOT EXISTS {OWNERS_TABLE} (table_name VARCHAR, owner VARCHAR)")
+            live[OWNERS_TABLE] = LiveTable({"table_name": "VARCHAR", "owner": "VARCHAR"}, None, "NONE", False)
+        quoted = owner.replace("'", "''")  # names are Kubernetes names, but never trust a string in SQL
+        self.query(f"INSERT INTO {OWNERS_TABLE} VALUES ('{table}', '{quoted}')")
+
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
         result = BackendResult(self.backend, dry_run=dry_run)
         live = self.observe()
+        owners = self.owners(live)
+        owner = plan.stack.owner
         for table in plan.tables:
+            holder = owners.get(table.name, "")
+            if table.name in live and holder.startswith(OWNER_PREFIX) and holder != owner:
+                message = (f"table {table.name} was made by {holder.removeprefix(OWNER_PREFIX)}; two stacks on one "
+                           "QuestDB need tables of their own names (spec.tables)")  # fmt: skip
+                result.problems.append(Problem("Table", table.name, "OwnedByAnotherStack", message))
+                result.items.append(ItemStatus(table.name, False, "OwnedByAnotherStack", message))
+                continue
             try:
+                if table.name not in live and not dry_run and holder != owner:
+                    self._record_owner(table.name, owner, live)
                 self._table(table, live.get(table.name), result)
             except QuestDBError as exc:
                 result.problems.append(Problem("Table", table.name, "Rejected", exc.message))
@@ -150,8 +180,10 @@ class QuestDBProvisioner:
     def delete(self, plan: Plan) -> list[Change]:
         deleted = []
         live = self.observe()
+        owners = self.owners(live)
         for table in plan.tables:
-            if table.name in live:
+            # Only a table this stack made: one made by hand or by another stack stays.
+            if table.name in live and owners.get(table.name) == plan.stack.owner:
                 self.query(f"DROP TABLE IF EXISTS {table.name}")
                 deleted.append(Change("delete", "Table", table.name))
         return deleted
