@@ -122,3 +122,29 @@ def test_a_dependency_away_for_a_while_costs_retries_not_messages(
     singles = sum(1 for size in failed_calls if size == 1)
     assert in_batches >= 50
     assert singles < in_batches / 4
+
+
+def test_a_dead_letter_names_its_service_and_is_stored_once_when_sent_again(server: NatsServer) -> None:
+    """A service that dies between parking a message and acknowledging it parks it again on the
+    redelivery: the dead-letter stream keeps one copy (a message id per service and stream
+    sequence), and says which service parked it (two services read MARKET_TICKS)."""
+    asyncio.run(prepare(server.url, 3, 1))
+    config = settings(server.url, 3)
+
+    async def park_twice() -> None:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(durable="worker", stream="WORK")
+        (msg,) = await sub.fetch(1, timeout=2)
+        error = bus.InvalidMessageError("invalid_tick", "price: must be a finite number")
+        msg.ack = msg.nak  # type: ignore[method-assign]  # the service died before its ack: delivered again
+        await bus.dead_letter(js, msg, config, error)
+        (again,) = await sub.fetch(1, timeout=5)
+        assert again.metadata.num_delivered == 2
+        await bus.dead_letter(js, again, config, error)
+        await nc.close()
+
+    asyncio.run(park_twice())
+    (letter,) = asyncio.run(dead_letters(server.url))
+    assert letter.headers["Tradingstack-Service"] == "worker"
+    assert letter.headers["Tradingstack-Stream-Seq"] == "1"

@@ -63,6 +63,9 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
         "Tradingstack-Stream": stream,
         "Tradingstack-Stream-Seq": str(meta.sequence.stream),
         "Tradingstack-Deliveries": str(meta.num_delivered),
+        "Tradingstack-Service": settings.SERVICE_NAME,
+        # Parked again after a crash before the ack below: the stream's duplicate window keeps one.
+        "Nats-Msg-Id": f"dlq:{settings.SERVICE_NAME}:{stream}:{meta.sequence.stream}",
     }
     await js.publish(f"{settings.DEAD_LETTER_PREFIX}.{stream}.{error.reason}", msg.data, headers=headers)
     log.warning("dead-lettered seq %d: %s", meta.sequence.stream, error,
