@@ -3,6 +3,7 @@
 `trading`: risk (in-process and HTTP), the OMS at 1,000 orders/s and flat out, order -> position.
 `lake`: ticks -> NATS -> sink -> Delta on S3 against the raw JetStream consume rate.
 `normalizer`: ticks -> QuestDB ticks and bars against the same floor.
+`durability`: what sync_interval: always costs (JetStream acks and the OMS), on nats-server 2.10+.
 `operator`: TradingStack apply -> Ready and a no-op resync on a real kube-apiserver (../shared/envtest).
 """
 
@@ -14,13 +15,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import lake, normalizer, operator_bench, trading
+from bench import durability, lake, normalizer, operator_bench, trading
 from bench.report import Measure, table, write
 
 BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
     "trading": trading.run,
     "lake": lake.run,
     "normalizer": normalizer.run,
+    "durability": durability.run,
     "operator": operator_bench.run,
 }
 

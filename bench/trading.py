@@ -232,8 +232,12 @@ class Platform:
 
 
 @contextlib.contextmanager
-def platform() -> Iterator[Platform]:
-    with nats_server() as url, redis_server() as redis_url, questdb_double() as (questdb_url, _):
+def platform(nats_binary: str | None = None, sync_interval: str = "") -> Iterator[Platform]:
+    with (
+        nats_server(nats_binary, sync_interval) as url,
+        redis_server() as redis_url,
+        questdb_double() as (questdb_url, _),
+    ):
         spec = {"symbols": [SYMBOL], "infrastructure": {"nats": {"url": url}, "redis": {"url": redis_url},
                                                          "questdb": {"url": questdb_url}}}  # fmt: skip
         plan = build_plan(StackRef("bench", "bench"), parse_spec(spec))
