@@ -21,6 +21,10 @@ Mode = Literal["pass", "error", "stall", "refuse"]
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # every client reconnects at once when a fault ends
+
+
 class ProxyServer:
     """The proxy itself: `python tests/faults.py UPSTREAM STALL_SECONDS` prints its URL and serves.
 
@@ -34,18 +38,25 @@ class ProxyServer:
         self.mode: Mode = "pass"
         self.stall_seconds = stall_seconds
         self.failed = 0
+        self.requests = 0  # every request it was sent, passed or faulted
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            # One request a connection ("Connection: close"): a client's pooled keep-alive connection
+            # to this proxy was seen to hang for the client's whole timeout after faults.
             protocol_version = "HTTP/1.1"
 
             def _any(self) -> None:
                 if self.path.startswith("/__fault__"):
                     wanted = self.path.removeprefix("/__fault__").strip("/")
+                    if wanted == "requests":
+                        self._reply(200, str(proxy.requests).encode())
+                        return
                     if wanted:
                         proxy.mode = wanted  # type: ignore[assignment]
                     self._reply(200, str(proxy.failed).encode())
                     return
+                proxy.requests += 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 mode = proxy.mode
@@ -61,16 +72,26 @@ class ProxyServer:
                 if mode == "error":
                     self._reply(500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>")
                     return
+                began = time.monotonic()
                 upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 answer = upstream.getresponse()
                 data = answer.read()
+                if time.monotonic() - began > 5:
+                    print(
+                        f"SLOW UPSTREAM {self.command} {self.path} {time.monotonic() - began:.1f}s "
+                        f"{dict(self.headers)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self.send_response(answer.status, answer.reason)
                 for key, value in answer.getheaders():
                     if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -78,6 +99,8 @@ class ProxyServer:
 
             def _reply(self, status: int, data: bytes) -> None:
                 self.send_response(status)
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -88,7 +111,7 @@ class ProxyServer:
             def log_message(self, *_: Any) -> None:
                 return None
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -112,6 +135,9 @@ class FaultyProxy:
 
     def failed(self) -> int:
         return self._control("")
+
+    def requests(self) -> int:
+        return self._control("/requests")
 
     def __enter__(self) -> FaultyProxy:
         return self

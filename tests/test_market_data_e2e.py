@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, QueryBuilder
 from nats.aio.msg import Msg
@@ -31,7 +32,7 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import ALT_DATA, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services import gateway
+from tradingstack_services import gateway, sink
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.sink import COMMIT_FAILURES, DEAD, LakeSink, alt_row, tick_row
 from tradingstack_services.ticks import InvalidMessageError
@@ -324,3 +325,26 @@ def test_bad_alt_records_are_invalid_messages_never_crashes(body: bytes, detail:
         alt_row(Msg(_client=None, subject="alt.norm.x", data=body), 1)  # type: ignore[arg-type]
     assert caught.value.reason == "invalid_alt"
     assert detail in caught.value.detail
+
+
+def test_a_sink_readiness_probe_costs_one_request_however_long_its_log(platform: Any, s3_url: str) -> None:
+    """The kubelet probes every few seconds: reading the Delta log there (a request per commit since the
+    last checkpoint, one commit a second) made /readyz time out on a busy table, and the sink unready."""
+    from deltalake import write_deltalake
+
+    _, _, env = platform
+    with (
+        FaultyProxy(s3_url) as proxy,
+        LiveServer(sink.create_ticks(settings_from(env, S3_ENDPOINT_URL=proxy.url))) as app,
+    ):
+        wait_for(lambda: app.get("/readyz")[0] == 200, 30, "sink ready")
+        before = proxy.requests()
+        assert app.get("/readyz")[0] == 200
+        short_log = proxy.requests() - before
+        options = settings_from(env).storage_options()
+        for _ in range(40):  # forty commits later
+            write_deltalake(MARKET_TICKS.uri(env["S3_BUCKET"]), pa.Table.from_pylist([], schema=MARKET_TICKS.schema),
+                            mode="append", storage_options=options)  # fmt: skip
+        before = proxy.requests()
+        assert app.get("/readyz")[0] == 200
+        assert proxy.requests() - before == short_log <= 2
