@@ -51,6 +51,10 @@ test: install deps lint ## everything: lint, types, unit and envtest tests (pyte
 bench: install deps ## benchmarks against floors measured in the same run (bench/results.json)
 	$(PY) -m bench $(BENCH_ARGS)
 
+.PHONY: chaos
+chaos: install deps ## the fault-injection suite, long: every fault TRADINGSTACK_CHAOS_ROUNDS times (5), tables printed
+	TRADINGSTACK_CHAOS_ROUNDS=$${TRADINGSTACK_CHAOS_ROUNDS:-5} $(PY) -m pytest -s -p no:logging tests/test_chaos.py
+
 .PHONY: up
 up: ## kind cluster + image + helm install + sample TradingStack, then wait for Ready
 	hack/up.sh

@@ -4,6 +4,7 @@
 `lake`: ticks -> NATS -> sink -> Delta on S3 against the raw JetStream consume rate.
 `normalizer`: ticks -> QuestDB ticks and bars against the same floor.
 `durability`: what sync_interval: always costs (JetStream acks and the OMS), on nats-server 2.10+.
+`soak`: each trading service's RSS under steady orders and a feed of ever-new symbols (flat = bounded).
 `operator`: TradingStack apply -> Ready and a no-op resync on a real kube-apiserver (../shared/envtest).
 """
 
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import durability, lake, normalizer, operator_bench, trading
+from bench import durability, lake, normalizer, operator_bench, soak, trading
 from bench.report import Measure, table, write
 
 BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
@@ -23,6 +24,7 @@ BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
     "lake": lake.run,
     "normalizer": normalizer.run,
     "durability": durability.run,
+    "soak": soak.run,
     "operator": operator_bench.run,
 }
 

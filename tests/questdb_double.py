@@ -423,6 +423,7 @@ class QuestDBDouble:
             def log_message(self, *_: Any) -> None:
                 return None
 
+        self.handler = Handler
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -434,6 +435,15 @@ class QuestDBDouble:
     def __exit__(self, *_: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop listening (connections refused, as a dead QuestDB), then serve again on the same port
+        with the same tables: committed WAL transactions survive a restart and are applied after it."""
+        self.__exit__()
+        time.sleep(down_seconds)
+        self.server = ThreadingHTTPServer(self.server.server_address[:2], self.handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
 
 if __name__ == "__main__":  # `python tests/questdb_double.py [HOST [PORT]]`: serve until killed, the URL first

@@ -35,6 +35,8 @@ from tradingstack_services.trading import Fill, Position
 from conftest import NatsServer, RedisServer, free_port, http_json, wait_for
 
 SERVICES = [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL]
+# `make chaos` runs every fault this many times (the short mode in `make test` once).
+ROUNDS = int(os.environ.get("TRADINGSTACK_CHAOS_ROUNDS", "1"))
 LIMITS = [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxNotional": 10_000_000, "maxPosition": 1_000_000}]
 
 
@@ -81,6 +83,7 @@ class Service:
 class Platform:
     nats: NatsServer
     redis: DurableRedis
+    qdb: QuestDBDouble
     plan: Plan
     services: dict[ServiceName, Service] = field(default_factory=dict)
 
@@ -97,7 +100,7 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
         plan = build_plan(StackRef("chaos", "ns"), parse_spec(spec))
         assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
         assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
-        platform = Platform(nats_server, redis_server, plan)
+        platform = Platform(nats_server, redis_server, qdb, plan)
         for workload in plan.workloads:
             if workload.service in SERVICES:
                 port = free_port()
@@ -112,6 +115,35 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
                 service.stop()
             redis_server.stop()
             nats_server.stop()
+
+
+# Poison on the trading streams: (subject, payload, the reason it is parked with).
+TRADING_POISON = [
+    ("orders.routed.BTCUSDT", b"not json", "invalid_order"),
+    ("orders.routed.BTCUSDT", b'{"order_id": "o-nope", "symbol": "BTCUSDT", "side": "buy", "quantity": NaN}',
+     "invalid_order"),
+    ("fills.BTCUSDT", b'{"fill_id": "f-nope", "symbol": "BTCUSDT", "quantity": "lots"}', "invalid_fill"),
+    ("fills.BTCUSDT", b"\xff\xfe", "invalid_fill"),
+]  # fmt: skip
+TRADING_READERS = {"ORDERS": {"exeq"}, "FILLS": {"pnl"}}
+
+
+def publish_poison(url: str, poison: list[tuple[str, bytes, str]]) -> list[tuple[str, int, str]]:
+    """Publishes each poison message; (stream, sequence, reason) of each."""
+    import asyncio
+
+    import nats
+
+    async def go() -> list[tuple[str, int, str]]:
+        nc = await nats.connect(url)
+        out = []
+        for subject, data, reason in poison:
+            ack = await nc.jetstream().publish(subject, data)
+            out.append((ack.stream, ack.seq, reason))
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
 
 
 def publish_tick(url: str) -> None:
@@ -194,11 +226,16 @@ def test_orders_survive_every_process_dying_exactly_once(platform: Platform) -> 
         rows.append((fault, time.monotonic() - started))
 
     time.sleep(2)
-    for name in SERVICES:  # SIGKILL each service in turn, then start it again (what the kubelet does)
-        service = platform.services[name]
-        recovered(f"SIGKILL {name.value}", lambda service=service: (service.kill(), time.sleep(1), service.start()))
-    recovered("restart nats-server", lambda: (platform.nats.stop(), time.sleep(2), platform.nats.start()))
-    recovered("restart redis-server", lambda: (platform.redis.stop(), time.sleep(2), platform.redis.start()))
+    poison: list[tuple[str, int, str]] = []
+    for _ in range(ROUNDS):
+        poison += publish_poison(platform.nats.url, TRADING_POISON)
+        for name in SERVICES:  # SIGKILL each service in turn, then start it again (what the kubelet does)
+            service = platform.services[name]
+            recovered(f"SIGKILL {name.value}", lambda service=service: (service.kill(), time.sleep(1), service.start()))
+        recovered("restart nats-server", lambda: (platform.nats.stop(), time.sleep(2), platform.nats.start()))
+        recovered("restart redis-server", lambda: (platform.redis.stop(), time.sleep(2), platform.redis.start()))
+        recovered("QuestDB restart (3 s down)", lambda: platform.qdb.restart(3))
+    poison += publish_poison(platform.nats.url, TRADING_POISON)
     time.sleep(2)
     client.stopping.set()
     client.join(60)
@@ -210,7 +247,9 @@ def test_orders_survive_every_process_dying_exactly_once(platform: Platform) -> 
         return orders if all(isinstance(o, dict) and o["status"] == "filled" for o in orders.values()) else None
 
     orders = wait_for(all_final, 120, "every placed order filled")
-    fills = [Fill.model_validate_json(data) for subject, data in stream_messages(platform.nats.url, "FILLS")]
+    poison_data = {data for _, data, _ in TRADING_POISON}
+    fills = [Fill.model_validate_json(data) for _, data in stream_messages(platform.nats.url, "FILLS")
+             if data not in poison_data]  # fmt: skip
     by_id = {f.fill_id: f for f in fills}
     order_fills = [f for o in orders.values() for f in o["fills"]]
     lost = {f["fill_id"] for f in order_fills} - set(by_id)
@@ -238,5 +277,288 @@ def test_orders_survive_every_process_dying_exactly_once(platform: Platform) -> 
     assert all(len(o["fills"]) == 1 for o in orders.values())  # market orders fill once, in full
     assert lost == set()
     assert duplicated == 0
+    expected_parked = {(stream, seq, reason, reader) for stream, seq, reason in poison
+                       for reader in TRADING_READERS[stream]}  # fmt: skip
+    wait_for(lambda: expected_parked <= set(dead_letters(platform.nats.url)), 30, "the poison dead-lettered")
+    assert len(dead_letters(platform.nats.url)) == len(expected_parked)  # once each, nothing good parked
     assert held["avg_price"] == pytest.approx(expected.avg_price)
     assert held["realized_pnl"] == pytest.approx(expected.realized_pnl)
+
+
+# --- market data: ticks and alt data into Delta and QuestDB, through every fault of its path -----
+
+MARKET = [ServiceName.NORMALIZER, ServiceName.SINK_TICKS, ServiceName.SINK_ALT]
+SYMBOLS = ["BTCUSDT", "ETHUSDT"]
+# Poison of each kind on each market stream: (subject, payload, the reason it is parked with).
+POISON = [
+    ("market.tick.BTCUSDT", b"not json", "not_json"),
+    ("market.tick.BTCUSDT", b'{"symbol": "BTCUSDT", "timestamp": 1e20, "price": 1}', "invalid_tick"),
+    ("market.tick.ETHUSDT", b'{"symbol": "ETHUSDT", "timestamp": "' + b"9" * 30 + b'", "price": 1}', "invalid_tick"),
+    ("market.tick.ETHUSDT", b'{"symbol": "ETHUSDT", "timestamp": 1767000000000, "price": NaN}', "invalid_tick"),
+    ("market.tick.BTCUSDT", b'{"symbol": "BTCUSDT", "timestamp": 1767000000000, "price": -1}', "invalid_tick"),
+    ("market.tick.BTCUSDT", b"[1, 2, 3]", "invalid_tick"),
+    ("alt.norm.news", b'{"record_id": "p1", "event_ts": "2026-01-02T09:30:00Z", "source": "news", "symbol": "AAPL", '
+                      b'"kind": "sentiment", "value": "abc"}', "invalid_alt"),
+    ("alt.norm.news", b'{"symbol": "AAPL"}', "invalid_alt"),
+]  # fmt: skip
+READERS = {"MARKET_TICKS": {"normalizer", "sink-ticks"}, "ALT_DATA": {"sink-alt"}}
+
+
+class Feed(threading.Thread):
+    """Publishes ticks (and alt records, and the poison) at a steady rate through every fault: each
+    message with a Nats-Msg-Id, retried until JetStream acknowledges it, as the gateway does."""
+
+    def __init__(self, url: str, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.interval = url, 1.0 / rate
+        self.ticks: dict[str, dict[str, Any]] = {}  # tick_id -> tick, acknowledged by JetStream
+        self.alt: set[str] = set()
+        self.poison: list[tuple[str, int, str]] = []  # (stream, sequence, reason)
+        self.retries = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        import asyncio
+
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        import nats
+
+        nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream(timeout=2)
+
+        async def publish(subject: str, data: bytes, msg_id: str) -> int:
+            while True:
+                try:
+                    return int((await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})).seq)
+                except Exception:
+                    self.retries += 1
+                    await asyncio.sleep(0.2)
+
+        import asyncio
+
+        n = 0
+        while not self.stopping.is_set():
+            symbol = SYMBOLS[n % 2]
+            tick = {"tick_id": f"t{n}", "symbol": symbol, "timestamp": int(time.time() * 1000),
+                    "price": 100.0 + n % 17, "size": 1.0 + n % 5, "venue": "chaos"}  # fmt: skip
+            await publish(f"market.tick.{symbol}", json.dumps(tick).encode(), f"t{n}")
+            self.ticks[tick["tick_id"]] = tick
+            if n % 10 == 0:
+                record = {"record_id": f"r{n}", "event_ts": "2026-01-02T09:30:00Z", "source": "news",
+                          "symbol": "AAPL", "kind": "sentiment", "value": n / 10}  # fmt: skip
+                await publish("alt.norm.news", json.dumps(record).encode(), f"r{n}")
+                self.alt.add(record["record_id"])
+            if n % 97 == 0:
+                subject, data, reason = POISON[(n // 97) % len(POISON)]
+                seq = await publish(subject, data, f"p{n}")
+                self.poison.append(("MARKET_TICKS" if subject.startswith("market") else "ALT_DATA", seq, reason))
+            n += 1
+            await asyncio.sleep(self.interval)
+        await nc.close()
+
+
+def consumer_floors(url: str, plan: Plan) -> dict[str, tuple[int, int]]:
+    """durable -> (the stream sequence it has acknowledged up to, the stream's last sequence)."""
+    import asyncio
+
+    import nats
+
+    async def go() -> dict[str, tuple[int, int]]:
+        nc = await nats.connect(url)
+        out = {}
+        for consumer in plan.consumers:
+            info = await nc.jsm().consumer_info(consumer.stream, consumer.durable)
+            last = (await nc.jsm().stream_info(consumer.stream)).state.last_seq
+            out[consumer.service.value] = (info.ack_floor.stream_seq if info.num_ack_pending or info.num_pending
+                                           else last, last)  # fmt: skip
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
+
+
+@dataclass
+class MarketPlatform:
+    nats: NatsServer
+    s3: Any  # FaultyProxy in front of moto's S3 server
+    qdb: QuestDBDouble
+    plan: Plan
+    services: dict[ServiceName, Service] = field(default_factory=dict)
+
+
+@pytest.fixture
+def market(tmp_path: Path, s3_url: str) -> Iterator[MarketPlatform]:
+    from tradingstack.backends.s3 import S3Credentials, S3Provisioner
+
+    from faults import FaultyProxy
+
+    nats_server = NatsServer(tmp_path / "js")
+    nats_server.start()
+    bucket = f"chaos-{os.getpid()}-{int(time.time())}"
+    with QuestDBDouble() as qdb, FaultyProxy(s3_url, stall_seconds=5) as proxy:
+        qdb.state.apply_delay = 0.05  # WAL writes visible a little after their ack, as in QuestDB
+        spec = {"symbols": SYMBOLS, "delivery": {"maxDeliver": 200},
+                "infrastructure": {"nats": {"url": nats_server.url}, "questdb": {"url": qdb.url},
+                                   "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket}}}  # fmt: skip
+        plan = build_plan(StackRef("chaos-md", "ns"), parse_spec(spec))
+        assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
+        assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
+        assert S3Provisioner(plan.spec.infrastructure.s3, S3Credentials("testing", "testing-secret")).reconcile(plan).ok
+        platform = MarketPlatform(nats_server, proxy, qdb, plan)
+        for workload in plan.workloads:
+            if workload.service in MARKET:
+                port = free_port()
+                env = {**os.environ, **workload.config, "PORT": str(port), "LOG_FORMAT": "text",
+                       "S3_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "S3_RETRY_TIMEOUT_SECONDS": "5"}  # fmt: skip
+                platform.services[workload.service] = Service(
+                    workload.service, env, port, tmp_path / f"{workload.service.value}.log"
+                )
+        try:
+            yield platform
+        finally:
+            for service in platform.services.values():
+                service.stop()
+            nats_server.stop()
+
+
+def delta_ids(platform: MarketPlatform, path: str, column: str) -> list[str]:
+    from deltalake import DeltaTable
+
+    from tradingstack_services.settings import ServiceSettings
+
+    settings = ServiceSettings(**{k: v for k, v in platform.services[ServiceName.SINK_TICKS].env.items()
+                                  if k in ServiceSettings.model_fields})  # type: ignore[arg-type]  # fmt: skip
+    options = settings.storage_options() | {"endpoint": platform.s3.url}
+    table = DeltaTable(f"s3://{settings.S3_BUCKET}/{path}", storage_options=options)
+    return [str(v) for v in table.to_pyarrow_table(columns=[column]).column(column).to_pylist()]
+
+
+def dead_letters(url: str) -> list[tuple[str, int, str, str]]:
+    """(stream, sequence, reason, service) of every message in the dead-letter stream."""
+    out = []
+    for subject, headers in stream_headers(url, "DEAD_LETTER"):
+        out.append((headers["Tradingstack-Stream"], int(headers["Tradingstack-Stream-Seq"]),
+                    subject.rsplit(".", 1)[-1], headers["Tradingstack-Service"]))  # fmt: skip
+    return out
+
+
+def stream_headers(url: str, stream: str) -> list[tuple[str, dict[str, str]]]:
+    import asyncio
+
+    import nats
+
+    async def go() -> list[tuple[str, dict[str, str]]]:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        state = (await js.stream_info(stream)).state
+        out = []
+        for seq in range(state.first_seq, state.last_seq + 1) if state.messages else []:
+            msg = await js.get_msg(stream, seq)
+            out.append((msg.subject, dict(msg.headers or {})))
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_ticks_reach_delta_questdb_and_bars_exactly_once_through_every_fault(market: MarketPlatform) -> None:
+    for service in market.services.values():
+        service.start()
+    for service in market.services.values():
+        wait_for(service.ready, 60, f"{service.name.value} ready")
+    feed = Feed(market.nats.url, rate=150)
+    feed.start()
+    rows: list[tuple[str, float]] = []
+
+    def recovered(fault: str, action: Any) -> None:
+        started = time.monotonic()
+        action()
+        last = {name: seq for name, (_, seq) in consumer_floors(market.nats.url, market.plan).items()}
+
+        def caught_up() -> bool:
+            floors = consumer_floors(market.nats.url, market.plan)
+            return all(s.ready() for s in market.services.values()) and all(
+                floors[name][0] >= seq for name, seq in last.items()
+            )
+
+        try:
+            wait_for(caught_up, 120, f"every consumer past what was published during {fault}")
+        except AssertionError:
+            print("FLOORS", consumer_floors(market.nats.url, market.plan), "WANTED", last)
+            for service in market.services.values():
+                print(service.name.value, service.call("/readyz"), service.log.read_text()[-3000:])
+                spy = str(Path(sys.executable).parent / "py-spy")  # TEMP: where is it stuck
+                if service.process is not None:
+                    print(subprocess.run([spy, "dump", "--pid", str(service.process.pid)], capture_output=True,
+                                         text=True).stdout)
+            raise
+        rows.append((fault, time.monotonic() - started))
+
+    def s3(mode: str) -> None:
+        market.s3.set(mode)  # type: ignore[arg-type]
+        time.sleep(6)
+        market.s3.set("pass")
+
+    def questdb_unavailable() -> None:
+        market.qdb.state.unavailable = True
+        time.sleep(4)
+        market.qdb.state.unavailable = False
+
+    time.sleep(3)
+    for _ in range(ROUNDS):
+        for name in MARKET:
+            service = market.services[name]
+            recovered(f"SIGKILL {name.value}", lambda service=service: (service.kill(), time.sleep(1), service.start()))
+        recovered("S3 refuses connections", lambda: s3("refuse"))
+        recovered("S3 answers 500", lambda: s3("error"))
+        recovered("S3 stalls (5 s)", lambda: s3("stall"))
+        recovered("QuestDB restart (3 s down)", lambda: market.qdb.restart(3))
+        recovered("QuestDB answers 503", questdb_unavailable)
+        recovered("restart nats-server", lambda: (market.nats.stop(), time.sleep(2), market.nats.start()))
+    time.sleep(2)
+    feed.stopping.set()
+    feed.join(60)
+    wait_for(lambda: all(a >= b for a, b in consumer_floors(market.nats.url, market.plan).values()), 120,
+             "every message of every stream acknowledged")  # fmt: skip
+
+    lake_ticks = delta_ids(market, "lake/market_ticks", "tick_id")
+    lake_alt = delta_ids(market, "lake/alt_data", "record_id")
+    market.qdb.state.apply_due()
+    wait_for(lambda: not market.qdb.state.tables["ticks"].pending, 10, "QuestDB applied its WAL")
+    stored = market.qdb.state.tables["ticks"].rows
+    bars = {(b["symbol"], b["ts"]): b for b in market.qdb.state.tables["ohlcv_1m"].rows}
+    expected_bars: dict[tuple[str, int], tuple[int, float]] = {}
+    for tick in feed.ticks.values():
+        key = (tick["symbol"], tick["timestamp"] * 1000 // 60_000_000 * 60_000_000)
+        trades, volume = expected_bars.get(key, (0, 0.0))
+        expected_bars[key] = (trades + 1, volume + tick["size"])
+    letters = dead_letters(market.nats.url)
+    parked = {(stream, seq, reason, service) for stream, seq, reason, service in letters}
+    expected_parked = {(stream, seq, reason, reader) for stream, seq, reason in feed.poison
+                       for reader in READERS[stream]}  # fmt: skip
+
+    published = set(feed.ticks)
+    table = [
+        ("ticks in Delta", len(published), len(published - set(lake_ticks)), len(lake_ticks) - len(set(lake_ticks))),
+        ("alt records in Delta", len(feed.alt), len(feed.alt - set(lake_alt)), len(lake_alt) - len(set(lake_alt))),
+        ("ticks in QuestDB", len(published), len(published - {r["tick_id"] for r in stored}),
+         len(stored) - len({r["tick_id"] for r in stored})),
+        ("bars exact", len(expected_bars),
+         sum(1 for k, (n, v) in expected_bars.items()
+             if k not in bars or bars[k]["trades"] != n or bars[k]["volume"] != pytest.approx(v)), 0),
+        ("poison dead-lettered", len(expected_parked), len(expected_parked - parked), len(letters) - len(parked)),
+    ]  # fmt: skip
+    print(f"\nmarket data, {ROUNDS} round(s), {feed.retries} publish retries")
+    print("fault                          recovered in")
+    for fault, seconds in rows:
+        print(f"{fault:<30} {seconds:>9.1f} s")
+    print("what                       count      lost   duplicated")
+    for what, count, lost, duplicated in table:
+        print(f"{what:<24} {count:>7} {lost:>9} {duplicated:>12}")
+    assert parked - expected_parked == set(), "a good message was dead-lettered"
+    for what, count, lost, duplicated in table:
+        assert (count > 0, lost, duplicated) == (True, 0, 0), what
+    assert all(s.ready() for s in market.services.values()), "a worker was left dead"

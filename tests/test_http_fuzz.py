@@ -44,7 +44,8 @@ SCALARS = st.one_of(
     st.sampled_from(["BTCUSDT", "buy", "sell", "market", "limit", "", " ", "0", "-1", "1e308", "\u0000", "🙂" * 50]),
 )  # fmt: skip
 JSON = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
 RAW = st.sampled_from([b"NaN", b"{", b"\xff\xfe", b"1e999", b'{"quantity": NaN}', b'{"a": Infinity}', b"[]" * 5000])
