@@ -348,3 +348,23 @@ def test_a_sink_readiness_probe_costs_one_request_however_long_its_log(platform:
         before = proxy.requests()
         assert app.get("/readyz")[0] == 200
         assert proxy.requests() - before == short_log <= 2
+
+
+def test_a_sink_whose_commit_hangs_fails_liveness_so_the_kubelet_restarts_it(platform: Any, s3_url: str) -> None:
+    """delta-rs was seen blocked in a table load for minutes behind a faulty S3 while the sink looked
+    alive and ready: no message moved. A commit older than SINK_COMMIT_DEADLINE_SECONDS fails /healthz
+    (the liveness probe), and /healthz is itself again once the commit ends."""
+    server, _, env = platform
+    with FaultyProxy(s3_url, stall_seconds=15) as proxy:
+        settings = settings_from(env, S3_ENDPOINT_URL=proxy.url, SINK_COMMIT_DEADLINE_SECONDS="2",
+                                 SINK_MAX_AGE_SECONDS="0.3")  # fmt: skip
+        with LiveServer(sink.create_ticks(settings)) as app:
+            wait_for(lambda: app.get("/readyz")[0] == 200, 30, "sink ready")
+            assert app.get("/healthz")[0] == 200
+            proxy.set("stall")
+            tick = {"symbol": "BTCUSDT", "timestamp": 1767346200000, "price": 1.0, "tick_id": "hang-1"}
+            asyncio.run(publish_raw(server.url, "market.tick.BTCUSDT", [json.dumps(tick).encode()]))
+            _, body = wait_for(lambda: (r := app.get("/healthz"))[0] == 503 and r, 20, "liveness failing")
+            assert "commit" in json.dumps(body)
+            proxy.set("pass")
+            wait_for(lambda: app.get("/healthz")[0] == 200, 90, "liveness back once the commit ended")

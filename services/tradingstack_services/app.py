@@ -30,9 +30,11 @@ def create_app(
     checks: dict[str, Check],
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     degraded: dict[str, Check] | None = None,
+    live: dict[str, Check] | None = None,
 ) -> FastAPI:
     """`checks` decide readiness; `degraded` ones (a dependency the service can serve without, like
-    QuestDB for history) are reported under "degraded" in /readyz without making it 503."""
+    QuestDB for history) are reported under "degraded" in /readyz without making it 503; `live` ones
+    fail /healthz, the liveness probe, when the process is stuck in a way only a restart ends."""
     # Request spans carry trace context; per-operation spans and OTel metrics (Prometheus has them) cost
     # more than they tell on a hot path.
     telemetry: Any = {"operation_spans": False, "metrics": False, "logs": False}
@@ -47,9 +49,14 @@ def create_app(
         return JSONResponse({"detail": problems}, status_code=422)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process is alive and serving; says nothing about dependencies."""
-        return {"status": "ok", "service": name}
+    async def healthz() -> JSONResponse:
+        """The process is alive and serving, and not stuck; says nothing about dependencies."""
+        checks_ = live or {}
+        results = await asyncio.gather(*(_run(c) for c in checks_.values()))
+        stuck = {what: err for what, err in zip(checks_, results, strict=True) if err}
+        if stuck:
+            return JSONResponse({"status": "stuck", "service": name, "checks": stuck}, status_code=503)
+        return JSONResponse({"status": "ok", "service": name})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

@@ -240,6 +240,7 @@ def worker_app(
     workers: list[Worker],
     checks: dict[str, Check] | None = None,
     degraded: dict[str, Check] | None = None,
+    live: dict[str, Check] | None = None,
 ) -> FastAPI:
     """A service app whose work runs beside the HTTP server on one shared NATS connection.
 
@@ -288,4 +289,4 @@ def worker_app(
             raise RuntimeError("; ".join(problems))
 
     all_checks = {"nats": nats_check, "workers": workers_check, **(checks or {})}
-    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan, degraded=degraded)
+    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan, degraded=degraded, live=live)

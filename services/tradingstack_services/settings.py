@@ -57,6 +57,9 @@ class ServiceSettings(BaseSettings):
     SINK_MAX_ROWS: int = Field(50_000, ge=1)
     SINK_MAX_AGE_SECONDS: float = Field(1.0, ge=0.1, description="flush at least this often; at most one commit/s")
     SINK_FETCH_BATCH: int = Field(5_000, ge=1)
+    SINK_COMMIT_DEADLINE_SECONDS: float = Field(
+        180.0, gt=0, description="a Delta commit running longer fails /healthz, so the kubelet restarts the sink"
+    )
     S3_MAX_RETRIES: int | None = Field(None, ge=0, description="S3 request retries inside one Delta call")
     S3_RETRY_TIMEOUT_SECONDS: float | None = Field(None, gt=0, description="give up retrying one call after this")
 

@@ -160,6 +160,7 @@ class LakeSink:
     # One commit runs in the background while the next batch is fetched; these are its messages.
     committing: dict[int, Msg] = field(default_factory=dict)
     commit_task: asyncio.Task[None] | None = None
+    commit_started: float | None = None  # monotonic time the running commit began (liveness)
 
     @property
     def uri(self) -> str:
@@ -246,9 +247,12 @@ class LakeSink:
 
     async def _commit_and_ack(self, rows: dict[int, dict[str, Any]], messages: dict[int, Msg]) -> None:
         seqs = list(rows)
-        started = time.monotonic()
-        batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
-        await self._commit_until_done(batch, SequenceRanges.encode(seqs))
+        started = self.commit_started = time.monotonic()
+        try:
+            batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
+            await self._commit_until_done(batch, SequenceRanges.encode(seqs))
+        finally:
+            self.commit_started = None
         COMMIT_SECONDS.labels(self.name).observe(time.monotonic() - started)
         COMMITS.labels(self.name).inc()
         ROWS.labels(self.name).inc(len(seqs))
@@ -326,6 +330,13 @@ def create(settings: ServiceSettings, table: LakeTable, make_row: RowMaker) -> F
 
     s3 = _filesystem(settings)
 
+    async def commit_check() -> None:
+        """Liveness: delta-rs was seen blocked in one call for minutes behind a faulty S3, the sink alive and
+        ready but nothing moving; only a restart ended it (the messages come back unacknowledged)."""
+        began = sink.commit_started
+        if began is not None and time.monotonic() - began > settings.SINK_COMMIT_DEADLINE_SECONDS:
+            raise TimeoutError(f"a Delta commit has run {time.monotonic() - began:.0f} s")
+
     async def s3_check() -> None:
         # One request (HEAD of the bucket), not a read of the Delta log: that costs a request per
         # commit since the last checkpoint and timed the probe out on a busy table.
@@ -333,7 +344,7 @@ def create(settings: ServiceSettings, table: LakeTable, make_row: RowMaker) -> F
         if info.type == pafs.FileType.NotFound:
             raise LookupError(f"bucket {settings.S3_BUCKET} does not exist")
 
-    return bus.worker_app(settings, [sink.run], {"s3": s3_check})
+    return bus.worker_app(settings, [sink.run], {"s3": s3_check}, live={"commit": commit_check})
 
 
 def create_ticks(settings: ServiceSettings) -> FastAPI:
