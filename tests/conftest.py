@@ -265,7 +265,7 @@ class LoopbackServer:
         raise NotImplementedError
 
     def start(self) -> None:
-        binary = shutil.which(self.binary)
+        binary = self.binary if os.path.isabs(self.binary) else shutil.which(self.binary)
         if binary is None:
             pytest.skip(f"{self.binary} not installed (apt-get install {self.binary}; `make test` does)")
         self.root.mkdir(parents=True, exist_ok=True)
