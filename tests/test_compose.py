@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_each_services_environment_is_what_the_operator_would_set() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     stack = yaml.safe_load((ROOT / "compose" / "stack.yaml").read_text())
-    plan = build_plan(StackRef(stack["metadata"]["name"], "compose"), parse_spec(stack["spec"]))
+    meta = stack["metadata"]  # as `tradingstack provision` reads it
+    plan = build_plan(StackRef(meta["name"], meta.get("namespace") or "default"), parse_spec(stack["spec"]))
     secrets = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # from the environment, as from a Secret
     for workload in plan.workloads:
         service = compose["services"][workload.service.value]
