@@ -79,6 +79,19 @@ class Service:
         return self.call("/readyz")[0] == 200
 
 
+def services_of(plan: Plan, wanted: list[ServiceName], logs: Path, extra: dict[str, str] | None = None
+                ) -> dict[ServiceName, Service]:  # fmt: skip
+    """The plan's services among `wanted`, each to run as its container does: its ConfigMap's
+    environment (plus `extra`), a port of its own, its log in `logs`."""
+    services = {}
+    for workload in plan.workloads:
+        if workload.service in wanted:
+            port = free_port()
+            env = {**os.environ, **workload.config, "PORT": str(port), "LOG_FORMAT": "text", **(extra or {})}
+            services[workload.service] = Service(workload.service, env, port, logs / f"{workload.service.value}.log")
+    return services
+
+
 @dataclass
 class Platform:
     nats: NatsServer
@@ -100,14 +113,7 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
         plan = build_plan(StackRef("chaos", "ns"), parse_spec(spec))
         assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
         assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
-        platform = Platform(nats_server, redis_server, qdb, plan)
-        for workload in plan.workloads:
-            if workload.service in SERVICES:
-                port = free_port()
-                env = {**os.environ, **workload.config, "PORT": str(port), "LOG_FORMAT": "text"}
-                platform.services[workload.service] = Service(
-                    workload.service, env, port, tmp_path / f"{workload.service.value}.log"
-                )
+        platform = Platform(nats_server, redis_server, qdb, plan, services_of(plan, SERVICES, tmp_path))
         try:
             yield platform
         finally:
@@ -160,19 +166,20 @@ def publish_tick(url: str) -> None:
     asyncio.run(go())
 
 
-def stream_messages(url: str, stream: str) -> list[tuple[str, bytes]]:
+def stream_messages(url: str, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    """(subject, data, headers) of every message a stream holds, read from the store."""
     import asyncio
 
     import nats
 
-    async def go() -> list[tuple[str, bytes]]:
+    async def go() -> list[tuple[str, bytes, dict[str, str]]]:
         nc = await nats.connect(url)
         js = nc.jetstream()
         state = (await js.stream_info(stream)).state
         out = []
         for seq in range(state.first_seq, state.last_seq + 1) if state.messages else []:
             msg = await js.get_msg(stream, seq)
-            out.append((msg.subject, msg.data or b""))
+            out.append((msg.subject, msg.data or b"", dict(msg.headers or {})))
         await nc.close()
         return out
 
@@ -248,7 +255,7 @@ def test_orders_survive_every_process_dying_exactly_once(platform: Platform) -> 
 
     orders = wait_for(all_final, 120, "every placed order filled")
     poison_data = {data for _, data, _ in TRADING_POISON}
-    fills = [Fill.model_validate_json(data) for _, data in stream_messages(platform.nats.url, "FILLS")
+    fills = [Fill.model_validate_json(data) for _, data, _ in stream_messages(platform.nats.url, "FILLS")
              if data not in poison_data]  # fmt: skip
     by_id = {f.fill_id: f for f in fills}
     order_fills = [f for o in orders.values() for f in o["fills"]]
@@ -440,17 +447,9 @@ def market(tmp_path: Path, s3_url: str) -> Iterator[MarketPlatform]:
         assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
         assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
         assert S3Provisioner(plan.spec.infrastructure.s3, S3Credentials("testing", "testing-secret")).reconcile(plan).ok
-        platform = MarketPlatform(nats_server, proxy, qdb, plan)
-        for workload in plan.workloads:
-            if workload.service in MARKET:
-                port = free_port()
-                env = {**os.environ, **workload.config, "PORT": str(port), "LOG_FORMAT": "text",
-                       "S3_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "S3_RETRY_TIMEOUT_SECONDS": "5",
-                       "SINK_COMMIT_DEADLINE_SECONDS": "30"}  # fmt: skip
-                platform.services[workload.service] = Service(
-                    workload.service, env, port, tmp_path / f"{workload.service.value}.log"
-                )
+        env = {"S3_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "S3_RETRY_TIMEOUT_SECONDS": "5", "SINK_COMMIT_DEADLINE_SECONDS": "30"}  # fmt: skip
+        platform = MarketPlatform(nats_server, proxy, qdb, plan, services_of(plan, MARKET, tmp_path, env))
         try:
             yield platform
         finally:
@@ -474,29 +473,10 @@ def delta_ids(platform: MarketPlatform, path: str, column: str) -> list[str]:
 def dead_letters(url: str) -> list[tuple[str, int, str, str]]:
     """(stream, sequence, reason, service) of every message in the dead-letter stream."""
     out = []
-    for subject, headers in stream_headers(url, "DEAD_LETTER"):
+    for subject, _, headers in stream_messages(url, "DEAD_LETTER"):
         out.append((headers["Tradingstack-Stream"], int(headers["Tradingstack-Stream-Seq"]),
                     subject.rsplit(".", 1)[-1], headers["Tradingstack-Service"]))  # fmt: skip
     return out
-
-
-def stream_headers(url: str, stream: str) -> list[tuple[str, dict[str, str]]]:
-    import asyncio
-
-    import nats
-
-    async def go() -> list[tuple[str, dict[str, str]]]:
-        nc = await nats.connect(url)
-        js = nc.jetstream()
-        state = (await js.stream_info(stream)).state
-        out = []
-        for seq in range(state.first_seq, state.last_seq + 1) if state.messages else []:
-            msg = await js.get_msg(stream, seq)
-            out.append((msg.subject, dict(msg.headers or {})))
-        await nc.close()
-        return out
-
-    return asyncio.run(go())
 
 
 def test_ticks_reach_delta_questdb_and_bars_exactly_once_through_every_fault(market: MarketPlatform) -> None:
