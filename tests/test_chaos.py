@@ -370,7 +370,7 @@ class Feed(threading.Thread):
 
 
 def consumer_floors(url: str, plan: Plan) -> dict[str, tuple[int, int]]:
-    """durable -> (the stream sequence it has acknowledged up to, the stream's last sequence)."""
+    """service -> (the stream sequence its durable has acknowledged up to, the stream's last sequence)."""
     import asyncio
 
     import nats

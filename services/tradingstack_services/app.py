@@ -25,6 +25,12 @@ async def _run(check: Check) -> str | None:
     return None
 
 
+async def _outcomes(checks: dict[str, Check]) -> dict[str, str | None]:
+    """Every check at once: its name -> None when it passed, else what went wrong."""
+    results = await asyncio.gather(*(_run(c) for c in checks.values()))
+    return dict(zip(checks, results, strict=True))
+
+
 def create_app(
     name: str,
     checks: dict[str, Check],
@@ -51,9 +57,7 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         """The process is alive and serving, and not stuck; says nothing about dependencies."""
-        checks_ = live or {}
-        results = await asyncio.gather(*(_run(c) for c in checks_.values()))
-        stuck = {what: err for what, err in zip(checks_, results, strict=True) if err}
+        stuck = {what: err for what, err in (await _outcomes(live or {})).items() if err}
         if stuck:
             return JSONResponse({"status": "stuck", "service": name, "checks": stuck}, status_code=503)
         return JSONResponse({"status": "ok", "service": name})
@@ -62,8 +66,7 @@ def create_app(
     async def readyz() -> JSONResponse:
         """Ready only when every dependency answers right now; 503 names the ones that do not."""
         optional = degraded or {}
-        results = await asyncio.gather(*(_run(c) for c in [*checks.values(), *optional.values()]))
-        outcome = {dep: err or "ok" for dep, err in zip([*checks, *optional], results, strict=True)}
+        outcome = {dep: err or "ok" for dep, err in (await _outcomes({**checks, **optional})).items()}
         failed = [dep for dep in checks if outcome[dep] != "ok"]
         body: dict[str, Any] = {
             "status": "ready" if not failed else "not ready",

@@ -111,10 +111,9 @@ class QuestDBProvisioner:
             return {}
         return {name: owner for name, owner in self.query(f"SELECT table_name, owner FROM {OWNERS_TABLE}")["dataset"]}
 
-    def _record_owner(self, table: str, owner: str, live: dict[str, LiveTable]) -> None:
-        if OWNERS_TABLE not in live:
-            self.query(f"CREATE TABLE IF NOT EXISTS {OWNERS_TABLE} (table_name VARCHAR, owner VARCHAR)")
-            live[OWNERS_TABLE] = LiveTable({"table_name": "VARCHAR", "owner": "VARCHAR"}, None, "NONE", False)
+    def _record_owner(self, table: str, owner: str) -> None:
+        # Only when a table is about to be made: one idempotent CREATE more is cheap there.
+        self.query(f"CREATE TABLE IF NOT EXISTS {OWNERS_TABLE} (table_name VARCHAR, owner VARCHAR)")
         quoted = owner.replace("'", "''")  # names are Kubernetes names, but never trust a string in SQL
         self.query(f"INSERT INTO {OWNERS_TABLE} VALUES ('{table}', '{quoted}')")
 
@@ -133,7 +132,7 @@ class QuestDBProvisioner:
                 continue
             try:
                 if table.name not in live and not dry_run and holder != owner:
-                    self._record_owner(table.name, owner, live)
+                    self._record_owner(table.name, owner)
                 self._table(table, live.get(table.name), result)
             except QuestDBError as exc:
                 result.problems.append(Problem("Table", table.name, "Rejected", exc.message))
