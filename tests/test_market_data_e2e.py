@@ -368,3 +368,30 @@ def test_a_sink_whose_commit_hangs_fails_liveness_so_the_kubelet_restarts_it(pla
             assert "commit" in json.dumps(body)
             proxy.set("pass")
             wait_for(lambda: app.get("/healthz")[0] == 200, 90, "liveness back once the commit ended")
+
+
+def test_a_recreated_consumer_replaying_the_stream_writes_nothing_twice(platform: Any, monkeypatch: Any) -> None:
+    """The durable is deleted by hand and the operator makes it again: it delivers the whole stream anew.
+
+    The sink must know every commit above the consumer's ack floor, however many commits ago
+    (here more than its first look back), not only the latest few.
+    """
+    server, plan, env = platform
+    monkeypatch.setattr(sink, "LOOKBACK_COMMITS", 2)
+    settings = settings_from(env, SINK_MAX_ROWS="50", SINK_FETCH_BATCH="50", SINK_MAX_AGE_SECONDS="0.2")
+
+    async def scenario() -> None:
+        await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(0, 300))
+        first = await run_sink(server.url, LakeSink(settings, MARKET_TICKS, tick_row), rows=300, within=30)
+        assert first.rows_committed == 300
+        nc = await nats.connect(server.url)
+        await nc.jsm().delete_consumer("MARKET_TICKS", env["NATS_DURABLE"])
+        await nc.close()
+
+    asyncio.run(scenario())
+    assert JetStreamProvisioner(server.url).reconcile(plan).ok  # drift repair: the durable again, from the start
+    again = asyncio.run(run_sink(server.url, LakeSink(settings, MARKET_TICKS, tick_row), rows=1, within=8))
+    rows = lake_rows(settings_from(env))
+    assert again.rows_committed == 0
+    assert len(rows) == 300
+    assert len({r["stream_seq"] for r in rows}) == 300

@@ -6,6 +6,11 @@
   commit already holds is acknowledged and skipped: nothing lost, nothing written twice.
   A single high-water mark would not do: redeliveries of a dead sink's uncommitted
   messages arrive after newer ones. One sink replica per consumer (the default).
+- On start the sink reads commits back until they reach the consumer's ack floor: nothing at or
+  below it can come again, anything above it may, however long ago it was committed (a consumer
+  deleted and made again by the operator delivers the whole stream anew; nats-server can also
+  reset a durable's ack floor to 1 when it rebuilds a stream's state after a power loss,
+  nats-io/nats-server#8036, and here Debian's 2.9 kept it at 1 for minutes after a restart).
 - Flushes on size (SINK_MAX_ROWS) or age (SINK_MAX_AGE_SECONDS, default 1 s): about one
   commit per second per table at most under load.
 - A malformed message goes to `{DEAD_LETTER_PREFIX}.{stream}.{reason}` with the reason in
@@ -41,7 +46,8 @@ from tradingstack_services.ticks import InvalidMessageError, parse_tick, to_date
 log = logging.getLogger(__name__)
 
 SEQ_KEY = "tradingstack.stream_seqs"
-# How many recent commits to read back on start: redeliveries come from the last few seconds.
+# Commits read back on start, at first: redeliveries usually come from the last few seconds.
+# The window grows (x4) until its oldest commit holds nothing above the consumer's ack floor.
 LOOKBACK_COMMITS = 1000
 ROWS = Counter("tradingstack_sink_rows_total", "Rows committed to Delta", ["table"])
 COMMITS = Counter("tradingstack_sink_commits_total", "Delta commits", ["table"])
@@ -83,6 +89,10 @@ class SequenceRanges:
 
     def __contains__(self, seq: int) -> bool:
         return any(lo <= seq <= hi for lo, hi in self.ranges)
+
+    def drop_through(self, floor: int) -> None:
+        """Forget sequences at or below `floor`: the consumer has them all acknowledged."""
+        self.ranges = [[max(lo, floor + 1), hi] for lo, hi in self.ranges if hi > floor]
 
     @staticmethod
     def encode(seqs: list[int]) -> str:
@@ -170,17 +180,38 @@ class LakeSink:
     def name(self) -> str:
         return self.table.path.rsplit("/", 1)[-1]
 
-    def read_committed(self) -> SequenceRanges:
-        """The stream sequences recent commits hold, from the table's commit history."""
+    def read_committed(self, ack_floor: int = 0) -> SequenceRanges:
+        """The stream sequences above `ack_floor` that commits hold, from the table's commit history.
+
+        Commits are read back, newest first, in growing windows until the oldest one read holds
+        nothing above the floor (commits follow the stream closely, older ones only less so).
+        """
         ranges = SequenceRanges()
         try:
             table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
         except TableNotFoundError:
             return ranges
-        for commit in table.history(LOOKBACK_COMMITS):  # other writers' commits lack the key
-            if SEQ_KEY in commit:
-                ranges.add_encoded(str(commit[SEQ_KEY]))
+        window = LOOKBACK_COMMITS
+        while True:
+            read = table.history(window)
+            history = [c for c in read if SEQ_KEY in c]  # other writers' commits (compaction) lack the key
+            oldest = SequenceRanges()
+            if history:
+                oldest.add_encoded(str(history[-1][SEQ_KEY]))
+            if len(read) < window or not oldest.ranges or oldest.ranges[-1][1] <= ack_floor:
+                break
+            window *= 4
+        for commit in history:
+            ranges.add_encoded(str(commit[SEQ_KEY]))
+        ranges.drop_through(ack_floor)
         return ranges
+
+    async def ack_floor(self, js: Any) -> int:
+        """The highest stream sequence the consumer will never deliver again (acknowledged, or gone)."""
+        stream = self.settings.NATS_STREAM
+        consumer = await js.consumer_info(stream, self.settings.NATS_DURABLE or "")
+        first = (await js.stream_info(stream)).state.first_seq or 1
+        return max(consumer.ack_floor.stream_seq if consumer.ack_floor else 0, first - 1)
 
     def _commit(self, batch: pa.Table, seqs: str) -> None:
         for attempt in range(5):
@@ -297,7 +328,7 @@ class LakeSink:
         # comes back from JetStream, so start from nothing rather than from half a batch.
         self.rows, self.pending, self.committing, self.oldest, self.commit_task = {}, {}, {}, None, None
         js = nc.jetstream()
-        self.committed = await asyncio.to_thread(self.read_committed)
+        self.committed = await asyncio.to_thread(self.read_committed, await self.ack_floor(js))
         log.info("sink %s starts; recent commits hold sequences %s", self.name, self.committed.ranges[-3:])
         sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
         while not stop.is_set():
