@@ -8,6 +8,7 @@ on `/__fault__/MODE`; `GET /__fault__` answers how many requests it faulted.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import subprocess
 import sys
@@ -45,6 +46,11 @@ class ProxyServer:
             # One request a connection ("Connection: close"): a client's pooled keep-alive connection
             # to this proxy was seen to hang for the client's whole timeout after faults.
             protocol_version = "HTTP/1.1"
+
+            def handle(self) -> None:
+                # A client that gave up (its own timeout, during a stall) is not an error of the proxy's.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    super().handle()
 
             def _any(self) -> None:
                 if self.path.startswith("/__fault__"):

@@ -88,6 +88,10 @@ class QuestDBState:
     statements: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     unavailable: bool = False  # every request answers 503 while set
+    # QuestDB open source can require HTTP basic auth on /exec and /write (server.conf `http.user`,
+    # `http.password`; questdb/documentation#255, operations/basic-auth); Enterprise takes a bearer
+    # token too. A request without the expected Authorization header gets 401.
+    authorization: str | None = None
     # QuestDB acknowledges an ILP write to a WAL table once it is in the WAL; the rows become visible
     # to SELECT only when the apply job has run, "usually milliseconds, longer under load"
     # (questdb.com/docs/concept/write-ahead-log; wal_tables() shows writerTxn behind sequencerTxn
@@ -381,9 +385,17 @@ class QuestDBDouble:
         state = self.state
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
+            def _refused(self) -> bool:
                 if state.unavailable:  # as a QuestDB that is restarting: the client must retry later
                     self._reply(503, {"error": "unavailable"})
+                    return True
+                if state.authorization and self.headers.get("Authorization") != state.authorization:
+                    self._reply(401, {"error": "Unauthorized"})
+                    return True
+                return False
+
+            def do_POST(self) -> None:
+                if self._refused():
                     return
                 url = urlparse(self.path)
                 if url.path != "/write":
@@ -399,8 +411,7 @@ class QuestDBDouble:
                 self.end_headers()
 
             def do_GET(self) -> None:
-                if state.unavailable:
-                    self._reply(503, {"error": "unavailable"})
+                if self._refused():
                     return
                 url = urlparse(self.path)
                 if url.path != "/exec":

@@ -20,6 +20,7 @@ from tradingstack.api import S3Endpoint
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import OWNERS_TABLE, QuestDBError, QuestDBProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
+from tradingstack.changes import UnreachableError
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 
@@ -203,10 +204,16 @@ def test_deleted_bucket_and_missing_column_are_repaired(lake: tuple[S3Endpoint, 
 
 
 def test_missing_secret_is_reported_not_guessed(lake: tuple[S3Endpoint, Plan]) -> None:
-    endpoint, plan = lake
-    result = S3Provisioner(endpoint, None, credentials_error="Secret lake-credentials not found").reconcile(plan)
+    """A backend whose Secret cannot be read is not tried without credentials (or with the wrong ones)."""
+    _, plan = lake
+    missing = backends.StackCredentials(missing={"buckets": "Secret lake-credentials not found"})
+    by_backend = {p.backend: p for p in backends.provisioners(plan, missing)}
+    result = backends.run(by_backend["buckets"], plan)
     assert [p.reason for p in result.problems] == ["SecretNotFound"]
     assert result.changes == []
+    assert isinstance(by_backend["streams"], JetStreamProvisioner)  # the others go on
+    with pytest.raises(UnreachableError, match="lake-credentials"):
+        by_backend["buckets"].delete(plan)
 
 
 def test_credentials_never_show_in_reprs() -> None:

@@ -27,6 +27,7 @@ from tradingstack.kubeclient import KubeClient
 from tradingstack.plan import parse_spec
 
 from conftest import ROOT, wait_for
+from kubetools import api_error
 
 CHART = ROOT / "charts" / "tradingstack"
 ALL_INFRA = {
@@ -166,6 +167,20 @@ def test_rbac_follows_watch_namespaces() -> None:
     assert "--all-namespaces" in args
 
 
+def test_allowed_image_repositories_reach_the_operator() -> None:
+    def operator_args(values: dict[str, Any]) -> list[str]:
+        deployment = next(
+            d for d in render(values) if d["kind"] == "Deployment" and "operator" in d["metadata"]["name"]
+        )
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert not any(a.startswith("--allowed-image-repository") for a in operator_args({}))
+    repos = {"operator": {"allowedImageRepositories": ["ghcr.io/acme", "registry.local:5000/trading"]}}
+    assert [a for a in operator_args(repos) if a.startswith("--allowed")] == [
+        "--allowed-image-repository=ghcr.io/acme", "--allowed-image-repository=registry.local:5000/trading"
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -176,6 +191,7 @@ def test_rbac_follows_watch_namespaces() -> None:
         ({"operator": {"metrics": {"port": 80}}}, "port"),
         ({"s3": {"bucket": "Bad_Bucket"}}, "bucket"),
         ({"replicaCount": 3}, "replicaCount"),
+        ({"operator": {"allowedImageRepositories": ["ghcr.io/acme:latest tag"]}}, "allowedImageRepositories"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -335,3 +351,53 @@ def test_the_local_nats_stand_in_gets_no_setting_it_would_refuse() -> None:
     statefulset, config = _nats(local)
     assert config is None
     assert not any(a.startswith("--config") for a in statefulset["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def _pod_from(workload: dict[str, Any]) -> dict[str, Any]:
+    """A Pod as its controller would make it; a StatefulSet's claim templates become emptyDirs here."""
+    template = copy.deepcopy(workload["spec"]["template"])
+    spec = template["spec"]
+    claims = [c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])]
+    spec["volumes"] = [*spec.get("volumes", []), *({"name": c, "emptyDir": {}} for c in claims)]
+    name = workload["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-probe"[:63], **_labels(template)},
+            "spec": spec}  # fmt: skip
+
+
+def _labels(template: dict[str, Any]) -> dict[str, Any]:
+    return {"labels": template.get("metadata", {}).get("labels", {})}
+
+
+@pytest.mark.envtest
+def test_every_pod_template_passes_restricted_pod_security_admission(kube: KubeClient) -> None:
+    """Declared is not enforced: the API server's PodSecurity admission judges every Pod the chart
+    and the operator make, in a namespace that enforces `restricted` (dry-run: admitted, not kept)."""
+    from tradingstack.plan import StackRef, build_plan, parse_spec
+
+    namespace = f"psa-{uuid.uuid4().hex[:6]}"
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace, "labels": labels}})
+    chart = render(copy.deepcopy(ALL_INFRA), namespace=namespace)
+    sample = yaml.safe_load((ROOT / "manifests" / "samples" / "full.yaml").read_text())
+    plan = build_plan(StackRef("psa", namespace), parse_spec(sample["spec"]))
+    pods = [_pod_from(w) for w in workloads(chart) + workloads(plan.objects)]
+    pods += [d for d in chart if d["kind"] == "Pod"]  # helm test hooks
+    assert len(pods) >= 12
+    for account in (d for d in chart if d["kind"] == "ServiceAccount"):  # the ServiceAccount admission needs them
+        kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", body=account)
+    path = f"/api/v1/namespaces/{namespace}/pods"
+    for pod in pods:
+        pod["metadata"].pop("namespace", None)
+        kube.request("POST", path, body=pod, query={"dryRun": "All"})  # a refusal raises, naming the rule
+
+    loose = copy.deepcopy(pods[0])
+    loose["spec"].pop("securityContext", None)
+    for container in loose["spec"]["containers"]:
+        container.pop("securityContext", None)
+    error = api_error(lambda: kube.request("POST", path, body=loose, query={"dryRun": "All"}))
+    assert error.status == 403
+    assert "violates PodSecurity" in error.detail
+    kube.request("DELETE", f"/api/v1/namespaces/{namespace}")

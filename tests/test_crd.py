@@ -65,6 +65,25 @@ INVALID_SPECS = [
     pytest.param({"deletionPolicy": "Orphan"}, "Unsupported value", id="deletion-policy-enum"),
     pytest.param({"tables": [{"name": "t", "columns": [{"name": "ts", "type": "TIMESTAMPTZ"}]}]},
                  "Unsupported value", id="column-type"),
+    # Credentials belong in Secrets: a URL lands in ConfigMaps, status and logs.
+    pytest.param({"infrastructure": {"nats": {"url": "nats://app:PLANTED-pw@nats:4222"}}},
+                 "credentials do not belong in a URL", id="nats-url-password"),
+    pytest.param({"infrastructure": {"redis": {"url": "redis://:PLANTED-pw@redis:6379/0"}}},
+                 "credentials do not belong in a URL", id="redis-url-password"),
+    pytest.param({"infrastructure": {"questdb": {"url": "http://admin:PLANTED-pw@questdb:9000"}}},
+                 "credentials do not belong in a URL", id="questdb-url-password"),
+    pytest.param({"infrastructure": {"s3": {"endpoint": "https://key:PLANTED-pw@s3.example.com"}}},
+                 "credentials do not belong in a URL", id="s3-url-password"),
+    pytest.param({"infrastructure": {"nats": {"secretRef": {"name": "n", "passwordKey": "p", "tokenKey": "t"}}}},
+                 "set one of passwordKey or tokenKey", id="password-and-token"),
+    pytest.param({"infrastructure": {"redis": {"secretRef": {"name": "r"}}}},
+                 "set one of passwordKey or tokenKey", id="secret-without-keys"),
+    pytest.param({"infrastructure": {"questdb": {"secretRef": {"name": "q", "usernameKey": "u", "tokenKey": "t"}}}},
+                 "usernameKey goes with passwordKey", id="user-with-token"),
+    pytest.param({"services": {"oms": {"env": [{"name": "X", "value": "v", "valueFrom": {
+                  "secretKeyRef": {"name": "s", "key": "k"}}}]}}}, "set value or valueFrom", id="env-value-and-from"),
+    pytest.param({"services": {"oms": {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"},
+                  "configMapKeyRef": {"name": "c", "key": "k"}}}]}}}, "set one of secretKeyRef", id="env-two-sources"),
 ]  # fmt: skip
 
 
@@ -82,6 +101,13 @@ def test_api_server_rejects_invalid_spec(
     error = api_error(lambda: create_stack(kube, namespace, "invalid", spec))
     assert error.status == 422
     assert message in error.detail
+    assert "PLANTED" not in error.detail  # the refusal does not repeat the password it refused
+
+
+def test_a_refused_url_is_not_repeated_in_the_error() -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_spec({"infrastructure": {"nats": {"url": "nats://app:PLANTED-pw@nats:4222"}}})
+    assert "PLANTED" not in str(caught.value)
 
 
 @pytest.mark.envtest

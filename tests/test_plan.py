@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tradingstack.api import ServiceName, TradingStackSpec
+from tradingstack.images import ImagePolicy
 from tradingstack.plan import (
     CHECKSUM_ANNOTATION,
     InvalidSpecError,
@@ -112,6 +113,38 @@ def test_secret_ref_reaches_only_the_lake_writers() -> None:
     assert not any("SECRET" in k for k in objects[("ConfigMap", "demo-sink-ticks")]["data"])
 
 
+def _env(objects: dict[tuple[str, str], dict[str, Any]], service: str) -> dict[str, Any]:
+    container = objects[("Deployment", f"demo-{service}")]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["valueFrom"] for e in container.get("env", [])}
+
+
+def test_server_credentials_reach_pods_from_their_secret_only_and_each_service_gets_only_its_servers() -> None:
+    spec = {
+        "infrastructure": {
+            "nats": {"secretRef": {"name": "bus", "usernameKey": "u", "passwordKey": "p"}},
+            "redis": {"secretRef": {"name": "kv", "tokenKey": "t"}},
+            "questdb": {"secretRef": {"name": "db", "usernameKey": "qu", "passwordKey": "qp"}},
+        },
+        "services": {"oms": {"env": [{"name": "VENUE_KEY", "valueFrom": {"secretKeyRef": {"name": "v", "key": "k"}}},
+                                     {"name": "TICK_RATE", "value": "5"}]}},
+    }  # fmt: skip
+    objects = by_key(plan_for(spec).objects)
+    nats = {"NATS_USER": {"secretKeyRef": {"name": "bus", "key": "u"}},
+            "NATS_PASSWORD": {"secretKeyRef": {"name": "bus", "key": "p"}}}  # fmt: skip
+    assert _env(objects, "gateway") == nats
+    assert _env(objects, "risk") == nats | {"REDIS_PASSWORD": {"secretKeyRef": {"name": "kv", "key": "t"}}}
+    assert _env(objects, "normalizer") == nats | {
+        "QUESTDB_USER": {"secretKeyRef": {"name": "db", "key": "qu"}},
+        "QUESTDB_PASSWORD": {"secretKeyRef": {"name": "db", "key": "qp"}},
+    }
+    assert _env(objects, "oms")["VENUE_KEY"] == {"secretKeyRef": {"name": "v", "key": "k"}}
+    assert set(_env(objects, "oms")) == {*nats, "REDIS_PASSWORD", "QUESTDB_USER", "QUESTDB_PASSWORD", "VENUE_KEY"}
+    for (kind, _), obj in objects.items():
+        if kind == "ConfigMap":  # a variable from a Secret is never copied into a ConfigMap
+            assert not {"NATS_PASSWORD", "REDIS_PASSWORD", "QUESTDB_PASSWORD", "VENUE_KEY"} & set(obj["data"])
+    assert objects[("ConfigMap", "demo-oms")]["data"]["TICK_RATE"] == "5"
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -141,3 +174,30 @@ def test_disjoint_subjects_are_fine() -> None:
 def test_name_too_long_for_child_names() -> None:
     with pytest.raises(InvalidSpecError, match="too long"):
         build_plan(StackRef(name="x" * 60, namespace="ns"), TradingStackSpec())
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed"),
+    [
+        ("ghcr.io/tradingstack/tradingstack:0.1.0", True),
+        ("ghcr.io/tradingstack/tradingstack@sha256:" + "a" * 64, True),
+        ("ghcr.io/tradingstack", True),
+        ("ghcr.io/tradingstack-evil/x:1", False),  # a prefix of the name is not the repository
+        ("ghcr.io/tradingstackx:1", False),
+        ("registry.local:5000/tradingstack/app:2", True),  # the registry's port is not a tag
+        ("registry.local:5000/other/app:2", False),
+        ("docker.io/library/python:3.11", False),
+    ],
+)
+def test_image_policy_allows_a_repository_and_what_is_below_it(image: str, allowed: bool) -> None:
+    policy = ImagePolicy(("ghcr.io/tradingstack", "registry.local:5000/tradingstack"))
+    assert policy.allows(image) is allowed
+    assert ImagePolicy().allows(image)  # no list: the operator runs whatever the spec says
+
+
+def test_image_policy_names_each_refused_image_once() -> None:
+    plan = plan_for({"services": {"oms": {"image": "evil.io/x:1"}, "risk": {"image": "evil.io/x:1"}}})
+    refusal = ImagePolicy(("ghcr.io/tradingstack",)).refusal(plan)
+    assert refusal is not None
+    assert refusal.count("evil.io/x:1") == 1
+    assert ImagePolicy(("ghcr.io/tradingstack", "evil.io")).refusal(plan) is None

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from tradingstack.credentials import has_userinfo
+
 GROUP = "tradingstack.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -114,9 +116,53 @@ class Resources(Model):
     )
 
 
+class KeySelector(Model):
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key within it.")
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from, as in a Kubernetes container's env[].valueFrom."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                # `!=` between two has() is over the 1.24 API server's CEL cost budget; && and || are not.
+                "(has(self.secretKeyRef) || has(self.configMapKeyRef))"
+                " && !(has(self.secretKeyRef) && has(self.configMapKeyRef))",
+                "set one of secretKeyRef or configMapKeyRef",
+            )
+        )
+    )
+
+    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret in the stack's namespace.")
+    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap in the stack's namespace.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set one of secretKeyRef or configMapKeyRef")
+        return self
+
+
 class EnvVar(Model):
+    """A variable with a value (kept in the service's ConfigMap) or a valueFrom (a Secret's stays there)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!has(self.valueFrom) || !has(self.value) || self.value == ''", "set value or valueFrom, not both")
+        )
+    )
+
     name: str = Field(pattern=ENV_NAME_PATTERN, max_length=128, description="Variable name.")
-    value: str = Field("", max_length=4096, description="Variable value.")
+    value: str = Field("", max_length=4096, description="Variable value. Never a secret: it lands in a ConfigMap.")
+    value_from: EnvVarSource | None = Field(None, description="Take the value from a Secret or ConfigMap key.")
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value_from is not None and self.value:
+            raise ValueError("set value or valueFrom, not both")
+        return self
 
 
 class ServiceSpec(Model):
@@ -161,21 +207,83 @@ class SecretKeyRef(Model):
     )
 
 
+class ServerSecretRef(Model):
+    """A Secret in the stack's namespace with a server's credentials: a password (and user) or a token."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(has(self.passwordKey) || has(self.tokenKey)) && !(has(self.passwordKey) && has(self.tokenKey))",
+                "set one of passwordKey or tokenKey",
+            ),
+            cel("!has(self.usernameKey) || has(self.passwordKey)", "usernameKey goes with passwordKey"),
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    username_key: str | None = Field(None, max_length=253, description="Key holding the user name.")
+    password_key: str | None = Field(None, max_length=253, description="Key holding the password.")
+    token_key: str | None = Field(None, max_length=253, description="Key holding a token (instead of a password).")
+
+    @model_validator(mode="after")
+    def _password_or_token(self) -> ServerSecretRef:
+        if (self.password_key is None) == (self.token_key is None):
+            raise ValueError("set one of passwordKey or tokenKey")
+        if self.username_key is not None and self.password_key is None:
+            raise ValueError("usernameKey goes with passwordKey")
+        return self
+
+
+NO_CREDENTIALS_IN_URL = "credentials do not belong in a URL (it lands in ConfigMaps and logs): use secretRef"
+
+
+def no_credentials_rule(field: str) -> dict[str, str]:
+    """The CEL rule refusing user:password@ in an endpoint URL; _refuse_credentials says the same offline."""
+    rule = f"!has(self.{field}) || !self.{field}.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*@')"
+    return cel(rule, NO_CREDENTIALS_IN_URL)
+
+
+def _refuse_credentials(url: str) -> str:
+    if has_userinfo(url):
+        raise ValueError(NO_CREDENTIALS_IN_URL)
+    return url
+
+
+SECRET_REF_DESCRIPTION = "Secret with the server's credentials; services get them as secretKeyRef env, not a ConfigMap."
+
+
 class NatsEndpoint(Model):
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+
     url: str = Field("nats://nats:4222", pattern=URL_PATTERN, max_length=512, description="NATS server URL.")
+    secret_ref: ServerSecretRef | None = Field(None, description=SECRET_REF_DESCRIPTION)
+
+    _no_credentials = field_validator("url")(_refuse_credentials)
 
 
 class RedisEndpoint(Model):
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+
     url: str = Field("redis://redis:6379/0", pattern=URL_PATTERN, max_length=512, description="Redis URL.")
+    secret_ref: ServerSecretRef | None = Field(None, description=SECRET_REF_DESCRIPTION)
+
+    _no_credentials = field_validator("url")(_refuse_credentials)
 
 
 class QuestDBEndpoint(Model):
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+
     url: str = Field(
         "http://questdb:9000",
         pattern=URL_PATTERN,
         max_length=512,
         description="QuestDB HTTP endpoint (REST /exec and ILP /write).",
     )
+    secret_ref: ServerSecretRef | None = Field(
+        None, description="Secret with QuestDB's HTTP basic auth (http.user, http.password) or a token."
+    )
+
+    _no_credentials = field_validator("url")(_refuse_credentials)
 
 
 class S3Endpoint(Model):
@@ -185,7 +293,8 @@ class S3Endpoint(Model):
                 "!has(self.endpoint) || !self.endpoint.startsWith('http://')"
                 " || (has(self.allowHttp) && self.allowHttp)",
                 "s3.endpoint uses plain http: set s3.allowHttp to true to allow it",
-            )
+            ),
+            no_credentials_rule("endpoint"),
         )
     )
 
@@ -204,6 +313,8 @@ class S3Endpoint(Model):
     secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with S3 credentials; never put credentials in the spec."
     )
+
+    _no_credentials = field_validator("endpoint")(_refuse_credentials)
 
     @model_validator(mode="after")
     def _plain_http_is_explicit(self) -> S3Endpoint:

@@ -16,7 +16,7 @@ from tradingstack.crd import crd_yaml
 from tradingstack.plan import InvalidSpecError, StackRef, build_plan, parse_spec
 
 if TYPE_CHECKING:  # the backends pull in pyarrow and deltalake: only the commands that use them import them
-    from tradingstack.backends.s3 import S3Credentials
+    from tradingstack.backends import StackCredentials
 
 
 def load_stacks(path: str) -> list[dict[str, Any]]:
@@ -55,14 +55,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env_credentials() -> S3Credentials | None:
-    """Outside Kubernetes, S3 credentials come from the standard AWS environment variables."""
+def _env_credentials() -> StackCredentials:
+    """Outside Kubernetes, credentials come from the environment: the AWS variables for S3, and for
+    NATS and QuestDB the variables the services read (NATS_USER, NATS_PASSWORD, NATS_TOKEN, ...)."""
     import os
 
+    from tradingstack.backends import StackCredentials
     from tradingstack.backends.s3 import S3Credentials
+    from tradingstack.credentials import ServerCredentials
 
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    return S3Credentials(key, secret) if key and secret else None
+    env = os.environ.get
+    key, secret = env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")
+    return StackCredentials(
+        s3=S3Credentials(key, secret) if key and secret else None,
+        nats=ServerCredentials(env("NATS_USER"), env("NATS_PASSWORD"), env("NATS_TOKEN")),
+        questdb=ServerCredentials(env("QUESTDB_USER"), env("QUESTDB_PASSWORD"), env("QUESTDB_TOKEN")),
+    )
 
 
 def _infrastructure(args: argparse.Namespace, dry_run: bool, fail_on_drift: bool) -> int:
@@ -149,6 +157,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if not args.all_namespaces and not args.namespace:
         print("give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return 2
+    if args.allowed_image_repository:
+        import os
+
+        from tradingstack.images import ALLOWED_ENV
+
+        os.environ[ALLOWED_ENV] = ",".join(args.allowed_image_repository)  # read by the startup handler
     kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
     if args.metrics_port:
         start_http_server(args.metrics_port)
@@ -202,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
     op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 to disable)")
     op.add_argument("--log-format", choices=["json", "text"], default="json", help="log line format")
+    op.add_argument("--allowed-image-repository", action="append", metavar="REPO",
+                    help="run only images from REPO or below it (repeatable); others are refused, "
+                         "Degraded/ImageNotAllowed")  # fmt: skip
     op.set_defaults(func=cmd_operator)
     return top
 

@@ -19,6 +19,7 @@ import kubernetes
 
 from tradingstack import api
 from tradingstack.changes import UnreachableError
+from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient, load_config
 from tradingstack.plan import LABEL_MANAGED_BY, MANAGER
 from tradingstack.reconciler import BackendsNotReadyError, Reconciler
@@ -88,7 +89,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     memo.kube = KubeClient.from_environment()
-    memo.reconciler = Reconciler(memo.kube, events=post_event)
+    memo.reconciler = Reconciler(memo.kube, events=post_event, image_policy=ImagePolicy.from_environment())
     memo.last_full_pass = {}
 
 

@@ -28,8 +28,15 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 DEAD_LETTER_PREFIX = "dlq"
 # Kubernetes Service names are DNS-1035 labels: at most 63 characters.
 MAX_OBJECT_NAME = 63
-# Services that read or write the lake and so get the S3 credentials.
+# Which services talk to which server, and so get its credentials (least privilege).
 S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT})
+REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL})
+QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL})
+# The variables a server's secretRef keys become: (user, password, token). Redis's AUTH takes a
+# token as the default user's password.
+NATS_CREDENTIAL_ENV = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")
+REDIS_CREDENTIAL_ENV = ("REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_PASSWORD")
+QUESTDB_CREDENTIAL_ENV = ("QUESTDB_USER", "QUESTDB_PASSWORD", "QUESTDB_TOKEN")
 
 
 class InvalidSpecError(ValueError):
@@ -82,6 +89,7 @@ class Workload:
     replicas: int
     port: int
     config: dict[str, str]
+    image: str
 
 
 @dataclass
@@ -213,7 +221,7 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))
-    config |= {env.name: env.value for env in spec.service(service).env}
+    config |= {env.name: env.value for env in spec.service(service).env if env.value_from is None}
     return config
 
 
@@ -259,20 +267,46 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def _from_secret(secret: str, key: str) -> dict[str, Any]:
+    return {"secretKeyRef": {"name": secret, "key": key}}
+
+
+def _server_secret_env(ref: api.ServerSecretRef | None, names: tuple[str, str, str]) -> dict[str, dict[str, Any]]:
+    if ref is None:
+        return {}
+    keys = (ref.username_key, ref.password_key, ref.token_key)
+    return {var: _from_secret(ref.name, key) for var, key in zip(names, keys, strict=True) if key}
+
+
+def secret_env(spec: TradingStackSpec, service: ServiceName) -> dict[str, dict[str, Any]]:
+    """Variables whose values Kubernetes takes from Secrets (or ConfigMaps): name -> valueFrom.
+
+    Credentials reach a pod only this way, never through its ConfigMap; a service gets those of
+    the servers it talks to. A user's env valueFrom comes last and wins.
+    """
+    infra = spec.infrastructure
+    env = _server_secret_env(infra.nats.secret_ref, NATS_CREDENTIAL_ENV)
+    if service in REDIS_SERVICES:
+        env |= _server_secret_env(infra.redis.secret_ref, REDIS_CREDENTIAL_ENV)
+    if service in QUESTDB_SERVICES:
+        env |= _server_secret_env(infra.questdb.secret_ref, QUESTDB_CREDENTIAL_ENV)
+    s3 = infra.s3.secret_ref
+    if s3 and service in S3_SERVICES:
+        env |= {"AWS_ACCESS_KEY_ID": _from_secret(s3.name, s3.access_key_id_key),
+                "AWS_SECRET_ACCESS_KEY": _from_secret(s3.name, s3.secret_access_key_key)}  # fmt: skip
+    for var in spec.service(service).env:
+        if var.value_from is not None:
+            env[var.name] = var.value_from.model_dump(by_alias=True, exclude_none=True)
+    return env
+
+
 def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> dict[str, Any]:
     svc = spec.service(workload.service)
-    env: list[dict[str, Any]] = []
-    secret = spec.infrastructure.s3.secret_ref
-    if secret and workload.service in S3_SERVICES:
-        for var, key in (
-            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
-            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
-        ):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    env = [{"name": name, "valueFrom": source} for name, source in secret_env(spec, workload.service).items()]
     resources = svc.resources.model_dump(by_alias=True, exclude_none=True)
     container: dict[str, Any] = {
         "name": workload.service.value,
-        "image": svc.image or spec.image.reference,
+        "image": workload.image,
         "imagePullPolicy": spec.image.pull_policy,
         "args": ["service", workload.service.value],
         "envFrom": [{"configMapRef": {"name": workload.name}}],
@@ -343,6 +377,7 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
                 replicas=svc.replicas,
                 port=port,
                 config=service_config(stack, spec, service, port),
+                image=svc.image or spec.image.reference,
             )
         )
     objects: list[dict[str, Any]] = []

@@ -19,11 +19,13 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Histogram
 
 from tradingstack import api, backends
-from tradingstack.backends import Provisioner, S3Credentials
+from tradingstack.backends import Provisioner, S3Credentials, StackCredentials
 from tradingstack.changes import BackendResult, Change
+from tradingstack.credentials import ServerCredentials
+from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
 from tradingstack.plan import InvalidSpecError, Plan, child_selector, plan_from_body
-from tradingstack.status import DeploymentState, Observation, build_status
+from tradingstack.status import DeploymentState, Observation, Reason, build_status
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Outcome:
     plan: Plan | None
     changes: list[Change] = field(default_factory=list)
     invalid_spec: str | None = None
+    invalid_reason: Reason = Reason.INVALID_SPEC  # or ImageNotAllowed: the spec may not run here
     apply_error: KubeApiError | None = None
     status_written: bool = False
     backends: dict[str, BackendResult] = field(default_factory=dict)
@@ -100,38 +103,72 @@ def deployment_states(objects: Iterable[dict[str, Any]]) -> dict[str, Deployment
     return {state.name: state for state in map(DeploymentState.from_object, objects)}
 
 
-def s3_credentials(kube: KubeClient, plan: Plan) -> tuple[S3Credentials | None, str | None]:
-    """Credentials from the Secret named in secretRef, or why there are none. Never logged."""
-    ref = plan.spec.infrastructure.s3.secret_ref
-    if ref is None:
-        return None, None
-    secret = kube.get("Secret", plan.stack.namespace, ref.name)
+def _secret_values(
+    kube: KubeClient, namespace: str, name: str, keys: Iterable[str | None], field: str
+) -> tuple[dict[str, str], str | None]:
+    """The named keys of a Secret, decoded, or why they cannot be had. Values are never logged."""
+    secret = kube.get("Secret", namespace, name)
     if secret is None:
-        return None, f"Secret {ref.name} (spec.infrastructure.s3.secretRef) not found in {plan.stack.namespace}"
+        return {}, f"Secret {name} ({field}) not found in {namespace}"
     data = secret.get("data") or {}
-    try:
-        key_id = base64.b64decode(data[ref.access_key_id_key]).decode()
-        secret_key = base64.b64decode(data[ref.secret_access_key_key]).decode()
-    except KeyError as missing:
-        return None, f"Secret {ref.name} has no key {missing}"
-    except (binascii.Error, UnicodeDecodeError):
-        return None, f"Secret {ref.name} holds undecodable credentials"
-    return S3Credentials(key_id, secret_key), None
+    values = {}
+    for key in filter(None, keys):
+        if key not in data:
+            return {}, f"Secret {name} ({field}) has no key {key!r}"
+        try:
+            values[key] = base64.b64decode(data[key]).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return {}, f"Secret {name} ({field}) holds an undecodable {key!r}"
+    return values, None
+
+
+def stack_credentials(kube: KubeClient, plan: Plan) -> StackCredentials:
+    """Credentials from the Secrets the spec's secretRefs name; a missing one blocks only its backend."""
+    infra, namespace = plan.spec.infrastructure, plan.stack.namespace
+    missing: dict[str, str] = {}
+    found: dict[str, ServerCredentials] = {}
+    servers: list[tuple[str, str, api.ServerSecretRef | None]] = [
+        ("streams", "nats", infra.nats.secret_ref), ("tables", "questdb", infra.questdb.secret_ref)
+    ]  # fmt: skip
+    for backend, server, ref in servers:
+        if ref is None:
+            continue
+        keys = (ref.username_key, ref.password_key, ref.token_key)
+        values, problem = _secret_values(kube, namespace, ref.name, keys, f"spec.infrastructure.{server}.secretRef")
+        if problem:
+            missing[backend] = problem
+        else:
+            found[server] = ServerCredentials(*(values.get(k) if k else None for k in keys))
+    s3 = None
+    if (s3_ref := infra.s3.secret_ref) is not None:
+        key_id, secret_key = s3_ref.access_key_id_key, s3_ref.secret_access_key_key
+        values, problem = _secret_values(
+            kube, namespace, s3_ref.name, (key_id, secret_key), "spec.infrastructure.s3.secretRef"
+        )
+        if problem:
+            missing["buckets"] = problem
+        else:
+            s3 = S3Credentials(values[key_id], values[secret_key])
+    return StackCredentials(s3=s3, missing=missing, **found)
 
 
 class Reconciler:
     def __init__(
-        self, kube: KubeClient, events: EventSink = no_events, backend_factory: BackendFactory | None = None
+        self,
+        kube: KubeClient,
+        events: EventSink = no_events,
+        backend_factory: BackendFactory | None = None,
+        image_policy: ImagePolicy | None = None,
     ) -> None:
         self.kube = kube
+        self.image_policy = image_policy or ImagePolicy()
         self.events = events
         self.workloads = WorkloadProvisioner(kube)
         self.status = StatusWriter(kube)
         self.backend_factory = backend_factory or self._provisioners
 
     def _provisioners(self, plan: Plan) -> list[Provisioner]:
-        credentials, problem = s3_credentials(self.kube, plan)
-        return backends.provisioners(plan, credentials, problem)
+        return backends.provisioners(plan, stack_credentials(self.kube, plan))
 
     def reconcile(self, body: dict[str, Any]) -> Outcome:
         """One full pass. After writing status, raises KubeApiError when applying children failed and
@@ -142,14 +179,17 @@ class Reconciler:
         paused = bool((body.get("spec") or {}).get("paused"))
         try:
             plan = plan_from_body(body)
+            outcome = Outcome(plan=plan)
+            if (refusal := self.image_policy.refusal(plan)) is not None:  # nothing applied: what runs keeps running
+                outcome = Outcome(plan=None, invalid_spec=refusal, invalid_reason=Reason.IMAGE_NOT_ALLOWED)
         except InvalidSpecError as exc:
             outcome = Outcome(plan=None, invalid_spec=str(exc))
-            self.events(body, "Warning", "InvalidSpec", str(exc))
+        if outcome.invalid_spec is not None:
+            self.events(body, "Warning", outcome.invalid_reason.value, outcome.invalid_spec)
             self._write(namespace, name, generation, outcome, paused)
             RECONCILES.labels("invalid").inc()
             return outcome
 
-        outcome = Outcome(plan=plan)
         if paused:
             outcome.status_written = self._write(namespace, name, generation, outcome, paused)
             RECONCILES.labels("paused").inc()
@@ -199,6 +239,7 @@ class Reconciler:
                 deployments=self._deployment_states(outcome.plan) if outcome.plan else {},
                 paused=paused,
                 invalid_spec=outcome.invalid_spec,
+                invalid_reason=outcome.invalid_reason,
                 apply_error=str(outcome.apply_error) if outcome.apply_error else None,
                 backends=outcome.backends or None,
             )

@@ -42,6 +42,7 @@ class Reason(StrEnum):
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # the spec changes a field the server cannot change
     REJECTED = "Rejected"  # the server refused a statement
     SECRET_NOT_FOUND = "SecretNotFound"  # the Secret named in secretRef is missing or incomplete
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"  # an image outside the operator's allowed repositories
     PROVISION_FAILED = "ProvisionFailed"  # any other backend error
 
 
@@ -111,6 +112,7 @@ class Observation:
     deployments: dict[str, DeploymentState]  # by Deployment name
     paused: bool = False
     invalid_spec: str | None = None
+    invalid_reason: Reason = Reason.INVALID_SPEC  # ImageNotAllowed: valid, but not allowed to run here
     apply_error: str | None = None
     backends: dict[str, BackendResult] | None = None  # None: no infrastructure pass this time
 
@@ -174,7 +176,7 @@ def desired_conditions(
     rows, problems, failures, ready = _services(obs)
     total = len(obs.plan.workloads) if obs.plan else 0
     if obs.invalid_spec is not None:
-        services = condition(ConditionType.SERVICES_READY, False, Reason.INVALID_SPEC, "spec is invalid")
+        services = condition(ConditionType.SERVICES_READY, False, obs.invalid_reason, "spec is not applied")
     elif problems:
         services = condition(ConditionType.SERVICES_READY, False, Reason.SERVICES_NOT_READY, "; ".join(problems))
     else:
@@ -186,7 +188,7 @@ def desired_conditions(
         )
 
     if obs.invalid_spec is not None:
-        degraded = condition(ConditionType.DEGRADED, True, Reason.INVALID_SPEC, obs.invalid_spec)
+        degraded = condition(ConditionType.DEGRADED, True, obs.invalid_reason, obs.invalid_spec)
     elif obs.apply_error is not None:
         degraded = condition(ConditionType.DEGRADED, True, Reason.APPLY_FAILED, obs.apply_error)
     elif failures:
@@ -244,7 +246,8 @@ def derive_phase(conditions: list[dict[str, Any]]) -> Phase:
     by_type = {c["type"]: c for c in conditions}
     degraded = by_type.get(ConditionType.DEGRADED, {})
     if degraded.get("status") == "True":
-        return Phase.FAILED if degraded.get("reason") == Reason.INVALID_SPEC else Phase.DEGRADED
+        refused = degraded.get("reason") in (Reason.INVALID_SPEC, Reason.IMAGE_NOT_ALLOWED)
+        return Phase.FAILED if refused else Phase.DEGRADED
     if by_type.get(ConditionType.PROGRESSING, {}).get("reason") == Reason.PAUSED:
         return Phase.PAUSED
     if by_type.get(ConditionType.READY, {}).get("status") == "True":

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from tradingstack.credentials import ServerCredentials
 from tradingstack_services.app import Check, create_app
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError
@@ -23,7 +24,9 @@ from tradingstack_services.ticks import InvalidMessageError
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, initial_attempts: int = -1) -> Client:
+async def connect(
+    url: str, name: str, initial_attempts: int = -1, credentials: ServerCredentials | None = None
+) -> Client:
     """A connection that reconnects forever once made; the first connect tries `initial_attempts` times."""
 
     async def on_error(exc: Exception) -> None:
@@ -43,6 +46,7 @@ async def connect(url: str, name: str, initial_attempts: int = -1) -> Client:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **(credentials or ServerCredentials()).nats_options(),
     )
     nc.options["max_reconnect_attempts"] = -1  # once connected, a service outlives NATS restarts
     return nc
@@ -226,7 +230,7 @@ async def connect_until_stopped(settings: ServiceSettings, stop: asyncio.Event) 
     delay = RESTART_DELAY
     while not stop.is_set():
         try:
-            return await connect(settings.NATS_URL, settings.SERVICE_NAME, initial_attempts=1)
+            return await connect(settings.NATS_URL, settings.SERVICE_NAME, 1, settings.nats_credentials())
         except Exception as exc:  # NATS not there yet: the HTTP side keeps serving, readiness says why
             log.warning("nats: not reachable yet, trying again in %.1f s: %s", delay, exc)
             with contextlib.suppress(TimeoutError):

@@ -259,7 +259,7 @@ class Exeq:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis, redis_check = rediskv.connect(settings.REDIS_URL)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     exeq = Exeq(settings, redis)
 
     app = bus.worker_app(settings, [exeq.prices.follow, exeq.run, exeq.sweep, exeq.store.publish_events_forever],

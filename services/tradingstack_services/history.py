@@ -19,6 +19,7 @@ from collections import deque
 from prometheus_client import Counter, Gauge
 
 from tradingstack.backends.questdb import QuestDBError, QuestDBProvisioner
+from tradingstack.credentials import ServerCredentials
 
 log = logging.getLogger(__name__)
 MAX_BUFFERED = 200_000
@@ -28,8 +29,8 @@ BUFFERED = Gauge("tradingstack_history_lines_buffered", "History rows waiting fo
 
 
 class History:
-    def __init__(self, questdb_url: str, interval: float = 1.0) -> None:
-        self.questdb = QuestDBProvisioner(questdb_url)
+    def __init__(self, questdb_url: str, credentials: ServerCredentials | None = None, interval: float = 1.0) -> None:
+        self.questdb = QuestDBProvisioner(questdb_url, credentials=credentials or ServerCredentials())
         self.interval = interval
         self.lines: deque[str] = deque()
 

@@ -52,7 +52,7 @@ def _iso(ts: datetime) -> str:
 class Normalizer:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL)
+        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
 
     def rebuild(self, symbol: str, minute: datetime) -> Bar | None:
         sql = (

@@ -69,7 +69,7 @@ class Oms:
         self.settings = settings
         self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS)
         self.prices = PriceBook(settings.symbols)
-        self.history = History(settings.QUESTDB_URL)
+        self.history = History(settings.QUESTDB_URL, settings.questdb_credentials())
         self.nc: Client | None = None
 
     async def attach(self, nc: Client, stop: Any) -> None:
@@ -187,7 +187,7 @@ class Oms:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis, redis_check = rediskv.connect(settings.REDIS_URL)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     oms = Oms(settings, redis)
 
     async def risk_check() -> None:

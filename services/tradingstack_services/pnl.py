@@ -80,7 +80,7 @@ class Pnl:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL)
+        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
         self.prices = PriceBook(settings.symbols)
         self.nc: Client | None = None
 
@@ -169,7 +169,7 @@ class Pnl:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis, redis_check = rediskv.connect(settings.REDIS_URL)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     pnl = Pnl(settings, redis)
 
     async def questdb_check() -> None:

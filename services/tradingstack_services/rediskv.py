@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from tradingstack.credentials import ServerCredentials
 from tradingstack_services.app import Check
 
 
-def connect(url: str) -> tuple[aioredis.Redis, Check]:
+def connect(url: str, credentials: ServerCredentials | None = None) -> tuple[aioredis.Redis, Check]:
     """A pooled client (connections opened on first use, reopened after Redis restarts) and a PING check."""
-    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+    options = (credentials or ServerCredentials()).redis_options()
+    client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, **options)
 
     async def ping() -> None:
         await client.ping()

@@ -156,7 +156,7 @@ class RiskService:
 
 
 def create(settings: ServiceSettings) -> FastAPI:
-    redis, redis_check = rediskv.connect(settings.REDIS_URL)
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     service = RiskService(settings, redis)
 
     app = bus.worker_app(settings, [service.follow_positions, service.serve_nats], {"redis": redis_check})

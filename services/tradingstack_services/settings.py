@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tradingstack.credentials import ServerCredentials
+
 
 def _seed_ports() -> dict[str, int]:
     from tradingstack.api import DEFAULT_PORTS
@@ -29,6 +31,15 @@ class ServiceSettings(BaseSettings):
     AWS_ALLOW_HTTP: bool = False
     AWS_ACCESS_KEY_ID: str | None = None
     AWS_SECRET_ACCESS_KEY: str | None = Field(None, repr=False)
+    # Credentials: set by Kubernetes from the Secret a spec's secretRef names, never in a ConfigMap.
+    NATS_USER: str | None = None
+    NATS_PASSWORD: str | None = Field(None, repr=False)
+    NATS_TOKEN: str | None = Field(None, repr=False)
+    REDIS_USERNAME: str | None = None
+    REDIS_PASSWORD: str | None = Field(None, repr=False)
+    QUESTDB_USER: str | None = None
+    QUESTDB_PASSWORD: str | None = Field(None, repr=False)
+    QUESTDB_TOKEN: str | None = Field(None, repr=False)
     NATS_STREAM: str | None = None
     NATS_DURABLE: str | None = None
     NATS_FILTER_SUBJECT: str | None = None
@@ -73,6 +84,15 @@ class ServiceSettings(BaseSettings):
     @property
     def symbols(self) -> list[str]:
         return [s.strip() for s in self.SYMBOLS.split(",") if s.strip()]
+
+    def nats_credentials(self) -> ServerCredentials:
+        return ServerCredentials(self.NATS_USER, self.NATS_PASSWORD, self.NATS_TOKEN)
+
+    def redis_credentials(self) -> ServerCredentials:
+        return ServerCredentials(self.REDIS_USERNAME, self.REDIS_PASSWORD)
+
+    def questdb_credentials(self) -> ServerCredentials:
+        return ServerCredentials(self.QUESTDB_USER, self.QUESTDB_PASSWORD, self.QUESTDB_TOKEN)
 
     def storage_options(self) -> dict[str, str]:
         from tradingstack import lake  # pyarrow comes with it: only the lake writers pay for it

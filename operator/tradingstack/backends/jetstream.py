@@ -9,7 +9,7 @@ policy) are reported as ImmutableFieldChanged and left alone: recreating would l
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -19,6 +19,7 @@ from nats.js.manager import JetStreamManager
 
 from tradingstack.api import StreamSpec, parse_duration
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
+from tradingstack.credentials import ServerCredentials, redact_url
 from tradingstack.plan import OWNER_PREFIX, ConsumerPlan, Plan
 
 # How long a consumer waits for an ack before redelivering, and how many may be in flight.
@@ -101,6 +102,7 @@ def _value(value: Any) -> str:
 class JetStreamProvisioner:
     url: str
     connect_timeout: float = 3.0
+    credentials: ServerCredentials = field(default_factory=ServerCredentials)
     backend = "streams"
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
@@ -124,11 +126,12 @@ class JetStreamProvisioner:
                     allow_reconnect=False,
                     max_reconnect_attempts=0,
                     error_cb=quiet,
+                    **self.credentials.nats_options(),
                 ),
                 self.connect_timeout + 1,
             )
         except Exception as exc:  # nats-py raises several unrelated types for "no server"
-            raise UnreachableError(f"NATS at {self.url}: {str(exc) or type(exc).__name__}") from exc
+            raise UnreachableError(f"NATS at {redact_url(self.url)}: {str(exc) or type(exc).__name__}") from exc
         try:
             return await step(nc.jsm(), *args)
         finally:

@@ -18,11 +18,12 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tradingstack.api import OWNERS_TABLE, TableSpec
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
+from tradingstack.credentials import ServerCredentials, redact_url
 from tradingstack.plan import OWNER_PREFIX, Plan
 
 IMMUTABLE = "ImmutableFieldChanged"
@@ -56,10 +57,17 @@ class LiveTable:
 class QuestDBProvisioner:
     url: str
     timeout: float = 5.0
+    credentials: ServerCredentials = field(default_factory=ServerCredentials)
     backend = "tables"
 
     def _send(self, request: urllib.request.Request | str, what: str, error_key: str) -> bytes:
-        """One HTTP call; 5xx and transport failures are UnreachableError, 4xx a QuestDBError."""
+        """One HTTP call; 5xx, refused credentials and transport failures are UnreachableError, 4xx a QuestDBError."""
+        if isinstance(request, str):
+            request = urllib.request.Request(request)
+        authorization = self.credentials.authorization()
+        if authorization:
+            request.add_unredirected_header("Authorization", authorization)
+        where = f"QuestDB at {redact_url(self.url)}"
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body: bytes = response.read()
@@ -70,11 +78,13 @@ class QuestDBProvisioner:
                 message = json.loads(detail).get(error_key, detail)
             except ValueError:
                 message = detail
+            if exc.code in (401, 403):  # not the statement's fault: the credentials (secretRef) are wrong or missing
+                raise UnreachableError(f"{where}: HTTP {exc.code}: credentials refused (questdb.secretRef)") from exc
             if exc.code >= 500:
-                raise UnreachableError(f"QuestDB at {self.url}: HTTP {exc.code}: {message}") from exc
+                raise UnreachableError(f"{where}: HTTP {exc.code}: {message}") from exc
             raise QuestDBError(what, message) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise UnreachableError(f"QuestDB at {self.url}: {getattr(exc, 'reason', exc)}") from exc
+            raise UnreachableError(f"{where}: {getattr(exc, 'reason', exc)}") from exc
 
     def query(self, sql: str) -> dict[str, Any]:
         """SQL over REST (`GET /exec`); errors come back as {"error": ...}."""

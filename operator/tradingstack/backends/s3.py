@@ -17,7 +17,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from tradingstack import lake
 from tradingstack.api import S3Endpoint
-from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
+from tradingstack.changes import BackendResult, Change, ItemStatus, UnreachableError
 from tradingstack.lake import LAKE_TABLES, LakeTable
 from tradingstack.plan import Plan
 
@@ -38,7 +38,6 @@ class S3Credentials:
 class S3Provisioner:
     endpoint: S3Endpoint
     credentials: S3Credentials | None
-    credentials_error: str | None = None  # e.g. the Secret in secretRef is missing
     backend = "buckets"
 
     def _filesystem(self) -> pafs.S3FileSystem:
@@ -72,9 +71,6 @@ class S3Provisioner:
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
         result = BackendResult(self.backend, dry_run=dry_run)
-        if self.credentials_error:
-            result.problems.append(Problem("Secret", "secretRef", "SecretNotFound", self.credentials_error))
-            return result
         fs = self._filesystem()
         for bucket in plan.buckets:
             try:
@@ -137,8 +133,6 @@ class S3Provisioner:
     def delete(self, plan: Plan) -> list[Change]:
         """Remove what this stack made and nothing else: a bucket it created (marker object) goes
         whole; in a bucket it did not create, only the Delta tables it created go."""
-        if self.credentials_error:
-            raise UnreachableError(self.credentials_error)
         fs = self._filesystem()
         owner = plan.stack.owner
         deleted = []
