@@ -390,21 +390,26 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
 
-    def post(self, path: str, body: Any) -> tuple[int, Any]:
+    def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **(headers or {})},
         )  # fmt: skip
         return self.get(request)
 
-    def get(self, path: str | urllib.request.Request) -> tuple[int, Any]:
-        target = f"http://127.0.0.1:{self.port}{path}" if isinstance(path, str) else path
+    def get(self, path: str | urllib.request.Request, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        target = path if isinstance(path, urllib.request.Request) else urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers=headers or {}
+        )  # fmt: skip
+        self.last_headers: dict[str, str] = {}
         try:
             with urllib.request.urlopen(target, timeout=5) as response:
                 body = response.read()
                 status = response.status
+                self.last_headers = dict(response.headers)
         except urllib.error.HTTPError as exc:
             body, status = exc.read(), exc.code
+            self.last_headers = dict(exc.headers)
         try:
             return status, json.loads(body)
         except ValueError:

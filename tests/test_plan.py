@@ -201,3 +201,18 @@ def test_image_policy_names_each_refused_image_once() -> None:
     assert refusal is not None
     assert refusal.count("evil.io/x:1") == 1
     assert ImagePolicy(("ghcr.io/tradingstack", "evil.io")).refusal(plan) is None
+
+
+def test_accounts_reach_the_oms_as_names_in_its_config_and_key_digests_from_their_secrets() -> None:
+    spec = {"accounts": [{"name": "desk-a", "secretRef": {"name": "a-keys"}},
+                         {"name": "desk-b", "secretRef": {"name": "b-keys", "key": "digests"}}]}  # fmt: skip
+    objects = by_key(plan_for(spec).objects)
+    assert objects[("ConfigMap", "demo-oms")]["data"]["AUTH_ACCOUNTS"] == "desk-a,desk-b"
+    assert _env(objects, "oms") == {
+        "AUTH_KEYS_DESK_A": {"secretKeyRef": {"name": "a-keys", "key": "sha256"}},
+        "AUTH_KEYS_DESK_B": {"secretKeyRef": {"name": "b-keys", "key": "digests"}},
+    }
+    assert "AUTH_ACCOUNTS" not in objects[("ConfigMap", "demo-risk")]["data"]  # only order entry authenticates
+    assert "env" not in objects[("Deployment", "demo-risk")]["spec"]["template"]["spec"]["containers"][0]
+    with pytest.raises(InvalidSpecError, match="accounts"):
+        plan_for({"accounts": [{"name": "Desk_A", "secretRef": {"name": "k"}}]})

@@ -181,3 +181,23 @@ def test_the_price_book_keeps_only_the_traded_symbols() -> None:
 
     asyncio.run(feed())
     assert list(book.quotes) == ["BTCUSDT"]
+
+
+def test_api_keys_are_matched_by_digest_and_order_entry_fails_closed() -> None:
+    from fastapi import HTTPException
+
+    from tradingstack_services.auth import Accounts, digest
+
+    accounts = Accounts.from_environment("desk-a,desk-b", {"AUTH_KEYS_DESK_A": f"{digest('k1')}\nnot-a-digest\n"})
+    assert accounts.account_for("Bearer k1") == "desk-a"
+    assert accounts.account_for("bearer  k1 ") == "desk-a"
+    # No key, another scheme, an unknown key, the digest itself (it is not a key), a line that is no digest.
+    for header in (None, "", "Bearer", "Basic k1", "Bearer k2", f"Bearer {digest('k1')}", "Bearer not-a-digest"):
+        with pytest.raises(HTTPException) as refused:
+            accounts.account_for(header)
+        assert refused.value.status_code == 401
+        assert refused.value.headers is not None
+        assert "WWW-Authenticate" in refused.value.headers
+    with pytest.raises(HTTPException):  # accounts but no readable digests: nobody gets in
+        Accounts.from_environment("desk-a", {}).account_for("Bearer anything")
+    assert Accounts.from_environment(None, {}).account_for(None) is None  # no accounts: open

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import time
 import urllib.error
@@ -30,7 +32,7 @@ from questdb_double import QuestDBDouble
 from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
+from tradingstack.plan import Plan, StackRef, build_plan, parse_spec, secret_env
 from tradingstack_services import exeq, oms, pnl, risk
 from tradingstack_services.orderstore import ORDER_KEY, OrderStore
 from tradingstack_services.settings import ServiceSettings
@@ -617,3 +619,55 @@ def test_a_tick_with_a_dust_size_neither_fills_nor_drops_a_resting_order(trading
     assert [o["order_id"] for o in exeq_server.get("/resting")[1]] == [bid["order_id"]]
     platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=5)
     assert final(oms_server, bid["order_id"], "filled")["filled_quantity"] == 2
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_orders_need_an_account_key_and_stay_within_their_account(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.accounts: each account's API keys, hashed, in a Secret; `Authorization: Bearer <key>`."""
+    keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
+    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
+    spec["accounts"] = [{"name": name, "secretRef": {"name": f"{name}-keys"}} for name in keys]
+    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+    for name, source in secret_env(plan.spec, ServiceName.OMS).items():  # as the kubelet sets them from the Secrets
+        account = source["secretKeyRef"]["name"].removesuffix("-keys")
+        monkeypatch.setenv(name, f"{_key_hash('an-old-key')}\n{_key_hash(keys[account])}\n")
+    authed = dataclasses.replace(platform, plan=plan)
+    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    resting = order("c-1", "buy", 1, order_type="limit", limit_price=50.0)  # far below the market: it rests
+    with contextlib.ExitStack() as stack:
+        servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ])
+        oms_server = servers[ServiceName.OMS]
+
+        for headers in ({}, {"Authorization": "Bearer not-a-key"}, {"Authorization": f"Basic {keys['desk-a']}"}):
+            status, body = oms_server.post("/orders", resting, headers)
+            assert status == 401, body
+            assert oms_server.last_headers.get("www-authenticate", oms_server.last_headers.get("WWW-Authenticate"))
+            assert "not-a-key" not in str(body)
+        assert oms_server.get("/orders/anything")[0] == 401
+        assert all(oms_server.get(path)[0] == 200 for path in ("/healthz", "/readyz", "/metrics"))  # probes stay open
+
+        status, mine = oms_server.post("/orders", resting, bearer["desk-a"])
+        assert status == 201, mine
+        assert mine["account"] == "desk-a"
+        status, theirs = oms_server.post("/orders", resting, bearer["desk-b"])  # the same client id, another account
+        assert status == 201, theirs
+        assert theirs["account"] == "desk-b"
+        assert theirs["order_id"] != mine["order_id"]
+        assert oms_server.post("/orders", resting, bearer["desk-a"])[1]["order_id"] == mine["order_id"]  # a retry
+
+        order_path = f"/orders/{mine['order_id']}"
+        assert oms_server.get(order_path, bearer["desk-a"])[0] == 200
+        status, body = oms_server.get(order_path, bearer["desk-b"])
+        assert status == 403, body
+        status, body = oms_server.post(f"{order_path}/cancel", {}, bearer["desk-b"])
+        assert status == 403, body
+        assert oms_server.get(order_path, bearer["desk-a"])[1]["status"] != "cancelled"
+        status, body = oms_server.post(f"{order_path}/cancel", {}, bearer["desk-a"])
+        assert status == 200, body
+        assert body["status"] == "cancelled"

@@ -442,6 +442,29 @@ class TableSpec(Model):
         return self
 
 
+ACCOUNT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class AccountKeysRef(Model):
+    """A Secret in the stack's namespace holding an account's API keys, hashed."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(
+        "sha256",
+        min_length=1,
+        max_length=253,
+        description="Key holding the SHA-256 hex digests of the account's API keys, one a line "
+        '(`printf %s "$KEY" | sha256sum`); the keys themselves are never stored.',
+    )
+
+
+class Account(Model):
+    """A trading account: who may place, see and cancel which orders."""
+
+    name: str = Field(pattern=ACCOUNT_NAME_PATTERN, max_length=63, description="Account name, carried by its orders.")
+    secret_ref: AccountKeysRef = Field(description="Secret with the account's hashed API keys.")
+
+
 class RiskLimit(Model):
     """Per-symbol limits the risk service enforces."""
 
@@ -604,6 +627,13 @@ class TradingStackSpec(Model):
         60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."
     )
     delivery: Delivery = Field(default_factory=Delivery, description="Redelivery and dead-lettering of messages.")
+    accounts: list[Account] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Trading accounts. With any, order entry needs `Authorization: Bearer <API key>` of one, "
+        "and an account sees and cancels only its own orders; with none, order entry is open.",
+        json_schema_extra=keyed_list("name"),
+    )
 
     @field_validator("services")
     @classmethod

@@ -64,10 +64,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         props = node.get("properties", {})
         if props:
             out["properties"] = {name: _structural(sub, defs) for name, sub in props.items()}
-            for sub in out["properties"].values():
-                # Default nested objects to {} so their own field defaults apply on the server.
+            required = set(node.get("required", []))
+            for name, sub in out["properties"].items():
+                # Default nested objects to {} so their own field defaults apply on the server; not one
+                # the user must give, or with required fields of its own ({} would not be valid).
                 if sub.get("type") == "object" and "properties" in sub and not sub.get("nullable"):
-                    if "default" in sub:
+                    if "default" in sub or name in required or sub.get("required"):
                         continue
                     sub["default"] = {}
         extra = node.get("additionalProperties")

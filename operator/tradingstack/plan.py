@@ -218,6 +218,8 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
         stream, subject = _CONSUMERS[service]
         config |= {"NATS_STREAM": stream, "NATS_DURABLE": durable_name(stack, service), "NATS_FILTER_SUBJECT": subject,
                    "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
+    if service == ServiceName.OMS and spec.accounts:
+        config["AUTH_ACCOUNTS"] = ",".join(account.name for account in spec.accounts)
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))
@@ -278,6 +280,11 @@ def _server_secret_env(ref: api.ServerSecretRef | None, names: tuple[str, str, s
     return {var: _from_secret(ref.name, key) for var, key in zip(names, keys, strict=True) if key}
 
 
+def account_keys_variable(account: str) -> str:
+    """The variable holding an account's hashed API keys: `AUTH_KEYS_DESK_A` for `desk-a` (names have no `_`)."""
+    return "AUTH_KEYS_" + account.upper().replace("-", "_")
+
+
 def secret_env(spec: TradingStackSpec, service: ServiceName) -> dict[str, dict[str, Any]]:
     """Variables whose values Kubernetes takes from Secrets (or ConfigMaps): name -> valueFrom.
 
@@ -294,6 +301,8 @@ def secret_env(spec: TradingStackSpec, service: ServiceName) -> dict[str, dict[s
     if s3 and service in S3_SERVICES:
         env |= {"AWS_ACCESS_KEY_ID": _from_secret(s3.name, s3.access_key_id_key),
                 "AWS_SECRET_ACCESS_KEY": _from_secret(s3.name, s3.secret_access_key_key)}  # fmt: skip
+    if service == ServiceName.OMS:
+        env |= {account_keys_variable(a.name): _from_secret(a.secret_ref.name, a.secret_ref.key) for a in spec.accounts}
     for var in spec.service(service).env:
         if var.value_from is not None:
             env[var.name] = var.value_from.model_dump(by_alias=True, exclude_none=True)

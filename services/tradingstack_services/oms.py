@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import Response
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
@@ -29,7 +29,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from tradingstack_services import bus, ilp, rediskv, tracing
+from tradingstack_services import auth, bus, ilp, rediskv, tracing
 from tradingstack_services.history import History
 from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook
@@ -49,6 +49,10 @@ LATENCY = Histogram(
 # unconfirmed for REROUTE_AFTER seconds (longer than any request takes, so it never races one).
 REROUTE_INTERVAL = 2.0
 REROUTE_AFTER = 5.0
+
+
+class ForeignOrderError(PermissionError):
+    """The order exists, and belongs to another account than the caller's."""
 
 
 class UnavailableError(RuntimeError):
@@ -108,7 +112,7 @@ class Oms:
         except ValidationError as exc:
             raise UnavailableError(f"risk answered something else: {exc}") from exc
 
-    async def place(self, request: OrderRequest) -> tuple[Stored, bool]:
+    async def place(self, request: OrderRequest, account: str | None = None) -> tuple[Stored, bool]:
         """The order for this request and whether it is new; a retry of a known client id gets the same order.
 
         Risk decides first and the decided order is then claimed under its client order id in one
@@ -118,11 +122,11 @@ class Oms:
         until then a retry of the same id (or the recovery pass) publishes it again, deduplicated by
         order id. The order is serialised once: the same bytes are stored, routed and answered.
         """
-        order = Order.new(uuid.uuid4().hex, request)
+        order = Order.new(uuid.uuid4().hex, request, account)
         try:
             result = await self.risk_check(request)
         except UnavailableError:
-            known = await self.store.find(request.client_order_id)  # a retry needs no new decision
+            known = await self.store.find(request.client_order_id, account)  # a retry needs no new decision
             if known is None:
                 raise
             return await self._known(known, request), False
@@ -180,8 +184,13 @@ class Oms:
             except Exception as exc:  # NATS or Redis away: the next pass tries again
                 log.warning("recovery pass: %s", exc)
 
-    async def cancel(self, order_id: str) -> Order:
-        stored = await self.store.move(order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason="cancelled by client"))
+    async def cancel(self, order_id: str, account: str | None = None) -> Order:
+        def cancelled(order: Order) -> Order:
+            if account is not None and order.account != account:
+                raise ForeignOrderError(f"order {order_id} belongs to another account")
+            return order.moved(OrderStatus.CANCELLED, reason="cancelled by client")
+
+        stored = await self.store.move(order_id, cancelled)
         await self._event(stored.order)
         return stored.order
 
@@ -189,6 +198,9 @@ class Oms:
 def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     oms = Oms(settings, redis)
+    # A dependency default, not an Annotated alias: this module's annotations are strings FastAPI
+    # resolves at module level, where a local alias does not exist.
+    caller = Depends(auth.Accounts.from_environment(settings.AUTH_ACCOUNTS).dependency())
 
     async def risk_check() -> None:
         # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.
@@ -198,11 +210,11 @@ def create(settings: ServiceSettings) -> FastAPI:
                          {"redis": redis_check, "risk": risk_check})  # fmt: skip
 
     @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})
-    async def place_order(request: OrderRequest) -> Response:
+    async def place_order(request: OrderRequest, account: str | None = caller) -> Response:
         """201 with a new order; 200 with the first order for a repeated client_order_id and the same terms."""
         started = time.perf_counter()
         try:
-            stored, created = await oms.place(request)
+            stored, created = await oms.place(request, account)
         except ConflictError as exc:
             ORDERS.labels("conflict").inc()
             raise HTTPException(409, str(exc)) from exc
@@ -216,16 +228,20 @@ def create(settings: ServiceSettings) -> FastAPI:
         return Response(stored.raw, status_code=201 if created else 200, media_type="application/json")
 
     @app.get("/orders/{order_id}")
-    async def get_order(order_id: str) -> Order:
+    async def get_order(order_id: str, account: str | None = caller) -> Order:
         stored = await oms.store.get(order_id)
         if stored is None:
             raise HTTPException(404, f"no order {order_id}")
+        if account is not None and stored.order.account != account:
+            raise HTTPException(403, f"order {order_id} belongs to another account")
         return stored.order
 
     @app.post("/orders/{order_id}/cancel")
-    async def cancel_order(order_id: str) -> Order:
+    async def cancel_order(order_id: str, account: str | None = caller) -> Order:
         try:
-            return await oms.cancel(order_id)
+            return await oms.cancel(order_id, account)
+        except ForeignOrderError as exc:
+            raise HTTPException(403, str(exc)) from exc
         except TransitionError as exc:
             raise HTTPException(409, str(exc)) from exc
         except UnknownOrderError as exc:

@@ -28,6 +28,14 @@ CLIENT_KEY = "tradingstack:client-order:"
 # Routed orders whose publish to JetStream is not confirmed yet, scored by claim time: the OMS
 # (a retry of the same client id, or its recovery pass) publishes them until one is acknowledged.
 UNROUTED_KEY = "tradingstack:oms:unrouted"
+
+
+def client_key(account: str | None, client_order_id: str) -> str:
+    """Client order ids are each account's own: `desk-a/c-1` and `desk-b/c-1` are two orders.
+    (Account names and client ids have no `/`; without accounts the key is as it always was.)"""
+    return CLIENT_KEY + (f"{account}/{client_order_id}" if account else client_order_id)
+
+
 # Every status change but "routed" (whose record is the routing message itself) is appended to this
 # Redis stream in the same Lua step that makes it, and published from there to JetStream
 # (`orders.{status}.{SYMBOL}`) by `publish_events`: a change is never made without its record.
@@ -111,8 +119,9 @@ class OrderStore:
         Returns (stored order, created). One round trip when the id is new.
         """
         stored = Stored.of(order)
+        claim = client_key(order.account, order.client_order_id)
         existing = await self._claim(
-            keys=[CLIENT_KEY + order.client_order_id, ORDER_KEY + order.order_id, UNROUTED_KEY, EVENTS_KEY],
+            keys=[claim, ORDER_KEY + order.order_id, UNROUTED_KEY, EVENTS_KEY],
             args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0", self._ttl(order),
                   _recorded(order)],
         )  # fmt: skip
@@ -129,9 +138,9 @@ class OrderStore:
     def _ttl(self, order: Order) -> int:
         return self.retention if order.terminal else 0
 
-    async def find(self, client_order_id: str) -> Stored | None:
-        """The order a client order id names, if any."""
-        order_id = await self.redis.get(CLIENT_KEY + client_order_id)
+    async def find(self, client_order_id: str, account: str | None = None) -> Stored | None:
+        """The order an account's client order id names, if any."""
+        order_id = await self.redis.get(client_key(account, client_order_id))
         if order_id is None:
             return None
         return await self.get(order_id.decode() if isinstance(order_id, bytes) else str(order_id))
@@ -215,7 +224,7 @@ class OrderStore:
         """Write `new` if the order is still `current`; None if someone moved it first."""
         stored = Stored.of(new)
         swapped = await self._cas(
-            keys=[ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id, EVENTS_KEY],
+            keys=[ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id), EVENTS_KEY],
             args=[current.raw, stored.raw, self._ttl(new), _recorded(new)],
         )
         return stored if swapped else None
@@ -232,7 +241,7 @@ class OrderStore:
             self._cas_loaded = True
         async with self.redis.pipeline(transaction=False) as pipe:
             for current, new in pairs:
-                pipe.evalsha(self._cas.sha, 3, ORDER_KEY + new.order_id, CLIENT_KEY + new.client_order_id,
+                pipe.evalsha(self._cas.sha, 3, ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id),
                              EVENTS_KEY, current.raw, Stored.of(new).raw, self._ttl(new), _recorded(new))  # fmt: skip
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, Exception) for r in results):

@@ -52,6 +52,9 @@ class ServiceSettings(BaseSettings):
         7 * 24 * 3600, ge=60, description="how long a final order stays in Redis (the ORDERS stream keeps 7 days)"
     )
     # oms
+    AUTH_ACCOUNTS: str | None = Field(
+        None, description="accounts whose API keys (AUTH_KEYS_<ACCOUNT>, SHA-256 digests) may place orders"
+    )
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
     EXEQ_PRICE_ATTEMPTS: int = Field(

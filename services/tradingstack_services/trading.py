@@ -93,6 +93,7 @@ class Fill(Strict):
 class Order(Strict):
     order_id: str
     client_order_id: str
+    account: str | None = None  # the account whose API key placed it (None: order entry is open)
     symbol: str
     side: Side
     quantity: float
@@ -108,9 +109,9 @@ class Order(Strict):
     updated_at: datetime
 
     @classmethod
-    def new(cls, order_id: str, request: OrderRequest) -> Order:
+    def new(cls, order_id: str, request: OrderRequest, account: str | None = None) -> Order:
         ts = now()
-        return cls(order_id=order_id, created_at=ts, updated_at=ts, **request.model_dump())
+        return cls(order_id=order_id, account=account, created_at=ts, updated_at=ts, **request.model_dump())
 
     @property
     def remaining(self) -> float:

@@ -1,0 +1,71 @@
+"""Who is calling: API keys of trading accounts, sent as `Authorization: Bearer <key>`.
+
+The operator lists the accounts in AUTH_ACCOUNTS and sets AUTH_KEYS_<ACCOUNT> from each
+account's Secret: SHA-256 hex digests of its keys, one a line. A key is looked up by its
+digest, so the service never holds a key it could leak, and a wrong key costs one hash.
+With no accounts, order entry is open (account None); with accounts but no readable keys,
+nobody gets in (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated
+
+from fastapi import Header, HTTPException
+
+from tradingstack.plan import account_keys_variable
+
+log = logging.getLogger(__name__)
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="tradingstack"'}
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Accounts:
+    def __init__(self, names: list[str], digests: dict[str, str]) -> None:
+        self.names = names
+        self.by_digest = digests  # SHA-256 hex -> account
+
+    @classmethod
+    def from_environment(cls, accounts: str | None, environ: Mapping[str, str] = os.environ) -> Accounts:
+        names = [n.strip() for n in (accounts or "").split(",") if n.strip()]
+        digests: dict[str, str] = {}
+        for name in names:
+            lines = [line.strip().lower() for line in environ.get(account_keys_variable(name), "").splitlines()]
+            found = [line for line in lines if len(line) == 64 and all(c in "0123456789abcdef" for c in line)]
+            if not found:
+                log.warning(
+                    "account %s has no API key digests (%s): it cannot log in", name, account_keys_variable(name)
+                )
+            digests |= dict.fromkeys(found, name)
+        return cls(names, digests)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.names)
+
+    def account_for(self, authorization: str | None) -> str | None:
+        """The caller's account (None when order entry is open); 401 without a known key."""
+        if not self.required:
+            return None
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPException(401, "an API key is required: Authorization: Bearer <key>", headers=CHALLENGE)
+        account = self.by_digest.get(digest(key.strip()))
+        if account is None:
+            raise HTTPException(401, "unknown API key", headers=CHALLENGE)
+        return account
+
+    def dependency(self) -> Callable[..., Awaitable[str | None]]:
+        """A FastAPI dependency giving the caller's account."""
+
+        async def caller(authorization: Annotated[str | None, Header()] = None) -> str | None:
+            return self.account_for(authorization)
+
+        return caller
