@@ -135,6 +135,8 @@ OPERATOR_RULES = [
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "list", "create", "patch", "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     # Only get, never list or watch: the operator reads the one Secret a spec's secretRef names.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},

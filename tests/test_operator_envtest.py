@@ -313,3 +313,18 @@ def test_a_removed_env_override_leaves_the_configmap(
 
     data = wait_for(removed, what="the removed keys gone from the ConfigMap")
     assert data["SERVICE_NAME"] == "risk"
+
+
+def test_network_policies_are_applied_owned_and_removed_when_disabled(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    """The API server accepts what the plan renders; `networkPolicy.enabled: false` takes it away."""
+    selector = {"app.kubernetes.io/instance": "fenced"}
+    stack = create_stack(kube, namespace, "fenced", infra)
+    policies = wait_for(lambda: len(found := kube.list("NetworkPolicy", namespace, selector)) == 9 and found,
+                        30, "a default deny and one policy per service")  # fmt: skip
+    assert {p["metadata"]["ownerReferences"][0]["uid"] for p in policies} == {stack["metadata"]["uid"]}
+    patch_spec(kube, namespace, "fenced", {"networkPolicy": {"enabled": False}})
+    wait_for(lambda: not kube.list("NetworkPolicy", namespace, selector), 30, "the policies removed")
+    patch_spec(kube, namespace, "fenced", {"networkPolicy": {"enabled": True}})
+    wait_for(lambda: len(kube.list("NetworkPolicy", namespace, selector)) == 9, 30, "the policies back")

@@ -32,7 +32,7 @@ def test_empty_spec_renders_all_eight_services() -> None:
     plan = plan_for({})
     deployments = [o for o in plan.objects if o["kind"] == "Deployment"]
     assert [d["metadata"]["name"] for d in deployments] == [f"demo-{s.value}" for s in ServiceName]
-    assert len(plan.objects) == 3 * len(ServiceName)
+    assert len(plan.objects) == 4 * len(ServiceName) + 1  # a NetworkPolicy each, and one denying the rest
     assert [s.name for s in plan.streams][:2] == ["MARKET_TICKS", "ALT_DATA"]
     ticks = plan.streams[0]
     assert (ticks.subjects, ticks.storage, ticks.retention, ticks.discard, ticks.max_age) == (
@@ -216,3 +216,46 @@ def test_accounts_reach_the_oms_as_names_in_its_config_and_key_digests_from_thei
     assert "env" not in objects[("Deployment", "demo-risk")]["spec"]["template"]["spec"]["containers"][0]
     with pytest.raises(InvalidSpecError, match="accounts"):
         plan_for({"accounts": [{"name": "Desk_A", "secretRef": {"name": "k"}}]})
+
+
+def _policy(objects: dict[tuple[str, str], dict[str, Any]], service: str) -> dict[str, Any]:
+    spec: dict[str, Any] = objects[("NetworkPolicy", f"demo-{service}")]["spec"]
+    return spec
+
+
+def test_network_policies_deny_by_default_and_open_only_the_platform_flows() -> None:
+    spec = {
+        "infrastructure": {"nats": {"url": "nats://nats.infra:4333"}, "redis": {"url": "redis://redis"},
+                           "questdb": {"url": "https://questdb.example"}},
+        "networkPolicy": {"apiFrom": [{"namespaceLabels": {"team": "desks"}}],
+                          "metricsFrom": [{"namespaceLabels": {"name": "monitoring"}, "podLabels": {"app": "prom"}}]},
+    }  # fmt: skip
+    objects = by_key(plan_for(spec).objects)
+    deny = objects[("NetworkPolicy", "demo-default-deny")]["spec"]
+    assert deny == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tradingstack",
+                                                    "app.kubernetes.io/instance": "demo"}},
+                    "policyTypes": ["Ingress", "Egress"]}  # fmt: skip
+
+    def egress(service: str) -> set[int]:
+        rules = _policy(objects, service)["egress"]
+        assert rules[0]["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]  # DNS
+        return {p["port"] for p in rules[1]["ports"]}
+
+    assert egress("gateway") == {4333}
+    assert egress("risk") == {4333, 6379}
+    assert egress("pnl") == {4333, 6379, 443}
+    assert egress("sink-ticks") == {4333, 8333}
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app": "prom"}},
+    }
+    desks = {"namespaceSelector": {"matchLabels": {"team": "desks"}}, "podSelector": {}}
+    assert _policy(objects, "oms")["ingress"] == [
+        {"from": [monitoring, desks], "ports": [{"protocol": "TCP", "port": 8099}]}
+    ]
+    assert _policy(objects, "risk")["ingress"] == [{"from": [monitoring], "ports": [{"protocol": "TCP", "port": 8095}]}]
+    assert _policy(objects, "risk")["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "risk"
+
+    defaults = by_key(plan_for({}).objects)
+    assert _policy(defaults, "gateway")["ingress"][0]["from"] == [{"podSelector": {}}]  # the stack's namespace
+    assert not [k for k in by_key(plan_for({"networkPolicy": {"enabled": False}}).objects) if k[0] == "NetworkPolicy"]

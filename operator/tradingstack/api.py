@@ -444,6 +444,31 @@ class TableSpec(Model):
 
 ACCOUNT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
+Labels = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=16)]
+
+
+class NetworkPeer(Model):
+    """Pods let in: those matching both selectors. Without namespaceLabels, pods of the stack's namespace."""
+
+    namespace_labels: Labels | None = Field(None, description="Labels of the namespaces (matchLabels).")
+    pod_labels: Labels | None = Field(None, description="Labels of the pods (matchLabels); absent: every pod.")
+
+
+class NetworkPolicySpec(Model):
+    """The stack's NetworkPolicies: deny by default, then only the flows the platform uses."""
+
+    enabled: bool = Field(True, description="Render the NetworkPolicies (enforced where the CNI supports them).")
+    api_from: list[NetworkPeer] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Who may call the gateway and the OMS; [] is any pod of the stack's namespace.",
+    )
+    metrics_from: list[NetworkPeer] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Who may reach every service's HTTP port (/metrics, /readyz); [] is any pod of the namespace.",
+    )
+
 
 class AccountKeysRef(Model):
     """A Secret in the stack's namespace holding an account's API keys, hashed."""
@@ -627,6 +652,9 @@ class TradingStackSpec(Model):
         60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."
     )
     delivery: Delivery = Field(default_factory=Delivery, description="Redelivery and dead-lettering of messages.")
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, description="NetworkPolicies around the stack's pods."
+    )
     accounts: list[Account] = Field(
         default_factory=list,
         max_length=64,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,6 +366,83 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
     }
 
 
+# Services clients call: their HTTP port is open to spec.networkPolicy.apiFrom.
+API_SERVICES = frozenset({ServiceName.GATEWAY, ServiceName.OMS})
+DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "redis": 6379, "rediss": 6379, "http": 80, "https": 443}
+
+
+def server_port(url: str) -> int:
+    """The TCP port a server URL names, or its scheme's usual one."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.port or DEFAULT_PORTS.get(parts.scheme, 443)
+
+
+def egress_ports(spec: TradingStackSpec, service: ServiceName) -> list[int]:
+    """The servers' ports a service connects to (the same servers whose credentials it gets)."""
+    infra = spec.infrastructure
+    ports = {server_port(infra.nats.url)}
+    if service in REDIS_SERVICES:
+        ports.add(server_port(infra.redis.url))
+    if service in QUESTDB_SERVICES:
+        ports.add(server_port(infra.questdb.url))
+    if service in S3_SERVICES:
+        ports.add(server_port(infra.s3.endpoint))
+    return sorted(ports)
+
+
+def _peers(peers: list[api.NetworkPeer]) -> list[dict[str, Any]]:
+    if not peers:
+        return [{"podSelector": {}}]  # any pod of the policy's own namespace
+    rendered = []
+    for peer in peers:
+        rule: dict[str, Any] = {"podSelector": {"matchLabels": peer.pod_labels} if peer.pod_labels else {}}
+        if peer.namespace_labels is not None:
+            rule["namespaceSelector"] = {"matchLabels": peer.namespace_labels}
+        rendered.append(rule)
+    return rendered
+
+
+def _network_policy(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> dict[str, Any]:
+    policy = spec.network_policy
+    peers = _peers(policy.metrics_from)
+    if workload.service in API_SERVICES:
+        peers += [peer for peer in _peers(policy.api_from) if peer not in peers]
+    dns = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
+    servers = [{"protocol": "TCP", "port": port} for port in egress_ports(spec, workload.service)]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(stack, workload),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(stack.name, workload.service)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": workload.port}]}],
+            # Servers may live outside the cluster, so by port, to any address.
+            "egress": [{"ports": dns}, {"ports": servers}],
+        },
+    }
+
+
+def _default_deny(stack: StackRef) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": f"{stack.name}-default-deny",
+        "namespace": stack.namespace,
+        "labels": {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack.name, LABEL_PART_OF: "tradingstack",
+                   LABEL_MANAGED_BY: MANAGER},
+    }  # fmt: skip
+    if stack.uid:
+        metadata["ownerReferences"] = [owner_reference(stack)]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack.name}},
+            "policyTypes": ["Ingress", "Egress"],
+        },
+    }
+
+
 def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
     """The whole desired state of one TradingStack. Pure: same input, same output."""
     longest = max((len(s.value) for s in ServiceName), default=0)
@@ -390,7 +468,9 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
             )
         )
     objects: list[dict[str, Any]] = []
-    # Apply order: configuration before the Services and Deployments that use it.
+    # Apply order: the fences first (no pod runs unfenced), configuration before what uses it.
+    if spec.network_policy.enabled:
+        objects += [_default_deny(stack), *(_network_policy(stack, spec, w) for w in workloads)]
     objects += [_config_map(stack, w) for w in workloads]
     objects += [_service(stack, w) for w in workloads]
     objects += [_deployment(stack, spec, w) for w in workloads]

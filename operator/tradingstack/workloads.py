@@ -14,7 +14,7 @@ from tradingstack.changes import Change
 from tradingstack.kubeclient import KubeClient
 from tradingstack.plan import Plan, child_selector
 
-KINDS = ("ConfigMap", "Service", "Deployment")
+KINDS = ("NetworkPolicy", "ConfigMap", "Service", "Deployment")
 
 
 _QUANTITY_SUFFIXES = {
