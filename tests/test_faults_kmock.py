@@ -30,7 +30,8 @@ def client_for(url: str) -> KubeClient:
 
 async def test_apply_500_is_reported_as_retryable(kmock: Any) -> None:
     plan = build_plan(StackRef("demo", "ns", "uid-1", 1), parse_spec({}))
-    resources = {"ConfigMap": "v1/configmaps", "Service": "v1/services", "Deployment": "apps/v1/deployments"}
+    resources = {"ConfigMap": "v1/configmaps", "Service": "v1/services", "Deployment": "apps/v1/deployments",
+                 "NetworkPolicy": "networking.k8s.io/v1/networkpolicies"}  # fmt: skip
     for resource in resources.values():
         kmock.resources[resource] = {}
     for obj in plan.objects:  # every child exists but has drifted: the pass must patch them all
@@ -43,7 +44,7 @@ async def test_apply_500_is_reported_as_retryable(kmock: Any) -> None:
     assert failure.value.status == 500
     assert failure.value.retryable
     assert "leader changed" in str(failure.value)
-    # It stopped at the first failure instead of hammering the server with the other 23 objects.
+    # It stopped at the first failure instead of hammering the server with the other 32 objects.
     assert len(list(kmock["patch"])) == 1
 
 
