@@ -52,15 +52,16 @@ class Envtest:
     """kube-up with our own controller manager: GC and namespaces, but no Deployment or
     ReplicaSet controllers, so Deployment status is what the tests patch (there is no kubelet)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, authz: str = "AlwaysAllow") -> None:
         self.root = root
+        self.authz = authz  # RBAC: tokens get what their Roles grant (the admin kubeconfig keeps all)
         self.kubeconfig = ""
         self.kcm: subprocess.Popen[bytes] | None = None
 
     def up(self) -> None:
         result = subprocess.run(
             [f"{ENVTEST}/kube-up", str(self.root)],
-            env={**os.environ, "KCM": "0"},
+            env={**os.environ, "KCM": "0", **({"AUTHZ": "RBAC"} if self.authz == "RBAC" else {})},
             capture_output=True,
             text=True,
             check=False,
@@ -95,8 +96,8 @@ class Envtest:
         subprocess.run([f"{ENVTEST}/kube-down", str(self.root)], check=False, capture_output=True)
 
 
-@pytest.fixture(scope="session")
-def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envtest]:
+def require_envtest() -> None:
+    """Skip (or fail, when it is required) without kube-up."""
     if not ENVTEST or not Path(ENVTEST, "kube-up").exists():
         if os.environ.get("TRADINGSTACK_REQUIRE_ENVTEST"):
             pytest.fail(f"TRADINGSTACK_REQUIRE_ENVTEST is set but there is no kube-up in {ENVTEST!r}")
@@ -104,6 +105,11 @@ def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envtest]:
             "no Kubernetes API server: set TRADINGSTACK_ENVTEST=../shared/envtest "
             "(and apt-get install etcd-server) to run the envtest tests; `make test` does"
         )
+
+
+@pytest.fixture(scope="session")
+def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envtest]:
+    require_envtest()
     env = Envtest(tmp_path_factory.mktemp("envtest"))
     env.up()
     os.environ["KUBECONFIG"] = env.kubeconfig  # for kopf's login and for KubeClient.from_environment
@@ -126,6 +132,11 @@ def kube(envtest: Envtest) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def crd(kube: Any) -> dict[str, Any]:
+    return install_crd(kube)
+
+
+def install_crd(kube: Any) -> dict[str, Any]:
+    """Apply crds/ and wait until the API server serves it."""
     import yaml
 
     body = yaml.safe_load((ROOT / "crds" / "tradingstack.io_tradingstacks.yaml").read_text())

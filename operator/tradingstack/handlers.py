@@ -88,6 +88,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
+    # Serve the namespaces given and the CRD present at start; watching namespaces and CRDs would take
+    # cluster-wide list/watch rights the chart's Role does not grant (kopf retried them with 403s).
+    settings.scanning.disabled = True
     memo.kube = KubeClient.from_environment()
     memo.reconciler = Reconciler(memo.kube, events=post_event, image_policy=ImagePolicy.from_environment())
     memo.last_full_pass = {}
