@@ -259,3 +259,18 @@ def test_network_policies_deny_by_default_and_open_only_the_platform_flows() -> 
     defaults = by_key(plan_for({}).objects)
     assert _policy(defaults, "gateway")["ingress"][0]["from"] == [{"podSelector": {}}]  # the stack's namespace
     assert not [k for k in by_key(plan_for({"networkPolicy": {"enabled": False}}).objects) if k[0] == "NetworkPolicy"]
+
+
+def test_an_order_policy_reaches_the_oms_config_and_its_network_policy() -> None:
+    spec = {"orderAuthorization": {"url": "http://opa.policy:8181"}}
+    objects = by_key(plan_for(spec).objects)
+    config = objects[("ConfigMap", "demo-oms")]["data"]
+    assert (config["AUTHZ_URL"], config["AUTHZ_DECISION_PATH"]) == (
+        "http://opa.policy:8181",
+        "tradingstack/orders/allow",
+    )
+    oms_ports = {p["port"] for p in _policy(objects, "oms")["egress"][1]["ports"]}
+    assert 8181 in oms_ports
+    assert 8181 not in {p["port"] for p in _policy(objects, "risk")["egress"][1]["ports"]}
+    with pytest.raises(InvalidSpecError, match="credentials"):
+        plan_for({"orderAuthorization": {"url": "http://u:p@opa:8181"}})

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import http.server
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -677,3 +679,79 @@ def test_orders_need_an_account_key_and_stay_within_their_account(
         status, body = oms_server.post(f"{order_path}/cancel", {}, bearer["desk-a"])
         assert status == 200, body
         assert body["status"] == "cancelled"
+
+
+class DecisionServer:
+    """An OPA-compatible decision API (POST /v1/data/<path> {"input": ...} -> {"result": ...}), as in
+    openpolicyagent.org/docs/latest/rest-api/#get-a-document-with-input: an undefined decision is
+    answered 200 with no "result". Its policy: desk-b may not trade more than 5; mode "down" closes
+    the socket, "undefined" leaves the decision undefined."""
+
+    def __init__(self) -> None:
+        self.mode = "up"
+        self.inputs: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if server.mode == "down":
+                    self.close_connection = True
+                    return
+                server.inputs.append(body["input"])
+                request = body["input"].get("order") or {}
+                allowed = not (body["input"]["account"] == "desk-b" and request.get("quantity", 0) > 5)
+                answer = {} if server.mode == "undefined" else {"result": allowed}
+                data = json.dumps(answer).encode()
+                self.send_response(200 if self.path == "/v1/data/tradingstack/orders/allow" else 404)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_: Any) -> None:
+                return None
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_an_external_policy_decides_each_order_and_its_absence_refuses_them(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = {"desk-a": "ka-policy-1", "desk-b": "kb-policy-2"}
+    opa = DecisionServer()
+    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
+    spec["accounts"] = [{"name": name, "secretRef": {"name": f"{name}-keys"}} for name in keys]
+    spec["orderAuthorization"] = {"url": opa.url, "decisionPath": "tradingstack/orders/allow"}
+    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+    for name, source in secret_env(plan.spec, ServiceName.OMS).items():
+        monkeypatch.setenv(name, _key_hash(keys[source["secretKeyRef"]["name"].removesuffix("-keys")]))
+    authed = dataclasses.replace(platform, plan=plan)
+    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    with contextlib.ExitStack() as stack:
+        oms_server = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS])[ServiceName.OMS]
+        assert oms_server.post("/orders", order("p-1", "buy", 6), bearer["desk-a"])[0] == 201
+        status, body = oms_server.post("/orders", order("p-2", "buy", 6), bearer["desk-b"])
+        assert status == 403, body
+        assert "policy" in body["detail"]
+        assert opa.inputs[-1]["action"] == "place"
+        assert opa.inputs[-1]["order"]["client_order_id"] == "p-2"
+        status, placed = oms_server.post("/orders", order("p-3", "buy", 1), bearer["desk-b"])
+        assert status == 201, placed
+
+        opa.mode = "down"  # fail closed: no decision, no order; the client retries the same id
+        status, body = oms_server.post("/orders", order("p-4", "buy", 1), bearer["desk-b"])
+        assert status == 503, body
+        assert oms_server.last_headers.get("retry-after", oms_server.last_headers.get("Retry-After")) == "1"
+        status, body = oms_server.post(f"/orders/{placed['order_id']}/cancel", {}, bearer["desk-b"])
+        assert status == 503, body  # a cancel is decided too
+        opa.mode = "undefined"  # a policy that says nothing says no
+        assert oms_server.post("/orders", order("p-4", "buy", 1), bearer["desk-b"])[0] == 403
+        opa.mode = "up"
+        assert oms_server.post("/orders", order("p-4", "buy", 1), bearer["desk-b"])[0] == 201
+        status, body = oms_server.post(f"/orders/{placed['order_id']}/cancel", {}, bearer["desk-b"])
+        assert status in (200, 409), body  # decided again: cancelled, or already filled
+        assert opa.inputs[-1]["action"] == "cancel"
+        assert opa.inputs[-1]["order_id"] == placed["order_id"]

@@ -578,6 +578,24 @@ def _default_tables() -> list[TableSpec]:
 _SERVICE_NAMES = [s.value for s in ServiceName]
 
 
+class OrderAuthorization(Model):
+    """An external policy (OPA's data API) asked before each order is placed or cancelled."""
+
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+
+    url: str = Field(pattern=URL_PATTERN, max_length=512, description="Policy server, e.g. http://opa:8181.")
+    decision_path: str = Field(
+        "tradingstack/orders/allow",
+        pattern=r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*$",
+        max_length=256,
+        description="The decision asked: POST {url}/v1/data/{decisionPath} with {\"input\": ...}; only a "
+        "result of true allows. No answer, an error or an undefined decision refuses (fail closed).",
+    )
+    timeout_seconds: float = Field(1.0, gt=0, le=10, description="How long the OMS waits for a decision.")
+
+    _no_credentials = field_validator("url")(_refuse_credentials)
+
+
 class Delivery(Model):
     """How the services' durable consumers treat a message they cannot handle."""
 
@@ -654,6 +672,9 @@ class TradingStackSpec(Model):
     delivery: Delivery = Field(default_factory=Delivery, description="Redelivery and dead-lettering of messages.")
     network_policy: NetworkPolicySpec = Field(
         default_factory=NetworkPolicySpec, description="NetworkPolicies around the stack's pods."
+    )
+    order_authorization: OrderAuthorization | None = Field(
+        None, description="Ask an external policy (OPA-compatible) before placing or cancelling an order."
     )
     accounts: list[Account] = Field(
         default_factory=list,

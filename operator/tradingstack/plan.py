@@ -221,6 +221,9 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
                    "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
     if service == ServiceName.OMS and spec.accounts:
         config["AUTH_ACCOUNTS"] = ",".join(account.name for account in spec.accounts)
+    if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
+        config |= {"AUTHZ_URL": policy.url, "AUTHZ_DECISION_PATH": policy.decision_path,
+                   "AUTHZ_TIMEOUT_SECONDS": str(policy.timeout_seconds)}  # fmt: skip
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))
@@ -387,6 +390,8 @@ def egress_ports(spec: TradingStackSpec, service: ServiceName) -> list[int]:
         ports.add(server_port(infra.questdb.url))
     if service in S3_SERVICES:
         ports.add(server_port(infra.s3.endpoint))
+    if service == ServiceName.OMS and spec.order_authorization is not None:
+        ports.add(server_port(spec.order_authorization.url))
     return sorted(ports)
 
 

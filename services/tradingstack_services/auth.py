@@ -9,11 +9,14 @@ nobody gets in (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
 import os
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Header, HTTPException
 
@@ -69,3 +72,34 @@ class Accounts:
             return self.account_for(authorization)
 
         return caller
+
+
+class PolicyUnavailableError(RuntimeError):
+    """No decision (the policy server is away, slow or answered nonsense): refuse, and say retry."""
+
+
+class Policy:
+    """An external authorization policy, OPA's data API: `POST {url}/v1/data/{path}` with
+    `{"input": ...}`; only `{"result": true}` allows. An undefined decision (no "result", as OPA
+    answers when no rule matched) refuses, and no answer at all refuses too: fail closed."""
+
+    def __init__(self, url: str | None, path: str, timeout: float) -> None:
+        self.target = f"{url.rstrip('/')}/v1/data/{path.strip('/')}" if url else None
+        self.timeout = timeout
+
+    def _ask(self, body: bytes) -> Any:
+        assert self.target is not None
+        request = urllib.request.Request(self.target, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read())
+
+    async def allows(self, action: str, account: str | None, **facts: Any) -> bool:
+        if self.target is None:
+            return True
+        body = json.dumps({"input": {"action": action, "account": account, **facts}}).encode()
+        try:
+            answer = await asyncio.to_thread(self._ask, body)
+        except (OSError, ValueError) as exc:  # refused, timed out, 5xx, not JSON
+            raise PolicyUnavailableError(f"the authorization policy did not decide ({type(exc).__name__})") from exc
+        return isinstance(answer, dict) and answer.get("result") is True

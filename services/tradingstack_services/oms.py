@@ -201,6 +201,18 @@ def create(settings: ServiceSettings) -> FastAPI:
     # A dependency default, not an Annotated alias: this module's annotations are strings FastAPI
     # resolves at module level, where a local alias does not exist.
     caller = Depends(auth.Accounts.from_environment(settings.AUTH_ACCOUNTS).dependency())
+    policy = auth.Policy(settings.AUTHZ_URL, settings.AUTHZ_DECISION_PATH, settings.AUTHZ_TIMEOUT_SECONDS)
+
+    async def decide(action: str, account: str | None, **facts: Any) -> None:
+        """403 when the policy says no (or nothing), 503 when it cannot be asked: nothing happens either way."""
+        try:
+            allowed = await policy.allows(action, account, **facts)
+        except auth.PolicyUnavailableError as exc:
+            ORDERS.labels("unavailable").inc()
+            raise HTTPException(503, f"{exc}; retry with the same client_order_id",
+                                headers={"Retry-After": "1"}) from exc  # fmt: skip
+        if not allowed:
+            raise HTTPException(403, f"{action} refused by the authorization policy")
 
     async def risk_check() -> None:
         # Any answer proves a risk responder is subscribed; an empty request is refused without side effects.
@@ -213,6 +225,7 @@ def create(settings: ServiceSettings) -> FastAPI:
     async def place_order(request: OrderRequest, account: str | None = caller) -> Response:
         """201 with a new order; 200 with the first order for a repeated client_order_id and the same terms."""
         started = time.perf_counter()
+        await decide("place", account, order=request.model_dump(mode="json"))
         try:
             stored, created = await oms.place(request, account)
         except ConflictError as exc:
@@ -238,6 +251,7 @@ def create(settings: ServiceSettings) -> FastAPI:
 
     @app.post("/orders/{order_id}/cancel")
     async def cancel_order(order_id: str, account: str | None = caller) -> Order:
+        await decide("cancel", account, order_id=order_id)
         try:
             return await oms.cancel(order_id, account)
         except ForeignOrderError as exc:

@@ -55,6 +55,9 @@ class ServiceSettings(BaseSettings):
     AUTH_ACCOUNTS: str | None = Field(
         None, description="accounts whose API keys (AUTH_KEYS_<ACCOUNT>, SHA-256 digests) may place orders"
     )
+    AUTHZ_URL: str | None = Field(None, description="an OPA-compatible policy server asked before orders and cancels")
+    AUTHZ_DECISION_PATH: str = "tradingstack/orders/allow"
+    AUTHZ_TIMEOUT_SECONDS: float = Field(1.0, gt=0)
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
     EXEQ_PRICE_ATTEMPTS: int = Field(
