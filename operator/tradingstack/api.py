@@ -588,7 +588,7 @@ class OrderAuthorization(Model):
         "tradingstack/orders/allow",
         pattern=r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*$",
         max_length=256,
-        description="The decision asked: POST {url}/v1/data/{decisionPath} with {\"input\": ...}; only a "
+        description='The decision asked: POST {url}/v1/data/{decisionPath} with {"input": ...}; only a '
         "result of true allows. No answer, an error or an undefined decision refuses (fail closed).",
     )
     timeout_seconds: float = Field(1.0, gt=0, le=10, description="How long the OMS waits for a decision.")
