@@ -338,16 +338,22 @@ def test_a_sink_readiness_probe_costs_one_request_however_long_its_log(platform:
         LiveServer(sink.create_ticks(settings_from(env, S3_ENDPOINT_URL=proxy.url))) as app,
     ):
         wait_for(lambda: app.get("/readyz")[0] == 200, 30, "sink ready")
-        before = proxy.requests()
-        assert app.get("/readyz")[0] == 200
-        short_log = proxy.requests() - before
+
+        def probe_cost() -> int:
+            """Requests one probe makes: the least of three, as the sink's own worker shares the proxy."""
+            costs = []
+            for _ in range(3):
+                before = proxy.requests()
+                assert app.get("/readyz")[0] == 200
+                costs.append(proxy.requests() - before)
+            return min(costs)
+
+        short_log = probe_cost()
         options = settings_from(env).storage_options()
         for _ in range(40):  # forty commits later
             write_deltalake(MARKET_TICKS.uri(env["S3_BUCKET"]), pa.Table.from_pylist([], schema=MARKET_TICKS.schema),
                             mode="append", storage_options=options)  # fmt: skip
-        before = proxy.requests()
-        assert app.get("/readyz")[0] == 200
-        assert proxy.requests() - before == short_log <= 2
+        assert probe_cost() == short_log <= 2
 
 
 def test_a_sink_whose_commit_hangs_fails_liveness_so_the_kubelet_restarts_it(platform: Any, s3_url: str) -> None:

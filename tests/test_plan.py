@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -274,3 +275,15 @@ def test_an_order_policy_reaches_the_oms_config_and_its_network_policy() -> None
     assert 8181 not in {p["port"] for p in _policy(objects, "risk")["egress"][1]["ports"]}
     with pytest.raises(InvalidSpecError, match="credentials"):
         plan_for({"orderAuthorization": {"url": "http://u:p@opa:8181"}})
+
+
+def test_account_risk_limits_reach_risk_only() -> None:
+    limit = {"symbol": "BTCUSDT", "maxPosition": 2}
+    spec = {"accounts": [{"name": "desk-a", "secretRef": {"name": "k"}, "riskLimits": [limit]},
+                         {"name": "desk-b", "secretRef": {"name": "k2"}}]}  # fmt: skip
+    objects = by_key(plan_for(spec).objects)
+    by_account = json.loads(objects[("ConfigMap", "demo-risk")]["data"]["RISK_ACCOUNT_LIMITS"])
+    assert list(by_account) == ["desk-a"]
+    assert by_account["desk-a"][0]["maxPosition"] == 2
+    assert "RISK_ACCOUNT_LIMITS" not in objects[("ConfigMap", "demo-oms")]["data"]
+    assert "RISK_ACCOUNT_LIMITS" not in by_key(plan_for({}).objects)[("ConfigMap", "demo-risk")]["data"]

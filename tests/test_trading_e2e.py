@@ -147,9 +147,9 @@ def position(pnl_server: LiveServer, quantity: float) -> dict[str, Any]:
     return found
 
 
-def final(oms_server: LiveServer, order_id: str, status: str) -> dict[str, Any]:
+def final(oms_server: LiveServer, order_id: str, status: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
-        body = oms_server.get(f"/orders/{order_id}")[1]
+        body = oms_server.get(f"/orders/{order_id}", headers)[1]
         return body if body["status"] == status else None
 
     found: dict[str, Any] = wait_for(check, 15, f"order {order_id} {status}")
@@ -755,3 +755,46 @@ def test_an_external_policy_decides_each_order_and_its_absence_refuses_them(
         assert status in (200, 409), body  # decided again: cancelled, or already filled
         assert opa.inputs[-1]["action"] == "cancel"
         assert opa.inputs[-1]["order_id"] == placed["order_id"]
+
+
+def test_fills_positions_and_risk_limits_are_each_accounts_own(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = {"desk-a": "ka-positions-1", "desk-b": "kb-positions-2"}
+    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
+    spec["accounts"] = [
+        {"name": "desk-a", "secretRef": {"name": "desk-a-keys"},
+         "riskLimits": [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxNotional": 1_000_000, "maxPosition": 2}]},
+        {"name": "desk-b", "secretRef": {"name": "desk-b-keys"}},  # the stack's limits: maxPosition 10
+    ]  # fmt: skip
+    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+    for name, source in secret_env(plan.spec, ServiceName.OMS).items():
+        monkeypatch.setenv(name, _key_hash(keys[source["secretKeyRef"]["name"].removesuffix("-keys")]))
+    authed = dataclasses.replace(platform, plan=plan)
+    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    with contextlib.ExitStack() as stack:
+        servers = authed.serve_all(stack)
+        oms_server, pnl_server = servers[ServiceName.OMS], servers[ServiceName.PNL]
+
+        def held() -> dict[str | None, float]:
+            rows = pnl_server.get("/positions")[1]
+            return {row.get("account"): row["quantity"] for row in rows if row["symbol"] == "BTCUSDT"}
+
+        for account in keys:
+            status, placed = oms_server.post("/orders", order(f"{account}-1", "buy", 2), bearer[account])
+            assert status == 201, placed
+            assert final(oms_server, placed["order_id"], "filled", bearer[account])["account"] == account
+        wait_for(lambda: held() == {"desk-a": 2, "desk-b": 2}, 15, "a position per account")
+
+        # desk-a is at its own limit; desk-b, on the same symbol, is far from the stack's.
+        def decided(account: str, client_order_id: str) -> dict[str, Any]:
+            status, body = oms_server.post("/orders", order(client_order_id, "buy", 1), bearer[account])
+            assert status == 201, body
+            return dict(body)
+
+        assert decided("desk-a", "desk-a-2")["status"] == "rejected"
+        assert decided("desk-b", "desk-b-2")["status"] == "routed"
+        wait_for(lambda: held() == {"desk-a": 2, "desk-b": 3}, 15, "desk-b's position alone grown")
+        fills = [json.loads(data) for _, data in authed.messages("FILLS")]
+        assert sorted({f["account"] for f in fills}) == ["desk-a", "desk-b"]

@@ -483,13 +483,6 @@ class AccountKeysRef(Model):
     )
 
 
-class Account(Model):
-    """A trading account: who may place, see and cancel which orders."""
-
-    name: str = Field(pattern=ACCOUNT_NAME_PATTERN, max_length=63, description="Account name, carried by its orders.")
-    secret_ref: AccountKeysRef = Field(description="Secret with the account's hashed API keys.")
-
-
 class RiskLimit(Model):
     """Per-symbol limits the risk service enforces."""
 
@@ -510,6 +503,20 @@ class RiskLimit(Model):
         if self.min_quantity > self.max_quantity:
             raise ValueError("minQuantity may not exceed maxQuantity")
         return self
+
+
+class Account(Model):
+    """A trading account: who may place, see and cancel which orders, with positions of its own."""
+
+    name: str = Field(pattern=ACCOUNT_NAME_PATTERN, max_length=63, description="Account name, carried by its orders.")
+    secret_ref: AccountKeysRef = Field(description="Secret with the account's hashed API keys.")
+    risk_limits: list[RiskLimit] = Field(
+        default_factory=list,
+        max_length=256,
+        description="This account's limits per symbol, checked against its own position; symbols without "
+        "one get spec.riskLimits.",
+        json_schema_extra=keyed_list("symbol"),
+    )
 
 
 def _default_streams() -> list[StreamSpec]:
@@ -560,7 +567,7 @@ def _default_tables() -> list[TableSpec]:
             name="fills",
             columns=_columns(
                 fill_id="VARCHAR", order_id="VARCHAR", symbol="SYMBOL", side="SYMBOL",
-                quantity="DOUBLE", price="DOUBLE", ts="TIMESTAMP",
+                quantity="DOUBLE", price="DOUBLE", account="SYMBOL", ts="TIMESTAMP",
             ),
             dedup_keys=["ts", "fill_id"],
         ),
@@ -568,9 +575,10 @@ def _default_tables() -> list[TableSpec]:
             name="positions",
             columns=_columns(
                 symbol="SYMBOL", quantity="DOUBLE", avg_price="DOUBLE", realized_pnl="DOUBLE",
-                unrealized_pnl="DOUBLE", ts="TIMESTAMP",
+                unrealized_pnl="DOUBLE", account="SYMBOL", ts="TIMESTAMP",
             ),
-            dedup_keys=["ts", "symbol"],
+            # A position is an account's (empty when order entry is open): two accounts, two rows.
+            dedup_keys=["ts", "symbol", "account"],
         ),
     ]  # fmt: skip
 

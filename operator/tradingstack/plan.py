@@ -224,6 +224,11 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
         config |= {"AUTHZ_URL": policy.url, "AUTHZ_DECISION_PATH": policy.decision_path,
                    "AUTHZ_TIMEOUT_SECONDS": str(policy.timeout_seconds)}  # fmt: skip
+    if service == ServiceName.RISK and any(a.risk_limits for a in spec.accounts):
+        by_account = {
+            a.name: [x.model_dump(by_alias=True) for x in a.risk_limits] for a in spec.accounts if a.risk_limits
+        }
+        config["RISK_ACCOUNT_LIMITS"] = json.dumps(by_account, sort_keys=True, separators=(",", ":"))
     if service == ServiceName.RISK and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))

@@ -98,9 +98,9 @@ class Oms:
         quote = self.prices.get(request.symbol)
         return touch(request.side, quote.bid, quote.ask, quote.last) if quote else None
 
-    async def risk_check(self, request: OrderRequest) -> CheckResult:
+    async def risk_check(self, request: OrderRequest, account: str | None = None) -> CheckResult:
         check = CheckRequest(symbol=request.symbol, quantity=request.quantity, side=request.side,
-                             price=self.price_for(request))  # fmt: skip
+                             price=self.price_for(request), account=account)  # fmt: skip
         try:
             reply = await self._nats().request(
                 "risk.check", check.model_dump_json().encode(), timeout=self.settings.RISK_TIMEOUT_SECONDS,
@@ -124,7 +124,7 @@ class Oms:
         """
         order = Order.new(uuid.uuid4().hex, request, account)
         try:
-            result = await self.risk_check(request)
+            result = await self.risk_check(request, account)
         except UnavailableError:
             known = await self.store.find(request.client_order_id, account)  # a retry needs no new decision
             if known is None:

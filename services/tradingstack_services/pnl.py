@@ -30,7 +30,7 @@ from tradingstack_services.prices import PriceBook
 from tradingstack_services.risk import POSITIONS_KEY
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import InvalidMessageError
-from tradingstack_services.trading import Fill, Position, PositionView
+from tradingstack_services.trading import Fill, Position, PositionView, position_key
 
 log = logging.getLogger(__name__)
 DETAILS_KEY = "tradingstack:position-details"
@@ -67,13 +67,18 @@ class Totals(BaseModel):
 def fill_line(fill: Fill) -> str:
     fields: dict[str, ilp.Field] = {"fill_id": fill.fill_id, "order_id": fill.order_id, "quantity": fill.quantity,
                                     "price": fill.price}  # fmt: skip
-    return ilp.line("fills", {"symbol": fill.symbol, "side": fill.side}, fields, fill.ts)
+    return ilp.line("fills", _tags(fill.symbol, fill.account, side=fill.side), fields, fill.ts)
+
+
+def _tags(symbol: str, account: str | None, **more: str) -> dict[str, str]:
+    """SYMBOL columns; `account` only when there is one (null otherwise, as before accounts)."""
+    return {"symbol": symbol, **more, **({"account": account} if account else {})}
 
 
 def position_line(event: PositionEvent) -> str:
     fields = {"quantity": event.quantity, "avg_price": event.avg_price, "realized_pnl": event.realized_pnl,
               "unrealized_pnl": event.unrealized_pnl}  # fmt: skip
-    return ilp.line("positions", {"symbol": event.symbol}, fields, event.fill.ts)
+    return ilp.line("positions", _tags(event.symbol, event.account), fields, event.fill.ts)
 
 
 class Pnl:
@@ -108,12 +113,12 @@ class Pnl:
         """Apply the fills not applied yet, announce the positions, then write every fill's history."""
         if not fills:
             return
-        symbols = sorted({f.symbol for f in fills})
+        keys = sorted({position_key(f.account, f.symbol) for f in fills})
         days: dict[str, list[str]] = {}
         for fill in fills:
             days.setdefault(applied_key(fill), []).append(fill.fill_id)
         async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for all reads
-            pipe.hmget(DETAILS_KEY, symbols)
+            pipe.hmget(DETAILS_KEY, keys)
             for key, ids in days.items():
                 pipe.hmget(key, ids)
             details, *per_day = await pipe.execute()
@@ -121,22 +126,23 @@ class Pnl:
         for ids, values in zip(days.values(), per_day, strict=True):
             found.update(zip(ids, values, strict=True))
         applied = [found[f.fill_id] for f in fills]
-        positions = {s: Position.model_validate_json(v) for s, v in zip(symbols, details, strict=True) if v}
+        positions = {k: Position.model_validate_json(v) for k, v in zip(keys, details, strict=True) if v}
         history: list[PositionEvent] = []
         new: list[PositionEvent] = []
         for fill, snapshot in zip(fills, applied, strict=True):
             if snapshot is not None:  # applied before (its history may not have been written): same rows again
                 history.append(PositionEvent.model_validate_json(snapshot))
                 continue
-            position = (positions.get(fill.symbol) or Position(symbol=fill.symbol)).apply(fill)
-            positions[fill.symbol] = position
+            key = position_key(fill.account, fill.symbol)
+            position = (positions.get(key) or Position(symbol=fill.symbol, account=fill.account)).apply(fill)
+            positions[key] = position
             mark = self.prices.mark(fill.symbol) or fill.price
             event = PositionEvent(**position.model_dump(), fill=fill, unrealized_pnl=position.unrealized(mark))
             new.append(event)
             history.append(event)
         SKIPPED.inc(len(fills) - len(new))
         if new:
-            touched = {e.symbol: positions[e.symbol] for e in new}
+            touched = {e.key: positions[e.key] for e in new}
             async with self.redis.pipeline(transaction=True) as tx:
                 tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
                 tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
@@ -158,13 +164,14 @@ class Pnl:
 
     async def positions(self) -> dict[str, Position]:
         raw = await self.redis.hgetall(DETAILS_KEY)
-        return {p.symbol: p for p in (Position.model_validate_json(v) for v in raw.values())}
+        return {p.key: p for p in (Position.model_validate_json(v) for v in raw.values())}
 
     async def views(self) -> list[PositionView]:
         return [
-            PositionView(symbol=p.symbol, quantity=p.quantity, avg_price=p.avg_price, realized_pnl=p.realized_pnl,
-                         unrealized_pnl=p.unrealized(self.prices.mark(p.symbol)), mark_price=self.prices.mark(p.symbol))
-            for p in sorted((await self.positions()).values(), key=lambda p: p.symbol)
+            PositionView(symbol=p.symbol, account=p.account, quantity=p.quantity, avg_price=p.avg_price,
+                         realized_pnl=p.realized_pnl, unrealized_pnl=p.unrealized(self.prices.mark(p.symbol)),
+                         mark_price=self.prices.mark(p.symbol))
+            for p in sorted((await self.positions()).values(), key=lambda p: (p.symbol, p.account or ""))
         ]  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tradingstack.api import RiskLimit
 from tradingstack_services import bus, rediskv
 from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.trading import position_key
 
 log = logging.getLogger(__name__)
 POSITIONS_KEY = "tradingstack:positions"
@@ -54,6 +55,7 @@ class CheckRequest(BaseModel):
     quantity: float
     side: Literal["buy", "sell"]
     price: float | None = Field(None, gt=0, description="limit price, or the last price for a market order")
+    account: str | None = Field(None, max_length=63, description="whose position and limits apply")
 
 
 class CheckResult(BaseModel):
@@ -97,12 +99,16 @@ def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResu
 class RiskService:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.limits = load_limits(settings.RISK_LIMITS)
+        by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
+        self.account_limits = {account: load_limits(json.dumps(limits)) for account, limits in by_account.items()}
         self.redis = redis
         self.positions: dict[str, float] = {}
         self.loaded = asyncio.Event()
 
-    def limit_for(self, symbol: str) -> RiskLimit:
-        return self.limits.get(symbol) or RiskLimit(symbol=symbol)
+    def limit_for(self, symbol: str, account: str | None = None) -> RiskLimit:
+        """The account's own limit for the symbol, else the stack's, else the defaults."""
+        own = self.account_limits.get(account or "", {}).get(symbol)
+        return own or self.limits.get(symbol) or RiskLimit(symbol=symbol)
 
     async def evaluate(self, request: CheckRequest) -> CheckResult:
         if not self.loaded.is_set():  # never decide on positions we have not read yet
@@ -110,7 +116,8 @@ class RiskService:
                 await asyncio.wait_for(self.loaded.wait(), POSITIONS_WAIT_SECONDS)
             except TimeoutError:
                 raise NotReadyError("positions not loaded yet (Redis unreachable?); no decision made") from None
-        result = check(request, self.limit_for(request.symbol), self.positions.get(request.symbol, 0.0))
+        position = self.positions.get(position_key(request.account, request.symbol), 0.0)
+        result = check(request, self.limit_for(request.symbol, request.account), position)
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
 
@@ -122,7 +129,7 @@ class RiskService:
     async def on_position(self, msg: Msg) -> None:
         try:
             event = json.loads(msg.data)
-            self.positions[str(event["symbol"])] = float(event["quantity"])
+            self.positions[position_key(event.get("account"), str(event["symbol"]))] = float(event["quantity"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("position event ignored: %s", exc)
 

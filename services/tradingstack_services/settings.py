@@ -47,6 +47,7 @@ class ServiceSettings(BaseSettings):
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
+    RISK_ACCOUNT_LIMITS: str | None = None  # JSON {account: [limits]} of spec.accounts[].riskLimits
     # oms, exeq
     ORDER_RETENTION_SECONDS: int = Field(
         7 * 24 * 3600, ge=60, description="how long a final order stays in Redis (the ORDERS stream keeps 7 days)"

@@ -80,9 +80,15 @@ class OrderRequest(Strict):
         return self
 
 
+def position_key(account: str | None, symbol: str) -> str:
+    """Positions are an account's own: `desk-a/BTCUSDT`; without accounts, the symbol as always."""
+    return f"{account}/{symbol}" if account else symbol
+
+
 class Fill(Strict):
     fill_id: str
     order_id: str
+    account: str | None = None  # the order's
     symbol: str = Field(pattern=SYMBOL)
     side: Side
     quantity: float = Field(gt=0, allow_inf_nan=False)
@@ -137,8 +143,8 @@ class Order(Strict):
         if quantity <= EPSILON:
             raise TransitionError(f"order {self.order_id} has nothing left to fill")
         fill = Fill(
-            fill_id=f"{self.order_id}-{len(self.fills) + 1}", order_id=self.order_id, symbol=self.symbol,
-            side=self.side, quantity=quantity, price=price, ts=ts or now(),
+            fill_id=f"{self.order_id}-{len(self.fills) + 1}", order_id=self.order_id, account=self.account,
+            symbol=self.symbol, side=self.side, quantity=quantity, price=price, ts=ts or now(),
         )  # fmt: skip
         filled = self.filled_quantity + quantity
         average = ((self.avg_fill_price or 0.0) * self.filled_quantity + price * quantity) / filled
@@ -175,10 +181,15 @@ class Position(Strict):
     """One symbol's position under average-cost accounting."""
 
     symbol: str
+    account: str | None = None
     quantity: float = 0.0
     avg_price: float = 0.0
     realized_pnl: float = 0.0
     updated_at: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        return position_key(self.account, self.symbol)
 
     def apply(self, fill: Fill) -> Position:
         """The position after a fill: adding averages the price, reducing realises P&L, crossing zero re-opens."""
@@ -196,7 +207,8 @@ class Position(Strict):
                 quantity, avg = 0.0, 0.0
             elif fill.quantity > closed:  # went through zero: the rest opens at the fill price
                 avg = fill.price
-        return Position(symbol=self.symbol, quantity=quantity, avg_price=avg, realized_pnl=realized, updated_at=fill.ts)
+        return Position(symbol=self.symbol, account=self.account, quantity=quantity, avg_price=avg,
+                        realized_pnl=realized, updated_at=fill.ts)  # fmt: skip
 
     def unrealized(self, mark: float | None) -> float:
         """P&L of the open quantity at `mark` (the last price); zero without a mark or a position."""
@@ -209,6 +221,7 @@ class PositionView(BaseModel):
     """One row of `GET /positions`."""
 
     symbol: str
+    account: str | None = None
     quantity: float
     avg_price: float
     realized_pnl: float
