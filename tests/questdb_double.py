@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -380,7 +381,8 @@ def _select(projection: str, rows: list[dict[str, Any]], known: set[str]) -> dic
 class QuestDBDouble:
     """`with QuestDBDouble() as qdb:` serves on 127.0.0.1:<free port>; `qdb.url`, `qdb.state`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # HTTPS, as QuestDB Enterprise serves it (open source QuestDB is put behind a TLS proxy)
         self.state = QuestDBState()
         state = self.state
 
@@ -435,8 +437,8 @@ class QuestDBDouble:
                 return None
 
         self.handler = Handler
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self.server = self._serve((host, port))
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> QuestDBDouble:
@@ -452,9 +454,15 @@ class QuestDBDouble:
         with the same tables: committed WAL transactions survive a restart and are applied after it."""
         self.__exit__()
         time.sleep(down_seconds)
-        self.server = ThreadingHTTPServer(self.server.server_address[:2], self.handler)
+        self.server = self._serve(self.server.server_address[:2])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def _serve(self, address: tuple[Any, ...]) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer((str(address[0]), int(address[1])), self.handler)
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
+        return server
 
 
 if __name__ == "__main__":  # `python tests/questdb_double.py [HOST [PORT]]`: serve until killed, the URL first

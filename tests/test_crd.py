@@ -80,6 +80,10 @@ INVALID_SPECS = [
                  "set one of passwordKey or tokenKey", id="secret-without-keys"),
     pytest.param({"infrastructure": {"questdb": {"secretRef": {"name": "q", "usernameKey": "u", "tokenKey": "t"}}}},
                  "usernameKey goes with passwordKey", id="user-with-token"),
+    pytest.param({"infrastructure": {"redis": {"url": "redis://r:6379", "tls": {"ca": {"configMapKeyRef": {
+                  "name": "ca", "key": "ca.crt"}}}}}}, "with tls, the url is rediss://", id="redis-tls-scheme"),
+    pytest.param({"infrastructure": {"questdb": {"url": "http://q:9000", "tls": {"ca": {"secretKeyRef": {
+                  "name": "ca", "key": "ca.crt"}}}}}}, "with tls, the url is https://", id="questdb-tls-scheme"),
     pytest.param({"services": {"oms": {"env": [{"name": "X", "value": "v", "valueFrom": {
                   "secretKeyRef": {"name": "s", "key": "k"}}}]}}}, "set value or valueFrom", id="env-value-and-from"),
     pytest.param({"services": {"oms": {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"},
@@ -133,3 +137,10 @@ def test_samples_are_accepted(kube: KubeClient, crd: dict[str, Any], namespace: 
     body = copy.deepcopy(doc)
     kube.request("POST", KubeClient.path(api.KIND, namespace), body=body)
     assert get_stack(kube, namespace, doc["metadata"]["name"])["spec"]
+
+
+def test_there_is_no_switch_to_skip_certificate_verification() -> None:
+    """The API server prunes an unknown field (1.24 has no strict field validation); the model refuses it."""
+    tls = {"ca": {"configMapKeyRef": {"name": "ca", "key": "ca.crt"}}, "insecureSkipVerify": True}
+    with pytest.raises(InvalidSpecError, match="insecureSkipVerify"):
+        parse_spec({"infrastructure": {"nats": {"tls": tls}}})

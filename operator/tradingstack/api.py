@@ -249,6 +249,12 @@ def _refuse_credentials(url: str) -> str:
     return url
 
 
+class TLSSpec(Model):
+    """TLS to a server: its certificate is verified against this CA bundle (there is no switch to skip it)."""
+
+    ca: EnvVarSource = Field(description="The CA certificates (PEM): a key of a ConfigMap or of a Secret.")
+
+
 SECRET_REF_DESCRIPTION = "Secret with the server's credentials; services get them as secretKeyRef env, not a ConfigMap."
 
 
@@ -257,21 +263,37 @@ class NatsEndpoint(Model):
 
     url: str = Field("nats://nats:4222", pattern=URL_PATTERN, max_length=512, description="NATS server URL.")
     secret_ref: ServerSecretRef | None = Field(None, description=SECRET_REF_DESCRIPTION)
+    tls: TLSSpec | None = Field(None, description="Connect with TLS, verifying the server against this CA.")
 
     _no_credentials = field_validator("url")(_refuse_credentials)
+
+
+def tls_scheme_rule(scheme: str) -> dict[str, str]:
+    return cel(f"!has(self.tls) || self.url.startsWith('{scheme}://')", f"with tls, the url is {scheme}://")
+
+
+def _tls_scheme(endpoint: Any, scheme: str) -> Any:
+    if endpoint.tls is not None and not endpoint.url.startswith(f"{scheme}://"):
+        raise ValueError(f"with tls, the url is {scheme}://")
+    return endpoint
 
 
 class RedisEndpoint(Model):
-    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url"), tls_scheme_rule("rediss")))
 
     url: str = Field("redis://redis:6379/0", pattern=URL_PATTERN, max_length=512, description="Redis URL.")
     secret_ref: ServerSecretRef | None = Field(None, description=SECRET_REF_DESCRIPTION)
+    tls: TLSSpec | None = Field(None, description="Verify the server against this CA (the URL is rediss://).")
 
     _no_credentials = field_validator("url")(_refuse_credentials)
 
+    @model_validator(mode="after")
+    def _scheme(self) -> RedisEndpoint:
+        return _tls_scheme(self, "rediss")  # type: ignore[no-any-return]
+
 
 class QuestDBEndpoint(Model):
-    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url")))
+    model_config = ConfigDict(json_schema_extra=validations(no_credentials_rule("url"), tls_scheme_rule("https")))
 
     url: str = Field(
         "http://questdb:9000",
@@ -282,8 +304,13 @@ class QuestDBEndpoint(Model):
     secret_ref: ServerSecretRef | None = Field(
         None, description="Secret with QuestDB's HTTP basic auth (http.user, http.password) or a token."
     )
+    tls: TLSSpec | None = Field(None, description="Verify the server against this CA (the URL is https://).")
 
     _no_credentials = field_validator("url")(_refuse_credentials)
+
+    @model_validator(mode="after")
+    def _scheme(self) -> QuestDBEndpoint:
+        return _tls_scheme(self, "https")  # type: ignore[no-any-return]
 
 
 class S3Endpoint(Model):

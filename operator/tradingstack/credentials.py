@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,23 +33,32 @@ class ServerCredentials:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # a CA bundle (PEM file) verifying the server over TLS
+    ca_data: str | None = field(default=None, repr=False)  # or the bundle itself (the operator reads it)
 
-    def __bool__(self) -> bool:
-        return bool(self.password or self.token)
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A context verifying the server (hostname included) against the CA, or None: no TLS asked."""
+        if not (self.ca_file or self.ca_data):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
 
     def nats_options(self) -> dict[str, Any]:
         """Keyword arguments for nats.connect."""
+        options: dict[str, Any] = {}
+        if (context := self.ssl_context()) is not None:
+            options["tls"] = context
         if self.token:
-            return {"token": self.token}
+            return options | {"token": self.token}
         if self.password:
-            return {"user": self.username or "", "password": self.password}
-        return {}
+            return options | {"user": self.username or "", "password": self.password}
+        return options
 
     def redis_options(self) -> dict[str, Any]:
         """Keyword arguments for redis.Redis (Redis 6 ACL user, or the default user's password)."""
+        options: dict[str, Any] = {"ssl_ca_certs": self.ca_file} if self.ca_file else {}
         if self.password:
-            return {"username": self.username, "password": self.password}
-        return {}
+            return options | {"username": self.username, "password": self.password}
+        return options
 
     def authorization(self) -> str | None:
         """An HTTP Authorization header: QuestDB's basic auth (http.user/http.password), or a token."""

@@ -219,6 +219,7 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
         stream, subject = _CONSUMERS[service]
         config |= {"NATS_STREAM": stream, "NATS_DURABLE": durable_name(stack, service), "NATS_FILTER_SUBJECT": subject,
                    "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
+    config |= {f"{server.upper()}_CA_FILE": ca_file(server) for server in tls_servers(spec, service)}
     if service == ServiceName.OMS and spec.accounts:
         config["AUTH_ACCOUNTS"] = ",".join(account.name for account in spec.accounts)
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
@@ -321,6 +322,7 @@ def secret_env(spec: TradingStackSpec, service: ServiceName) -> dict[str, dict[s
 def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> dict[str, Any]:
     svc = spec.service(workload.service)
     env = [{"name": name, "valueFrom": source} for name, source in secret_env(spec, workload.service).items()]
+    tls = tls_servers(spec, workload.service)
     resources = svc.resources.model_dump(by_alias=True, exclude_none=True)
     container: dict[str, Any] = {
         "name": workload.service.value,
@@ -340,7 +342,8 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
+        + [{"name": f"tls-{server}", "mountPath": f"{TLS_DIR}/{server}", "readOnly": True} for server in tls],
     }
     if env:
         container["env"] = env
@@ -367,7 +370,7 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}] + [_ca_volume(s, t) for s, t in tls.items()],
                 },
             },
         },
@@ -383,6 +386,35 @@ def server_port(url: str) -> int:
     """The TCP port a server URL names, or its scheme's usual one."""
     parts = urllib.parse.urlsplit(url)
     return parts.port or DEFAULT_PORTS.get(parts.scheme, 443)
+
+
+TLS_DIR = "/etc/tradingstack/tls"
+
+
+def tls_servers(spec: TradingStackSpec, service: ServiceName) -> dict[str, api.TLSSpec]:
+    """The servers this service talks to over TLS: server name (nats, redis, questdb) -> its TLS spec."""
+    infra = spec.infrastructure
+    servers = {"nats": infra.nats.tls}
+    if service in REDIS_SERVICES:
+        servers["redis"] = infra.redis.tls
+    if service in QUESTDB_SERVICES:
+        servers["questdb"] = infra.questdb.tls
+    return {name: tls for name, tls in servers.items() if tls is not None}
+
+
+def ca_file(server: str) -> str:
+    return f"{TLS_DIR}/{server}/ca.crt"
+
+
+def _ca_volume(server: str, tls: api.TLSSpec) -> dict[str, Any]:
+    """The CA bundle as a file: a ConfigMap's or a Secret's key projected to ca.crt."""
+    source = tls.ca.config_map_key_ref or tls.ca.secret_key_ref
+    assert source is not None  # EnvVarSource holds exactly one
+    items = [{"key": source.key, "path": "ca.crt"}]
+    mode = 0o444  # read-only, for whatever uid the pod runs as
+    if tls.ca.config_map_key_ref is not None:
+        return {"name": f"tls-{server}", "configMap": {"name": source.name, "items": items, "defaultMode": mode}}
+    return {"name": f"tls-{server}", "secret": {"secretName": source.name, "items": items, "defaultMode": mode}}
 
 
 def egress_ports(spec: TradingStackSpec, service: ServiceName) -> list[int]:

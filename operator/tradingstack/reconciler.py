@@ -122,23 +122,41 @@ def _secret_values(
     return values, None
 
 
+def _ca_bundle(kube: KubeClient, namespace: str, tls: api.TLSSpec, server: str) -> tuple[str | None, str | None]:
+    """The CA bundle (PEM) from the ConfigMap or Secret key tls.ca names, or why it cannot be had."""
+    field = f"spec.infrastructure.{server}.tls.ca"
+    if (ref := tls.ca.config_map_key_ref) is not None:
+        config = kube.get("ConfigMap", namespace, ref.name)
+        pem = ((config or {}).get("data") or {}).get(ref.key)
+        return (pem, None) if pem else (None, f"ConfigMap {ref.name} ({field}) has no key {ref.key!r}")
+    ref = tls.ca.secret_key_ref
+    assert ref is not None
+    values, problem = _secret_values(kube, namespace, ref.name, (ref.key,), field)
+    return (values.get(ref.key), problem)
+
+
 def stack_credentials(kube: KubeClient, plan: Plan) -> StackCredentials:
     """Credentials from the Secrets the spec's secretRefs name; a missing one blocks only its backend."""
     infra, namespace = plan.spec.infrastructure, plan.stack.namespace
     missing: dict[str, str] = {}
     found: dict[str, ServerCredentials] = {}
-    servers: list[tuple[str, str, api.ServerSecretRef | None]] = [
-        ("streams", "nats", infra.nats.secret_ref), ("tables", "questdb", infra.questdb.secret_ref)
+    servers: list[tuple[str, str, api.NatsEndpoint | api.QuestDBEndpoint]] = [
+        ("streams", "nats", infra.nats), ("tables", "questdb", infra.questdb)
     ]  # fmt: skip
-    for backend, server, ref in servers:
-        if ref is None:
-            continue
-        keys = (ref.username_key, ref.password_key, ref.token_key)
-        values, problem = _secret_values(kube, namespace, ref.name, keys, f"spec.infrastructure.{server}.secretRef")
+    for backend, server, endpoint in servers:
+        ref = endpoint.secret_ref
+        keys = (ref.username_key, ref.password_key, ref.token_key) if ref else (None, None, None)
+        values: dict[str, str] = {}
+        problem = ca = None
+        if ref is not None:
+            values, problem = _secret_values(kube, namespace, ref.name, keys, f"spec.infrastructure.{server}.secretRef")
+        if endpoint.tls is not None and problem is None:
+            ca, problem = _ca_bundle(kube, namespace, endpoint.tls, server)
         if problem:
             missing[backend] = problem
-        else:
-            found[server] = ServerCredentials(*(values.get(k) if k else None for k in keys))
+        elif ref is not None or ca is not None:
+            user, password, token = (values.get(k) if k else None for k in keys)
+            found[server] = ServerCredentials(user, password, token, ca_data=ca)
     s3 = None
     if (s3_ref := infra.s3.secret_ref) is not None:
         key_id, secret_key = s3_ref.access_key_id_key, s3_ref.secret_access_key_key

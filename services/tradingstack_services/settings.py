@@ -40,6 +40,10 @@ class ServiceSettings(BaseSettings):
     QUESTDB_USER: str | None = None
     QUESTDB_PASSWORD: str | None = Field(None, repr=False)
     QUESTDB_TOKEN: str | None = Field(None, repr=False)
+    # CA bundles (files the operator mounts) that verify servers over TLS.
+    NATS_CA_FILE: str | None = None
+    REDIS_CA_FILE: str | None = None
+    QUESTDB_CA_FILE: str | None = None
     NATS_STREAM: str | None = None
     NATS_DURABLE: str | None = None
     NATS_FILTER_SUBJECT: str | None = None
@@ -93,13 +97,13 @@ class ServiceSettings(BaseSettings):
         return [s.strip() for s in self.SYMBOLS.split(",") if s.strip()]
 
     def nats_credentials(self) -> ServerCredentials:
-        return ServerCredentials(self.NATS_USER, self.NATS_PASSWORD, self.NATS_TOKEN)
+        return ServerCredentials(self.NATS_USER, self.NATS_PASSWORD, self.NATS_TOKEN, self.NATS_CA_FILE)
 
     def redis_credentials(self) -> ServerCredentials:
-        return ServerCredentials(self.REDIS_USERNAME, self.REDIS_PASSWORD)
+        return ServerCredentials(self.REDIS_USERNAME, self.REDIS_PASSWORD, ca_file=self.REDIS_CA_FILE)
 
     def questdb_credentials(self) -> ServerCredentials:
-        return ServerCredentials(self.QUESTDB_USER, self.QUESTDB_PASSWORD, self.QUESTDB_TOKEN)
+        return ServerCredentials(self.QUESTDB_USER, self.QUESTDB_PASSWORD, self.QUESTDB_TOKEN, self.QUESTDB_CA_FILE)
 
     def storage_options(self) -> dict[str, str]:
         from tradingstack import lake  # pyarrow comes with it: only the lake writers pay for it

@@ -69,7 +69,9 @@ class QuestDBProvisioner:
             request.add_unredirected_header("Authorization", authorization)
         where = f"QuestDB at {redact_url(self.url)}"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout, context=self.credentials.ssl_context()
+            ) as response:
                 body: bytes = response.read()
                 return body
         except urllib.error.HTTPError as exc:
