@@ -633,20 +633,32 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def with_accounts(
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+    keys: dict[str, str],
+    accounts: list[dict[str, Any]] | None = None,
+    **spec_extra: Any,
+) -> tuple[Platform, dict[str, dict[str, str]]]:
+    """The platform with spec.accounts (each key's digest put where the kubelet would put its Secret's
+    value, after an old key's), a first quote, and each account's Authorization header."""
+    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True) | spec_extra
+    spec["accounts"] = accounts or [{"name": name, "secretRef": {"name": f"{name}-keys"}} for name in keys]
+    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+    for name, source in secret_env(plan.spec, ServiceName.OMS).items():
+        account = source["secretKeyRef"]["name"].removesuffix("-keys")
+        monkeypatch.setenv(name, f"{_key_hash('an-old-key')}\n{_key_hash(keys[account])}\n")
+    authed = dataclasses.replace(platform, plan=plan)
+    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    return authed, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+
+
 def test_orders_need_an_account_key_and_stay_within_their_account(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """spec.accounts: each account's API keys, hashed, in a Secret; `Authorization: Bearer <key>`."""
     keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
-    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
-    spec["accounts"] = [{"name": name, "secretRef": {"name": f"{name}-keys"}} for name in keys]
-    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
-    for name, source in secret_env(plan.spec, ServiceName.OMS).items():  # as the kubelet sets them from the Secrets
-        account = source["secretKeyRef"]["name"].removesuffix("-keys")
-        monkeypatch.setenv(name, f"{_key_hash('an-old-key')}\n{_key_hash(keys[account])}\n")
-    authed = dataclasses.replace(platform, plan=plan)
-    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
-    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    authed, bearer = with_accounts(platform, monkeypatch, keys)
     resting = order("c-1", "buy", 1, order_type="limit", limit_price=50.0)  # far below the market: it rests
     with contextlib.ExitStack() as stack:
         servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ])
@@ -721,15 +733,8 @@ def test_an_external_policy_decides_each_order_and_its_absence_refuses_them(
 ) -> None:
     keys = {"desk-a": "ka-policy-1", "desk-b": "kb-policy-2"}
     opa = DecisionServer()
-    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
-    spec["accounts"] = [{"name": name, "secretRef": {"name": f"{name}-keys"}} for name in keys]
-    spec["orderAuthorization"] = {"url": opa.url, "decisionPath": "tradingstack/orders/allow"}
-    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
-    for name, source in secret_env(plan.spec, ServiceName.OMS).items():
-        monkeypatch.setenv(name, _key_hash(keys[source["secretKeyRef"]["name"].removesuffix("-keys")]))
-    authed = dataclasses.replace(platform, plan=plan)
-    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
-    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    authorization = {"url": opa.url, "decisionPath": "tradingstack/orders/allow"}
+    authed, bearer = with_accounts(platform, monkeypatch, keys, orderAuthorization=authorization)
     with contextlib.ExitStack() as stack:
         oms_server = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS])[ServiceName.OMS]
         assert oms_server.post("/orders", order("p-1", "buy", 6), bearer["desk-a"])[0] == 201
@@ -761,18 +766,12 @@ def test_fills_positions_and_risk_limits_are_each_accounts_own(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = {"desk-a": "ka-positions-1", "desk-b": "kb-positions-2"}
-    spec = platform.plan.spec.model_dump(by_alias=True, exclude_none=True)
-    spec["accounts"] = [
+    accounts = [
         {"name": "desk-a", "secretRef": {"name": "desk-a-keys"},
          "riskLimits": [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxNotional": 1_000_000, "maxPosition": 2}]},
         {"name": "desk-b", "secretRef": {"name": "desk-b-keys"}},  # the stack's limits: maxPosition 10
     ]  # fmt: skip
-    plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
-    for name, source in secret_env(plan.spec, ServiceName.OMS).items():
-        monkeypatch.setenv(name, _key_hash(keys[source["secretKeyRef"]["name"].removesuffix("-keys")]))
-    authed = dataclasses.replace(platform, plan=plan)
-    authed.tick("BTCUSDT", 100.0, 99.9, 100.1)
-    bearer = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    authed, bearer = with_accounts(platform, monkeypatch, keys, accounts)
     with contextlib.ExitStack() as stack:
         servers = authed.serve_all(stack)
         oms_server, pnl_server = servers[ServiceName.OMS], servers[ServiceName.PNL]
