@@ -87,9 +87,8 @@ class Policy:
         self.target = f"{url.rstrip('/')}/v1/data/{path.strip('/')}" if url else None
         self.timeout = timeout
 
-    def _ask(self, body: bytes) -> Any:
-        assert self.target is not None
-        request = urllib.request.Request(self.target, data=body, method="POST",
+    def _ask(self, target: str, body: bytes) -> Any:
+        request = urllib.request.Request(target, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.loads(response.read())
@@ -99,7 +98,7 @@ class Policy:
             return True
         body = json.dumps({"input": {"action": action, "account": account, **facts}}).encode()
         try:
-            answer = await asyncio.to_thread(self._ask, body)
+            answer = await asyncio.to_thread(self._ask, self.target, body)
         except (OSError, ValueError) as exc:  # refused, timed out, 5xx, not JSON
             raise PolicyUnavailableError(f"the authorization policy did not decide ({type(exc).__name__})") from exc
         return isinstance(answer, dict) and answer.get("result") is True

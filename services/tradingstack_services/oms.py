@@ -51,7 +51,7 @@ REROUTE_INTERVAL = 2.0
 REROUTE_AFTER = 5.0
 
 
-class ForeignOrderError(PermissionError):
+class ForeignOrderError(Exception):
     """The order exists, and belongs to another account than the caller's."""
 
 
