@@ -196,3 +196,13 @@ def test_the_operator_reads_the_ca_from_a_configmap_and_provisions_over_tls(
     spec["infrastructure"]["questdb"]["tls"]["ca"]["configMapKeyRef"]["name"] = "no-such-ca"
     create_stack(kube, namespace, "tls-missing", spec)
     wait_condition(kube, namespace, "tls-missing", "TablesReady", "False", reason="SecretNotFound", timeout=60)
+
+
+def test_the_ca_is_loaded_once_per_credentials_not_per_request(tmp_path: Path) -> None:
+    """QuestDB's clients ask for the context on every request (pnl, history, the normalizer)."""
+    pki = Pki(tmp_path / "pki")
+    credentials = ServerCredentials(ca_file=str(pki.ca_file))
+    context = credentials.ssl_context()
+    assert context is not None
+    assert credentials.ssl_context() is context
+    assert ServerCredentials().ssl_context() is None

@@ -56,20 +56,18 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _env_credentials() -> StackCredentials:
-    """Outside Kubernetes, credentials come from the environment: the AWS variables for S3, and for
-    NATS and QuestDB the variables the services read (NATS_USER, NATS_PASSWORD, NATS_TOKEN, ...)."""
-    import os
-
+    """Outside Kubernetes, credentials come from the environment, read as the services read it (the
+    AWS variables for S3; NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CA_FILE, QUESTDB_... for the rest)."""
     from tradingstack.backends import StackCredentials
     from tradingstack.backends.s3 import S3Credentials
-    from tradingstack.credentials import ServerCredentials
+    from tradingstack_services.settings import ServiceSettings
 
-    env = os.environ.get
-    key, secret = env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")
+    env = ServiceSettings(SERVICE_NAME="provision")
+    key, secret = env.AWS_ACCESS_KEY_ID, env.AWS_SECRET_ACCESS_KEY
     return StackCredentials(
         s3=S3Credentials(key, secret) if key and secret else None,
-        nats=ServerCredentials(env("NATS_USER"), env("NATS_PASSWORD"), env("NATS_TOKEN")),
-        questdb=ServerCredentials(env("QUESTDB_USER"), env("QUESTDB_PASSWORD"), env("QUESTDB_TOKEN")),
+        nats=env.nats_credentials(),
+        questdb=env.questdb_credentials(),
     )
 
 

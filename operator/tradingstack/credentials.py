@@ -8,6 +8,7 @@ They never travel in a URL, a ConfigMap, a status, an event or a log line.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -36,11 +37,16 @@ class ServerCredentials:
     ca_file: str | None = None  # a CA bundle (PEM file) verifying the server over TLS
     ca_data: str | None = field(default=None, repr=False)  # or the bundle itself (the operator reads it)
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A context verifying the server (hostname included) against the CA, or None: no TLS asked."""
+    @functools.cached_property
+    def _ssl_context(self) -> ssl.SSLContext | None:
         if not (self.ca_file or self.ca_data):
             return None
         return ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A context verifying the server (hostname included) against the CA, or None: no TLS asked.
+        Made once: QuestDB's clients ask for it on every request, and loading the CA is not free."""
+        return self._ssl_context
 
     def nats_options(self) -> dict[str, Any]:
         """Keyword arguments for nats.connect."""

@@ -247,11 +247,11 @@ def _config_map(stack: StackRef, workload: Workload) -> dict[str, Any]:
 
 
 def _metadata(stack: StackRef, workload: Workload) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "name": workload.name,
-        "namespace": stack.namespace,
-        "labels": common_labels(stack.name, workload.service),
-    }
+    return _owned_metadata(stack, workload.name, common_labels(stack.name, workload.service))
+
+
+def _owned_metadata(stack: StackRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": stack.namespace, "labels": labels}
     if stack.uid:
         meta["ownerReferences"] = [owner_reference(stack)]
     return meta
@@ -466,14 +466,9 @@ def _network_policy(stack: StackRef, spec: TradingStackSpec, workload: Workload)
 
 
 def _default_deny(stack: StackRef) -> dict[str, Any]:
-    metadata: dict[str, Any] = {
-        "name": f"{stack.name}-default-deny",
-        "namespace": stack.namespace,
-        "labels": {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack.name, LABEL_PART_OF: "tradingstack",
-                   LABEL_MANAGED_BY: MANAGER},
-    }  # fmt: skip
-    if stack.uid:
-        metadata["ownerReferences"] = [owner_reference(stack)]
+    labels = {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack.name, LABEL_PART_OF: "tradingstack",
+              LABEL_MANAGED_BY: MANAGER}  # fmt: skip
+    metadata = _owned_metadata(stack, f"{stack.name}-default-deny", labels)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

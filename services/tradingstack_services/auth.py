@@ -40,12 +40,11 @@ class Accounts:
         names = [n.strip() for n in (accounts or "").split(",") if n.strip()]
         digests: dict[str, str] = {}
         for name in names:
-            lines = [line.strip().lower() for line in environ.get(account_keys_variable(name), "").splitlines()]
+            variable = account_keys_variable(name)
+            lines = [line.strip().lower() for line in environ.get(variable, "").splitlines()]
             found = [line for line in lines if len(line) == 64 and all(c in "0123456789abcdef" for c in line)]
             if not found:
-                log.warning(
-                    "account %s has no API key digests (%s): it cannot log in", name, account_keys_variable(name)
-                )
+                log.warning("account %s has no API key digests (%s): it cannot log in", name, variable)
             digests |= dict.fromkeys(found, name)
         return cls(names, digests)
 

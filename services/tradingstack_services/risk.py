@@ -66,7 +66,11 @@ class CheckResult(BaseModel):
 
 def load_limits(text: str | None) -> dict[str, RiskLimit]:
     """RISK_LIMITS as the operator renders it (a JSON list of spec.riskLimits)."""
-    return {limit.symbol: limit for limit in (RiskLimit.model_validate(x) for x in json.loads(text or "[]"))}
+    return by_symbol(json.loads(text or "[]"))
+
+
+def by_symbol(limits: list[Any]) -> dict[str, RiskLimit]:
+    return {limit.symbol: limit for limit in (RiskLimit.model_validate(x) for x in limits)}
 
 
 def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResult:
@@ -100,7 +104,7 @@ class RiskService:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.limits = load_limits(settings.RISK_LIMITS)
         by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
-        self.account_limits = {account: load_limits(json.dumps(limits)) for account, limits in by_account.items()}
+        self.account_limits = {account: by_symbol(limits) for account, limits in by_account.items()}
         self.redis = redis
         self.positions: dict[str, float] = {}
         self.loaded = asyncio.Event()
