@@ -328,7 +328,13 @@ class LakeSink:
         # comes back from JetStream, so start from nothing rather than from half a batch.
         self.rows, self.pending, self.committing, self.oldest, self.commit_task = {}, {}, {}, None, None
         js = nc.jetstream()
-        self.committed = await asyncio.to_thread(self.read_committed, await self.ack_floor(js))
+        # Reading the log back is a delta-rs call like a commit, and can hang behind a stalled S3 the
+        # same way: the liveness check watches it too.
+        self.commit_started = time.monotonic()
+        try:
+            self.committed = await asyncio.to_thread(self.read_committed, await self.ack_floor(js))
+        finally:
+            self.commit_started = None
         log.info("sink %s starts; recent commits hold sequences %s", self.name, self.committed.ranges[-3:])
         sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
         while not stop.is_set():
