@@ -139,8 +139,11 @@ def cmd_service(args: argparse.Namespace) -> int:
     from tradingstack_services import runner
 
     try:
+        if args.help:
+            print(runner.describe(args.name))
+            return 0
         runner.serve(args.name)
-    except LookupError as exc:
+    except (LookupError, runner.SettingsError) as exc:  # a usage error: exit 2, as argparse's own
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -203,8 +206,10 @@ def parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=300, help="seconds to wait")
     wait.set_defaults(func=cmd_wait)
 
-    service = sub.add_parser("service", help="run one service (the container entrypoint of every service)")
+    service = sub.add_parser("service", help="run one service (the container entrypoint of every service)",
+                             add_help=False)  # fmt: skip
     service.add_argument("name", help="gateway, normalizer, sink-ticks, sink-alt, risk, oms, exeq or pnl")
+    service.add_argument("-h", "--help", action="store_true", help="list the service's settings and defaults")
     service.set_defaults(func=cmd_service)
 
     op = sub.add_parser("operator", help="run the operator")

@@ -68,6 +68,10 @@ MARKET_TICKS = LakeTable(
             pa.field("bid", pa.float64()),
             pa.field("ask", pa.float64()),
             pa.field("stream_seq", pa.int64(), nullable=False),
+            # Added after the first release, so nullable: the operator adds them to an older table.
+            pa.field("side", pa.string()),
+            pa.field("trade_id", pa.string()),
+            pa.field("source_seq", pa.int64()),
             pa.field("dt", pa.string(), nullable=False),
         ]
     ),

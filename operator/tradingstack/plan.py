@@ -119,6 +119,12 @@ _CONSUMERS: dict[ServiceName, tuple[str, str]] = {
 }
 
 
+def service_consumer(service: ServiceName) -> tuple[str, str] | None:
+    """(stream, filter subject) of the durable consumer a service reads, if it reads one: the one
+    answer for the operator's ConfigMaps and for a service run by hand without them."""
+    return _CONSUMERS.get(service)
+
+
 def parse_spec(raw: dict[str, Any] | None) -> TradingStackSpec:
     """Validate a raw spec; pydantic errors become one readable InvalidSpecError."""
     try:

@@ -76,6 +76,15 @@ def create_app(
             body["degraded"] = {dep: outcome[dep] for dep in optional}
         return JSONResponse(body, status_code=503 if failed else 200)
 
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """The seeds' health path (their compose checks and Dockerfile HEALTHCHECKs call it): what
+        /readyz decides, in the seeds' words, so an old caller keeps its meaning."""
+        outcome = {dep: err or "ok" for dep, err in (await _outcomes(checks)).items()}
+        healthy = all(v == "ok" for v in outcome.values())
+        body = {"status": "healthy" if healthy else "unhealthy", "service": name, "checks": outcome}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

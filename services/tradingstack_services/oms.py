@@ -29,7 +29,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from tradingstack_services import auth, bus, ilp, rediskv, tracing
+from tradingstack_services import auth, blotter, bus, ilp, rediskv, tracing
 from tradingstack_services.history import History
 from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook
@@ -221,9 +221,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     app = bus.worker_app(settings, [oms.attach, oms.history.run, oms.reroute, oms.store.publish_events_forever],
                          {"redis": redis_check, "risk": risk_check})  # fmt: skip
 
-    @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})
-    async def place_order(request: OrderRequest, account: str | None = caller) -> Response:
-        """201 with a new order; 200 with the first order for a repeated client_order_id and the same terms."""
+    async def place_one(request: OrderRequest, account: str | None) -> Response:
+        """One order, decided: 201 new, 200 a retry; HTTPException for everything else."""
         started = time.perf_counter()
         await decide("place", account, order=request.model_dump(mode="json"))
         try:
@@ -239,6 +238,44 @@ def create(settings: ServiceSettings) -> FastAPI:
         ORDERS.labels(stored.order.status.value if created else "retry").inc()
         # The stored bytes: FastAPI's generic encoder would cost ~0.1 ms an order.
         return Response(stored.raw, status_code=201 if created else 200, media_type="application/json")
+
+    @app.post("/orders", status_code=201, response_model=Order, responses={200: {"model": Order}})
+    async def place_order(request: OrderRequest, account: str | None = caller) -> Response:
+        """201 with a new order; 200 with the first order for a repeated client_order_id and the same terms."""
+        return await place_one(request, account)
+
+    @app.post("/orders/batch")
+    async def place_batch(batch: blotter.BatchRequest, account: str | None = caller) -> blotter.BatchResult:
+        """Each order answered on its own, in the request's order, with the status `POST /orders` would
+        give it: one bad order fails alone. Idempotent per client_order_id, as `POST /orders` is."""
+
+        async def one(index: int, raw: Any) -> blotter.BatchItem:
+            try:
+                request = OrderRequest.model_validate(raw)
+            except ValidationError as exc:
+                problems = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+                return blotter.BatchItem(index=index, status=422, error=problems)
+            try:
+                answer = await place_one(request, account)
+            except HTTPException as exc:
+                return blotter.BatchItem(index=index, status=exc.status_code, error=exc.detail)
+            return blotter.BatchItem(index=index, status=answer.status_code,
+                                     order=Order.model_validate_json(bytes(answer.body)))  # fmt: skip
+
+        # Orders with different client ids are placed at once; repeats of one id in request order, so
+        # the first occurrence decides (the others are its retries or conflicts), as if sent one by one.
+        by_client_id: dict[Any, list[int]] = {}
+        for index, raw in enumerate(batch.orders):
+            key = raw.get("client_order_id") if isinstance(raw, dict) else None
+            by_client_id.setdefault(key if isinstance(key, str) else index, []).append(index)
+
+        async def in_order(indexes: list[int]) -> list[blotter.BatchItem]:
+            return [await one(i, batch.orders[i]) for i in indexes]
+
+        answered = [item for group in await asyncio.gather(*map(in_order, by_client_id.values())) for item in group]
+        return blotter.BatchResult(results=sorted(answered, key=lambda item: item.index))
+
+    blotter.add_routes(app, oms.store, caller, decide, oms.cancel)
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: str, account: str | None = caller) -> Order:

@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -63,6 +65,9 @@ if tonumber(ARGV[5]) > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 if ARGV[6] == '1' then redis.call('XADD', KEYS[4], '*', 'order', ARGV[2]) end
+redis.call('ZADD', KEYS[5], 0, ARGV[7])
+redis.call('ZREMRANGEBYLEX', KEYS[5], '-', '(' .. ARGV[9])
+if ARGV[8] == '1' then redis.call('ZADD', KEYS[6], 0, ARGV[7]) end
 return false
 """
 _CAS = """
@@ -73,10 +78,48 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
   if ARGV[4] == '1' then redis.call('XADD', KEYS[3], '*', 'order', ARGV[2]) end
+  if ARGV[5] == '1' then redis.call('ZREM', KEYS[4], ARGV[6]) end
   return 1
 end
 return 0
 """
+
+
+def _scope(account: str | None) -> str:
+    return f":{account}" if account else ""
+
+
+def timeline_key(account: str | None) -> str:
+    """Every order of an account (or of open order entry) by creation time, for the blotter."""
+    return "tradingstack:orders:by-time" + _scope(account)
+
+
+def open_key(account: str | None) -> str:
+    """The orders of an account that are not final yet, by creation time (cancel-all, `status=open`)."""
+    return "tradingstack:orders:open" + _scope(account)
+
+
+def index_entry(order: Order) -> str:
+    """`<creation time, 16-digit microseconds>:<order id>`: the indexes hold these at one score, so
+    they sort by time (then id) and a page ends at an exact entry (the cursor): no gaps, no repeats."""
+    return f"{_micros(order.created_at):016d}:{order.order_id}"
+
+
+def _micros(ts: datetime) -> int:
+    return int(ts.timestamp() * 1_000_000)
+
+
+CURSOR = re.compile(r"^\d{16}:[0-9a-f]{1,64}$")
+SCAN_BATCH = 200
+# The most index entries one request reads: a filter that matches rarely ends a page early (with a
+# cursor to go on from) rather than read a week of orders in one request.
+MAX_SCAN = 5_000
+
+
+@dataclass(frozen=True)
+class Page:
+    orders: list[Order]
+    next_cursor: str | None  # None: nothing older is left
 
 
 class ConflictError(RuntimeError):
@@ -120,10 +163,14 @@ class OrderStore:
         """
         stored = Stored.of(order)
         claim = client_key(order.account, order.client_order_id)
+        # The blotter keeps orders as long as final orders are kept (older entries are trimmed here);
+        # the open set keeps a live order until it is final.
+        horizon = f"{_micros(order.created_at) - self.retention * 1_000_000:016d}"
         existing = await self._claim(
-            keys=[claim, ORDER_KEY + order.order_id, UNROUTED_KEY, EVENTS_KEY],
+            keys=[claim, ORDER_KEY + order.order_id, UNROUTED_KEY, EVENTS_KEY, timeline_key(order.account),
+                  open_key(order.account)],
             args=[order.order_id, stored.raw, time.time(), "1" if unrouted else "0", self._ttl(order),
-                  _recorded(order)],
+                  _recorded(order), index_entry(order), "0" if order.terminal else "1", horizon],
         )  # fmt: skip
         if existing is None:
             return stored, True
@@ -213,6 +260,51 @@ class OrderStore:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
 
+    async def page(
+        self,
+        account: str | None,
+        wanted: Callable[[Order], bool],
+        limit: int,
+        cursor: str | None = None,
+        since: datetime | None = None,
+        only_open: bool = False,
+    ) -> Page:
+        """Orders of an account that `wanted` accepts, newest first, after `cursor` (an index entry
+        a previous page ended at) and created at or after `since`. Entries whose order has expired
+        are dropped from the index on the way."""
+        if cursor is not None and not CURSOR.match(cursor):
+            raise ValueError("cursor: not one this API gave out")
+        key = open_key(account) if only_open else timeline_key(account)
+        top = f"({cursor}" if cursor else "+"
+        bottom = f"[{_micros(since):016d}" if since else "-"
+        found: list[Order] = []
+        scanned = 0
+        last: str | None = None
+        while scanned < MAX_SCAN:
+            entries = [e.decode() if isinstance(e, bytes) else str(e) for e in
+                       await self.redis.zrevrangebylex(key, top, bottom, start=0, num=SCAN_BATCH)]  # fmt: skip
+            if not entries:
+                return Page(found, None)
+            raws = await self.redis.mget([ORDER_KEY + e.partition(":")[2] for e in entries])
+            gone = []
+            for entry, raw in zip(entries, raws, strict=True):
+                scanned += 1
+                last = entry
+                if raw is None:
+                    gone.append(entry)
+                    continue
+                order = Order.model_validate_json(raw)
+                if wanted(order):
+                    found.append(order)
+                    if len(found) >= limit:
+                        break
+            if gone:
+                await self.redis.zrem(key, *gone)
+            if len(found) >= limit:
+                break
+            top = f"({last}"
+        return Page(found, last)
+
     async def get(self, order_id: str) -> Stored | None:
         raw = await self.redis.get(ORDER_KEY + order_id)
         if raw is None:
@@ -224,9 +316,11 @@ class OrderStore:
         """Write `new` if the order is still `current`; None if someone moved it first."""
         stored = Stored.of(new)
         swapped = await self._cas(
-            keys=[ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id), EVENTS_KEY],
-            args=[current.raw, stored.raw, self._ttl(new), _recorded(new)],
-        )
+            keys=[ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id), EVENTS_KEY,
+                  open_key(new.account)],
+            args=[current.raw, stored.raw, self._ttl(new), _recorded(new), "1" if new.terminal else "0",
+                  index_entry(new)],
+        )  # fmt: skip
         return stored if swapped else None
 
     async def replace_many(self, pairs: list[tuple[Stored, Order]]) -> list[bool]:
@@ -241,8 +335,9 @@ class OrderStore:
             self._cas_loaded = True
         async with self.redis.pipeline(transaction=False) as pipe:
             for current, new in pairs:
-                pipe.evalsha(self._cas.sha, 3, ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id),
-                             EVENTS_KEY, current.raw, Stored.of(new).raw, self._ttl(new), _recorded(new))  # fmt: skip
+                pipe.evalsha(self._cas.sha, 4, ORDER_KEY + new.order_id, client_key(new.account, new.client_order_id),
+                             EVENTS_KEY, open_key(new.account), current.raw, Stored.of(new).raw, self._ttl(new),
+                             _recorded(new), "1" if new.terminal else "0", index_entry(new))  # fmt: skip
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, Exception) for r in results):
             self._cas_loaded = False

@@ -1,5 +1,9 @@
 """risk: pre-trade checks against per-symbol limits, over HTTP (`POST /check`) and NATS (`risk.check`).
 
+A request without `price` is valued at the market: the touch for its side (a buy at the ask, a
+sell at the bid, the last trade when that side is unknown), from the ticks risk follows on
+`market.tick.>`; the OMS values its orders the same way (`trading.touch`).
+
 The check itself is a pure function (microseconds) and needs no I/O: positions are kept in
 memory, loaded from Redis (hash `tradingstack:positions`, which pnl maintains) on start and
 every POSITIONS_RESYNC_SECONDS, and updated between loads from pnl's `positions.>` events.
@@ -24,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tradingstack.api import RiskLimit
 from tradingstack_services import bus, rediskv
+from tradingstack_services.prices import PriceBook, Quote
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.trading import position_key
+from tradingstack_services.trading import position_key, touch
 
 log = logging.getLogger(__name__)
 POSITIONS_KEY = "tradingstack:positions"
@@ -54,7 +59,9 @@ class CheckRequest(BaseModel):
     symbol: str = Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")
     quantity: float
     side: Literal["buy", "sell"]
-    price: float | None = Field(None, gt=0, description="limit price, or the last price for a market order")
+    price: float | None = Field(
+        None, gt=0, description="limit price; without it the order is valued at the market (the touch for its side)"
+    )
     account: str | None = Field(None, max_length=63, description="whose position and limits apply")
 
 
@@ -100,8 +107,22 @@ def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResu
     return CheckResult(approved=True, risk_level=level, reason=f"within limits ({share:.0%} of the tightest)")
 
 
+def no_market_price(symbol: str) -> CheckResult:
+    reason = f"no market price for {symbol} yet (no tick seen); send a price to value the order"
+    return CheckResult(approved=False, risk_level=RiskLevel.CRITICAL, reason=reason)
+
+
+def at_market(request: CheckRequest, quote: Quote | None) -> CheckRequest | None:
+    """The request with its price: its own, else the touch for its side; None when there is neither."""
+    if request.price is not None:
+        return request
+    price = touch(request.side, quote.bid, quote.ask, quote.last) if quote else None
+    return request.model_copy(update={"price": price}) if price is not None else None
+
+
 class RiskService:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.prices = PriceBook(settings.symbols)
         self.limits = load_limits(settings.RISK_LIMITS)
         by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
         self.account_limits = {account: by_symbol(limits) for account, limits in by_account.items()}
@@ -121,7 +142,11 @@ class RiskService:
             except TimeoutError:
                 raise NotReadyError("positions not loaded yet (Redis unreachable?); no decision made") from None
         position = self.positions.get(position_key(request.account, request.symbol), 0.0)
-        result = check(request, self.limit_for(request.symbol, request.account), position)
+        valued = at_market(request, self.prices.get(request.symbol))
+        if valued is None and math.isfinite(request.quantity) and request.quantity > 0:
+            result = no_market_price(request.symbol)
+        else:  # a quantity that is refused anyway is refused for that, priced or not
+            result = check(valued or request, self.limit_for(request.symbol, request.account), position)
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
 
@@ -170,7 +195,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     service = RiskService(settings, redis)
 
-    app = bus.worker_app(settings, [service.follow_positions, service.serve_nats], {"redis": redis_check})
+    app = bus.worker_app(settings, [service.prices.follow, service.follow_positions, service.serve_nats],
+                         {"redis": redis_check})  # fmt: skip
 
     @app.post("/check", responses={503: {"description": "positions not loaded yet; retry after Retry-After"}})
     async def check_order(request: CheckRequest) -> CheckResult:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from tradingstack_services import logs
 from tradingstack_services.settings import ServiceSettings
@@ -27,12 +29,68 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
     }
 
 
-def build(name: str) -> tuple[FastAPI, ServiceSettings]:
-    """The service's app and the settings it was built from (read from the environment once)."""
+class SettingsError(ValueError):
+    """The environment does not make a valid configuration; the message names each variable."""
+
+
+def known(name: str) -> None:
     factories = _factories()
     if name not in factories:
         raise LookupError(f"unknown service {name!r}; known: {', '.join(sorted(factories))}")
-    settings = ServiceSettings(SERVICE_NAME=name)
+
+
+def settings_from_environment(name: str) -> ServiceSettings:
+    try:
+        return ServiceSettings(SERVICE_NAME=name)
+    except ValidationError as exc:
+        # Names and reasons only: a value may be a secret, so it is never repeated.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"service {name}: invalid setting {problems}") from None
+
+
+class _DefaultsOnly(ServiceSettings):
+    """ServiceSettings that ignore the environment: what each setting is when nothing is set."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def describe(name: str) -> str:
+    """`tradingstack service NAME --help`: every setting, its default for this service, and what it is for."""
+    known(name)
+    defaults = _DefaultsOnly(SERVICE_NAME=name)
+    rows = []
+    for field, info in ServiceSettings.model_fields.items():
+        if field == "SERVICE_NAME":
+            continue
+        value = getattr(defaults, field)
+        shown = "(unset)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        rows.append((field, shown, info.description or ""))
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"usage: tradingstack service {name}",
+        "",
+        f"Runs {name} on its port, configured by these environment variables (default in brackets).",
+        "Credentials (*_PASSWORD, *_TOKEN, AWS_SECRET_ACCESS_KEY) come from a Secret in Kubernetes.",
+        "",
+    ]
+    lines += [f"  {field:<{width}}  [{shown}]" + (f"  {about}" if about else "") for field, shown, about in rows]
+    return "\n".join(lines)
+
+
+def build(name: str) -> tuple[FastAPI, ServiceSettings]:
+    """The service's app and the settings it was built from (read from the environment once)."""
+    known(name)
+    factories = _factories()
+    settings = settings_from_environment(name)
     logs.configure(name, settings.LOG_FORMAT)
     return factories[name](settings), settings
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, computed_field, model_validator
+import math
+
+from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tradingstack.credentials import ServerCredentials
@@ -14,12 +16,31 @@ def _seed_ports() -> dict[str, int]:
     return {service.value: port for service, port in DEFAULT_PORTS.items()}
 
 
+def parse_prices(text: str | None) -> dict[str, float]:
+    """`BTCUSDT=45000,ETHUSDT=2500` as {symbol: price}; ValueError naming the bad item."""
+    prices = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        symbol, _, value = item.partition("=")
+        try:
+            price = float(value)
+        except ValueError:
+            price = math.nan
+        if not symbol.strip() or not (math.isfinite(price) and price > 0):
+            raise ValueError(f"{item[:40]!r} is not SYMBOL=positive price")
+        prices[symbol.strip().upper()] = price
+    return prices
+
+
 class ServiceSettings(BaseSettings):
     """Everything a service reads. Names match plan.service_config (and the README)."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True)
 
     SERVICE_NAME: str
+    # The stack a service belongs to; run by hand, the names the operator would give a stack
+    # called "tradingstack" in "default" (its durable consumers' names are made from them).
+    STACK_NAME: str = "tradingstack"
+    STACK_NAMESPACE: str = "default"
     PORT: int = Field(8080, ge=1, le=65535, description="defaults to the service's seed port")
     SYMBOLS: str = "BTCUSDT,ETHUSDT,SOLUSDT"
     NATS_URL: str = "nats://127.0.0.1:4222"
@@ -44,9 +65,9 @@ class ServiceSettings(BaseSettings):
     NATS_CA_FILE: str | None = None
     REDIS_CA_FILE: str | None = None
     QUESTDB_CA_FILE: str | None = None
-    NATS_STREAM: str | None = None
-    NATS_DURABLE: str | None = None
-    NATS_FILTER_SUBJECT: str | None = None
+    NATS_STREAM: str | None = Field(None, description="the stream this service reads; defaults to the plan's")
+    NATS_DURABLE: str | None = Field(None, description="its durable consumer; defaults to the plan's name for it")
+    NATS_FILTER_SUBJECT: str | None = Field(None, description="the consumer's filter; defaults to the plan's")
     NATS_MAX_DELIVER: int = Field(20, ge=2, description="deliveries before a message is dead-lettered")
     DEAD_LETTER_PREFIX: str = "dlq"
     LOG_FORMAT: str = "json"
@@ -75,6 +96,9 @@ class ServiceSettings(BaseSettings):
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
     REPLAY_FILE: str | None = None
+    MOCK_START_PRICES: str | None = Field(
+        None, description="first mock price per symbol, `BTCUSDT=45000,ETHUSDT=2500`; others start near the seeds'"
+    )
     # sinks
     SINK_MAX_ROWS: int = Field(50_000, ge=1)
     SINK_MAX_AGE_SECONDS: float = Field(1.0, ge=0.1, description="flush at least this often; at most one commit/s")
@@ -85,10 +109,35 @@ class ServiceSettings(BaseSettings):
     S3_MAX_RETRIES: int | None = Field(None, ge=0, description="S3 request retries inside one Delta call")
     S3_RETRY_TIMEOUT_SECONDS: float | None = Field(None, gt=0, description="give up retrying one call after this")
 
+    @field_validator("MOCK_START_PRICES")
+    @classmethod
+    def _prices(cls, value: str | None) -> str | None:
+        parse_prices(value)
+        return value
+
     @model_validator(mode="after")
     def _seed_port(self) -> ServiceSettings:
         if "PORT" not in self.model_fields_set:  # not set: the port the service always had
             self.PORT = _seed_ports().get(self.SERVICE_NAME, self.PORT)
+        return self
+
+    @model_validator(mode="after")
+    def _planned_consumer(self) -> ServiceSettings:
+        """Unset, a reader's stream, durable and filter are what the operator's plan gives it, so a
+        service run by hand (docker-compose, a shell) reads what `tradingstack provision` made."""
+        from tradingstack.api import ServiceName
+        from tradingstack.plan import StackRef, durable_name, service_consumer
+
+        try:
+            service = ServiceName(self.SERVICE_NAME)
+        except ValueError:
+            return self
+        if (consumer := service_consumer(service)) is None:
+            return self
+        stream, subject = consumer
+        self.NATS_STREAM = self.NATS_STREAM or stream
+        self.NATS_FILTER_SUBJECT = self.NATS_FILTER_SUBJECT or subject
+        self.NATS_DURABLE = self.NATS_DURABLE or durable_name(StackRef(self.STACK_NAME, self.STACK_NAMESPACE), service)
         return self
 
     @computed_field  # type: ignore[prop-decorator]

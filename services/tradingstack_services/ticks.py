@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -71,6 +71,11 @@ class Tick(BaseModel):
     volume: float | None = Field(None, ge=0)
     bid: float | None = Field(None, gt=0)
     ask: float | None = Field(None, gt=0)
+    # What a venue's trade feed adds (the seeds' columns): the aggressor's side, the venue's trade id,
+    # and the venue's own sequence number, by which a gap in its feed shows.
+    side: Literal["buy", "sell"] | None = None
+    trade_id: str | None = Field(None, max_length=128)
+    source_seq: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +87,10 @@ class Tick(BaseModel):
             data["event_ts"] = data.pop("timestamp")
         if isinstance(data.get("symbol"), str):
             data["symbol"] = data["symbol"].strip().upper()
+        if isinstance(data.get("side"), str):
+            data["side"] = data["side"].strip().lower()
+        if isinstance(data.get("trade_id"), int) and not isinstance(data["trade_id"], bool):
+            data["trade_id"] = str(data["trade_id"])  # venues number their trades
         if not data.get("tick_id") and data.get("symbol") and data.get("event_ts") is not None:
             # A replayed file may lack ids: derive one, so a replay deduplicates against itself.
             key = json.dumps([data.get(k) for k in ("symbol", "event_ts", "venue", "price", "size")], default=str)
@@ -115,5 +124,13 @@ def parse_tick(payload: bytes) -> Tick:
         raise InvalidMessageError("invalid_tick", f"{field}: {first['msg']}") from None
 
 
+def epoch_ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
 def tick_json(tick: Tick) -> bytes:
-    return tick.model_dump_json(exclude_none=True).encode()
+    """The wire form: every field set, and `timestamp` in epoch milliseconds beside `event_ts` (what the
+    seeds' producers and consumers used; a reader takes `event_ts` first, so the two never disagree)."""
+    body = tick.model_dump(mode="json", exclude_none=True)
+    body["timestamp"] = epoch_ms(tick.event_ts)
+    return json.dumps(body, separators=(",", ":")).encode()

@@ -1,0 +1,186 @@
+"""The trading API a user of an OMS expects, on real nats-server and redis-server: the blotter
+(`GET /orders`), batch entry, cancel-all, fills, each within the caller's account."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from test_trading_e2e import Platform, Trading, final, order, platform, trading, with_accounts  # noqa: F401
+from tradingstack.api import ServiceName
+
+from conftest import LiveServer, wait_for
+
+
+def resting(client_order_id: str, side: str = "buy", symbol: str = "BTCUSDT", quantity: float = 1) -> dict[str, Any]:
+    """A limit order far from the market (bid 99.9, ask 100.1): it rests until cancelled."""
+    price = 50.0 if side == "buy" else 500.0
+    return {**order(client_order_id, side, quantity, order_type="limit", limit_price=price), "symbol": symbol}
+
+
+def place(oms: LiveServer, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    status, placed = oms.post("/orders", body, headers)
+    assert status == 201, placed
+    return placed  # type: ignore[no-any-return]
+
+
+def every_page(oms: LiveServer, query: str, limit: int, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every order a query lists, page by page, following `next_cursor`."""
+    seen: list[dict[str, Any]] = []
+    cursor = ""
+    for _ in range(100):
+        status, page = oms.get(f"/orders?limit={limit}{query}{cursor}", headers)
+        assert status == 200, page
+        assert len(page["orders"]) <= limit
+        seen += page["orders"]
+        if page["next_cursor"] is None:
+            return seen
+        cursor = f"&cursor={page['next_cursor']}"
+    raise AssertionError("the pages never ended")
+
+
+def test_the_blotter_lists_orders_newest_first_filters_them_and_pages_without_gaps(trading: Trading) -> None:
+    _, oms, _, _ = trading
+    placed = [place(oms, order("m-1", "buy", 1))]  # filled at the market
+    placed.append(place(oms, order("big", "buy", 50)))  # above maxQuantity 10: rejected
+    placed += [place(oms, resting(f"r-{i}", side)) for i, side in enumerate(["buy", "sell", "buy"])]
+    middle = datetime.now(UTC)
+    time.sleep(0.01)
+    placed += [place(oms, resting("e-1", symbol="ETHUSDT")), place(oms, order("m-2", "sell", 1))]
+    final(oms, placed[0]["order_id"], "filled")
+    final(oms, placed[-1]["order_id"], "filled")
+    newest_first = [o["order_id"] for o in reversed(placed)]
+
+    for limit in (1, 2, 3, 50):
+        assert [o["order_id"] for o in every_page(oms, "", limit)] == newest_first, limit
+    assert [o["order_id"] for o in every_page(oms, "&status=open", 2)] == [placed[i]["order_id"] for i in (5, 4, 3, 2)]
+    assert [o["order_id"] for o in every_page(oms, "&status=rejected", 2)] == [placed[1]["order_id"]]
+    assert [o["order_id"] for o in every_page(oms, "&status=filled", 1)] == [placed[6]["order_id"],
+                                                                             placed[0]["order_id"]]  # fmt: skip
+    assert [o["order_id"] for o in every_page(oms, "&symbol=ETHUSDT", 5)] == [placed[5]["order_id"]]
+    assert {o["order_id"] for o in every_page(oms, "&side=sell", 5)} == {placed[3]["order_id"], placed[6]["order_id"]}
+    since = middle.isoformat().replace("+00:00", "Z")
+    assert [o["order_id"] for o in every_page(oms, f"&since={since}", 5)] == newest_first[:2]
+    # The blotter shows the orders as they are now.
+    statuses = {o["client_order_id"]: o["status"] for o in every_page(oms, "", 50)}
+    assert statuses == {"m-1": "filled", "big": "rejected", "r-0": "routed", "r-1": "routed", "r-2": "routed",
+                        "e-1": "routed", "m-2": "filled"}  # fmt: skip
+
+    for bad in ("cursor=nope", "cursor=" + "9" * 16 + ":ZZ", "limit=0", "limit=501", "status=lost", "symbol=btc%20usdt",
+                "since=yesterday"):  # fmt: skip
+        status, body = oms.get(f"/orders?{bad}")
+        assert status == 422, (bad, body)
+
+
+def test_a_batch_answers_each_order_on_its_own_and_is_idempotent_per_client_id(trading: Trading) -> None:
+    _, oms, _, _ = trading
+    batch = [
+        order("b-1", "buy", 1),
+        order("b-2", "buy", -1),  # invalid: 422 for it alone
+        order("b-3", "buy", 50),  # risk rejects it: an order all the same
+        "not an order",
+        order("b-1", "buy", 1),  # the same id and terms: the same order
+        order("b-1", "sell", 1),  # the same id, other terms: a conflict
+        {**order("b-5", "buy", 1), "extra": "field"},
+    ]
+    status, body = oms.post("/orders/batch", {"orders": batch})
+    assert status == 200, body
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(len(batch)))
+    codes = [r["status"] for r in results]
+    assert codes[1] == codes[3] == codes[6] == 422
+    assert codes[2] == 201
+    assert results[2]["order"]["status"] == "rejected"
+    # b-1 came three times: the first decides, the same terms again are its retry, other terms a conflict.
+    assert (codes[0], codes[4], codes[5]) == (201, 200, 409)
+    assert results[0]["order"]["order_id"] == results[4]["order"]["order_id"]
+    assert "b-2" not in str([o["client_order_id"] for o in every_page(oms, "", 50)])
+
+    again = oms.post("/orders/batch", {"orders": batch})[1]["results"]
+    assert [r["status"] for r in again] == [200, 422, 200, 422, 200, 409, 422]
+    assert [r["order"]["order_id"] for r in again if r["order"]] == [
+        r["order"]["order_id"] for r in results if r["order"]]  # fmt: skip
+    assert len(every_page(oms, "", 50)) == 2  # b-1 and b-3, once each
+
+    for bad in ({"orders": []}, {"orders": [order(f"x-{i}", "buy", 1) for i in range(101)]}, {"orders": "x"}, []):
+        status, body = oms.post("/orders/batch", bad)
+        assert status == 422, (bad, body)
+
+
+def test_cancel_all_cancels_the_open_orders_of_a_symbol_or_of_all_and_nothing_else(trading: Trading) -> None:
+    _, oms, exeq, _ = trading
+    btc = [place(oms, resting(f"btc-{i}", side)) for i, side in enumerate(["buy", "sell", "buy"])]
+    eth = place(oms, resting("eth-1", symbol="ETHUSDT"))
+    filled = place(oms, order("m-1", "buy", 1))
+    final(oms, filled["order_id"], "filled")
+    wait_for(lambda: len(exeq.get("/resting")[1]) == 4, 10, "four resting orders in exeq")
+
+    status, body = oms.post("/orders/cancel-all?symbol=BTCUSDT", {})
+    assert status == 200, body
+    assert sorted(body["cancelled"]) == sorted(o["order_id"] for o in btc)
+    assert body["failed"] == []
+    assert [o["order_id"] for o in every_page(oms, "&status=open", 10)] == [eth["order_id"]]
+    for placed in btc:
+        assert final(oms, placed["order_id"], "cancelled")["reason"] == "cancelled by client"
+
+    assert oms.post("/orders/cancel-all", {})[1]["cancelled"] == [eth["order_id"]]
+    assert every_page(oms, "&status=open", 10) == []
+    assert oms.post("/orders/cancel-all", {})[1] == {"cancelled": [], "failed": []}
+    assert oms.get(f"/orders/{filled['order_id']}")[1]["status"] == "filled"
+
+
+def test_fills_are_listed_newest_first_with_filters(trading: Trading) -> None:
+    platform, oms, _, _ = trading
+    buys = [place(oms, order(f"buy-{i}", "buy", 1)) for i in range(2)]
+    for placed in buys:
+        final(oms, placed["order_id"], "filled")
+    middle = datetime.now(UTC)
+    time.sleep(0.01)
+    platform.tick("BTCUSDT", 101.0, 100.9, 101.1)
+    sell = place(oms, order("sell-1", "sell", 1.5))
+    final(oms, sell["order_id"], "filled")
+    fills = oms.get("/fills")[1]
+    assert [f["order_id"] for f in fills["fills"]] == [sell["order_id"], buys[1]["order_id"], buys[0]["order_id"]]
+    assert fills["fills"][0]["price"] == pytest.approx(100.9)  # the sell at the bid
+    assert fills["fills"][0]["quantity"] == pytest.approx(1.5)
+    assert fills["next_cursor"] is None
+    assert [f["side"] for f in oms.get("/fills?side=sell")[1]["fills"]] == ["sell"]
+    since = middle.isoformat().replace("+00:00", "Z")
+    assert [f["order_id"] for f in oms.get(f"/fills?since={since}")[1]["fills"]] == [sell["order_id"]]
+    assert oms.get("/fills?symbol=ETHUSDT")[1]["fills"] == []
+    one = oms.get("/fills?limit=1")[1]
+    assert [f["order_id"] for f in one["fills"]] == [sell["order_id"]]
+    rest = oms.get(f"/fills?limit=5&cursor={one['next_cursor']}")[1]
+    assert [f["order_id"] for f in rest["fills"]] == [buys[1]["order_id"], buys[0]["order_id"]]
+
+
+def test_the_blotter_cancel_all_and_fills_stay_within_the_callers_account(
+    platform: Platform,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
+    authed, bearer = with_accounts(platform, monkeypatch, keys)
+    with contextlib.ExitStack() as stack:
+        servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ])
+        oms = servers[ServiceName.OMS]
+        mine = place(oms, resting("c-1"), bearer["desk-a"])
+        theirs = place(oms, resting("c-1"), bearer["desk-b"])
+        filled = place(oms, order("m-1", "buy", 1), bearer["desk-b"])
+        final(oms, filled["order_id"], "filled", bearer["desk-b"])
+
+        for path in ("/orders", "/fills", "/orders/batch", "/orders/cancel-all"):
+            call = oms.get if path in ("/orders", "/fills") else (lambda p: oms.post(p, {"orders": [resting("z")]}))
+            assert call(path)[0] == 401, path
+        assert [o["order_id"] for o in every_page(oms, "", 10, bearer["desk-a"])] == [mine["order_id"]]
+        assert oms.get("/fills", bearer["desk-a"])[1]["fills"] == []
+        assert [f["order_id"] for f in oms.get("/fills", bearer["desk-b"])[1]["fills"]] == [filled["order_id"]]
+        batch = oms.post("/orders/batch", {"orders": [resting("c-2")]}, bearer["desk-a"])[1]["results"]
+        assert batch[0]["order"]["account"] == "desk-a"
+
+        cancelled = oms.post("/orders/cancel-all", {}, bearer["desk-a"])[1]["cancelled"]
+        assert sorted(cancelled) == sorted([mine["order_id"], batch[0]["order"]["order_id"]])
+        assert oms.get(f"/orders/{theirs['order_id']}", bearer["desk-b"])[1]["status"] == "routed"
