@@ -21,7 +21,6 @@ import pytest
 from deltalake import DeltaTable
 
 from questdb_double import QuestDBDouble
-from test_trading_e2e import Platform, platform  # noqa: F401 (a fixture)
 from tradingstack.api import DEFAULT_PORTS, ServiceName
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.jetstream import JetStreamProvisioner
@@ -35,6 +34,7 @@ from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.ticks import parse_tick, tick_json
 
 from conftest import LiveServer, NatsServer, RedisServer, free_port, http_json, wait_for
+from test_trading_e2e import Platform, platform  # noqa: F401 (a fixture)
 
 SEEDS_RISK_EXAMPLE = {"symbol": "BTCUSDT", "quantity": 0.1, "side": "buy"}
 TICKER_SHAPE = {"symbol", "last_price", "bid", "ask", "volume_24h", "change_24h", "timestamp"}
@@ -49,7 +49,7 @@ def answered(response: tuple[int, Any], good: Any) -> Any:
 # 1. Risk values an order at the market.
 
 
-def test_the_seeds_risk_example_is_approved_low_at_the_market_price(platform: Platform) -> None:  # noqa: F811
+def test_the_seeds_risk_example_is_approved_low_at_the_market_price(platform: Platform) -> None:
     platform.tick("BTCUSDT", 45_000.0, 44_999.0, 45_001.0)
     with platform.serve(ServiceName.RISK) as server:
         wait_for(lambda: server.get("/readyz")[0] == 200, 20, "risk ready")
@@ -86,7 +86,7 @@ def test_a_market_order_is_valued_at_the_touch_for_its_side() -> None:
 # 2. The seeds' paths and shapes.
 
 
-def test_health_answers_healthy_with_its_dependencies_and_503_without(platform: Platform) -> None:  # noqa: F811
+def test_health_answers_healthy_with_its_dependencies_and_503_without(platform: Platform) -> None:
     with platform.serve(ServiceName.RISK) as server:
         body = wait_for(lambda: answered(server.get("/health"), lambda _: True), 20, "risk healthy")
         assert body["status"] == "healthy"

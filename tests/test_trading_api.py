@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from test_trading_e2e import Platform, Trading, final, order, platform, trading, with_accounts  # noqa: F401
 from tradingstack.api import ServiceName
 
 from conftest import LiveServer, wait_for
+from test_trading_e2e import Platform, Trading, final, order, platform, trading, with_accounts  # noqa: F401
 
 
 def resting(client_order_id: str, side: str = "buy", symbol: str = "BTCUSDT", quantity: float = 1) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def test_fills_are_listed_newest_first_with_filters(trading: Trading) -> None:
 
 
 def test_the_blotter_cancel_all_and_fills_stay_within_the_callers_account(
-    platform: Platform,  # noqa: F811
+    platform: Platform,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
