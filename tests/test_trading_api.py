@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import time
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -184,3 +187,131 @@ def test_the_blotter_cancel_all_and_fills_stay_within_the_callers_account(
         cancelled = oms.post("/orders/cancel-all", {}, bearer["desk-a"])[1]["cancelled"]
         assert sorted(cancelled) == sorted([mine["order_id"], batch[0]["order"]["order_id"]])
         assert oms.get(f"/orders/{theirs['order_id']}", bearer["desk-b"])[1]["status"] == "routed"
+
+
+class EventStream:
+    """A Server-Sent Events client on a raw HTTP connection: reads events as a browser's EventSource does."""
+
+    def __init__(self, server: LiveServer, headers: dict[str, str] | None = None) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        self.connection.request("GET", "/stream", headers={"Accept": "text/event-stream", **(headers or {})})
+        self.response = self.connection.getresponse()
+        self.status = self.response.status
+        self.last_id: str | None = None
+
+    def next(self) -> dict[str, Any]:
+        """The next event: {"event", "data", "id"} (id: the event's own, or None)."""
+        fields: dict[str, str] = {}
+        while True:
+            line = self.response.fp.readline().decode()
+            if not line:
+                raise EOFError("the stream ended")
+            line = line.rstrip("\n")
+            if not line:
+                if "event" in fields or "data" in fields:
+                    if "id" in fields:
+                        self.last_id = fields["id"]
+                    return {"event": fields.get("event", "message"), "data": json.loads(fields.get("data", "null")),
+                            "id": fields.get("id")}  # fmt: skip
+                continue
+            if line.startswith(":"):
+                continue  # a comment (keepalive)
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+    def until(self, done: Any, limit: int = 500) -> list[dict[str, Any]]:
+        """Events up to and including the first that `done` accepts."""
+        seen = []
+        for _ in range(limit):
+            seen.append(self.next())
+            if done(seen[-1]):
+                return seen
+        raise AssertionError(f"no such event in {limit}: {seen[-5:]}")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def _is_filled(order_id: str) -> Any:
+    return lambda e: e["event"] == "order" and e["data"]["order_id"] == order_id and e["data"]["status"] == "filled"
+
+
+def test_the_live_stream_carries_orders_fills_positions_and_tickers_and_resumes_without_gaps(trading: Trading) -> None:
+    platform, oms, _, pnl = trading
+    first = place(oms, order("s-1", "buy", 1))
+    final(oms, first["order_id"], "filled")
+    wait_for(lambda: pnl.get("/positions")[1], 10, "a position")
+
+    stream = EventStream(oms)
+    assert stream.status == 200
+    assert stream.response.getheader("Content-Type", "").startswith("text/event-stream")
+    hello = stream.next()
+    assert hello["event"] == "hello"
+    start_orders, start_fills = hello["data"]["orders_seq"], hello["data"]["fills_seq"]
+    assert hello["id"] == f"{start_orders}-{start_fills}"
+    # The state as it is: the position so far and the last quote.
+    opening = stream.until(lambda e: e["event"] == "ticker")
+    positions = [e["data"] for e in opening if e["event"] == "position"]
+    assert [(p["symbol"], p["quantity"]) for p in positions] == [("BTCUSDT", 1.0)]
+    assert opening[-1]["data"] == {"symbol": "BTCUSDT", "last_price": 100.0, "bid": 99.9, "ask": 100.1}
+
+    second = place(oms, order("s-2", "buy", 2))
+    events = stream.until(_is_filled(second["order_id"]))
+    events += stream.until(lambda e: e["event"] == "position" and e["data"]["quantity"] == 3.0)
+    kinds = [e["event"] for e in events]
+    assert "fill" in kinds
+    assert [e["data"]["status"] for e in events if e["event"] == "order"] == ["routed", "filled"]
+    platform.tick("BTCUSDT", 101.0, 100.9, 101.1)
+    assert stream.until(lambda e: e["event"] == "ticker")[-1]["data"]["last_price"] == 101.0
+    resume_from = stream.last_id
+    stream.close()
+
+    # Away: two orders happen. Back with Last-Event-ID: exactly what was missed, in order.
+    missed = [place(oms, order(f"away-{i}", "sell", 1)) for i in range(2)]
+    for placed in missed:
+        final(oms, placed["order_id"], "filled")
+    again = EventStream(oms, {"Last-Event-ID": str(resume_from)})
+    assert again.next()["id"] == resume_from  # hello: where it resumes
+    caught_up = again.until(_is_filled(missed[-1]["order_id"]))
+    if not any(e["event"] == "fill" and e["data"]["order_id"] == missed[-1]["order_id"] for e in caught_up):
+        # FILLS and ORDERS are two streams: their events interleave in either order.
+        caught_up += again.until(lambda e: e["event"] == "fill" and e["data"]["order_id"] == missed[-1]["order_id"])
+    again.close()
+    shown = [(e["data"]["order_id"], e["data"]["status"]) for e in caught_up if e["event"] == "order"]
+    assert shown == [(o["order_id"], s) for o in missed for s in ("routed", "filled")]
+    # Every ORDERS and FILLS message after the first connection's start was shown exactly once.
+    order_seqs = [int(e["id"].split("-")[0]) for e in events + caught_up if e["event"] == "order"]
+    fill_seqs = [int(e["id"].split("-")[1]) for e in events + caught_up if e["event"] == "fill"]
+    assert order_seqs == list(range(start_orders + 1, start_orders + 1 + len(order_seqs)))
+    assert fill_seqs == list(range(start_fills + 1, start_fills + 1 + len(fill_seqs)))
+    assert len(fill_seqs) == 3  # s-2 and the two sells
+    stored = [s for s, _ in platform.messages("ORDERS")]
+    assert len(order_seqs) == len(stored) - start_orders
+
+    for bad in ("yesterday", "1-2-3", "-1-2", "9" * 30 + "-1"):
+        status, body = oms.get(urllib.request.Request(f"http://127.0.0.1:{oms.port}/stream",
+                                                      headers={"Last-Event-ID": bad}))  # fmt: skip
+        assert status == 422, (bad, body)
+
+
+def test_a_stream_shows_only_the_callers_account_and_needs_its_key(
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
+    authed, bearer = with_accounts(platform, monkeypatch, keys)
+    with contextlib.ExitStack() as stack:
+        servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL])
+        oms = servers[ServiceName.OMS]
+        assert EventStream(oms).status == 401
+        watcher = EventStream(oms, bearer["desk-b"])
+        watcher.next()  # hello
+        theirs = place(oms, order("a-1", "buy", 1), bearer["desk-a"])
+        final(oms, theirs["order_id"], "filled", bearer["desk-a"])
+        mine = place(oms, order("b-1", "buy", 1), bearer["desk-b"])
+        events = watcher.until(_is_filled(mine["order_id"]))
+        events += watcher.until(lambda e: e["event"] == "position")
+        watcher.close()
+        assert theirs["order_id"] not in json.dumps(events)
+        assert {e["data"]["account"] for e in events if e["event"] in ("order", "fill", "position")} == {"desk-b"}
+        assert any(e["event"] == "skip" for e in events)  # desk-a's, passed over with their ids

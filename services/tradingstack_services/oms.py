@@ -21,15 +21,15 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import Response
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import Response, StreamingResponse
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from tradingstack_services import auth, blotter, bus, ilp, rediskv, tracing
+from tradingstack_services import auth, blotter, bus, ilp, livestream, rediskv, tracing
 from tradingstack_services.history import History
 from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.prices import PriceBook
@@ -276,6 +276,24 @@ def create(settings: ServiceSettings) -> FastAPI:
         return blotter.BatchResult(results=sorted(answered, key=lambda item: item.index))
 
     blotter.add_routes(app, oms.store, caller, decide, oms.cancel)
+    live = livestream.LiveStream(oms._nats, redis, oms.prices)
+
+    @app.get("/stream", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}})  # fmt: skip
+    async def stream(
+        account: str | None = caller,
+        last_event_id: str | None = Header(None, max_length=64, description="resume after this event"),
+    ) -> StreamingResponse:
+        """Live order, fill, position and ticker events of the caller's account (module `livestream`)."""
+        try:
+            livestream.parse_event_id(last_event_id)
+            oms._nats()
+        except livestream.BadEventIdError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        except UnavailableError as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+        return StreamingResponse(live.events(account, last_event_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: str, account: str | None = caller) -> Order:
