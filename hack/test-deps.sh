@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing.
 # etcd-server: the envtest Kubernetes API server's storage; shellcheck: the scripts' lint;
-# nats-server (JetStream) and redis-server: the real servers the provisioners and services use.
+# nats-server (JetStream) and redis-server: the real servers the provisioners and services use;
+# chromium and chromium-driver: the headless browser that drives the dashboard's test.
 set -euo pipefail
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
@@ -11,6 +12,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v nats-server >/dev/null || missing+=(nats-server)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -eq 0 ]]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
   echo "test-deps: missing ${missing[*]}; install them (apt-get install ${missing[*]}) and run again" >&2

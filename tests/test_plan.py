@@ -242,7 +242,7 @@ def test_network_policies_deny_by_default_and_open_only_the_platform_flows() -> 
         assert rules[0]["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]  # DNS
         return {p["port"] for p in rules[1]["ports"]}
 
-    assert egress("gateway") == {4333}
+    assert egress("gateway") == {4333, 8099}  # and the OMS, for the dashboard's calls
     assert egress("risk") == {4333, 6379}
     assert egress("pnl") == {4333, 6379, 443}
     assert egress("sink-ticks") == {4333, 8333}
@@ -251,8 +251,11 @@ def test_network_policies_deny_by_default_and_open_only_the_platform_flows() -> 
         "podSelector": {"matchLabels": {"app": "prom"}},
     }
     desks = {"namespaceSelector": {"matchLabels": {"team": "desks"}}, "podSelector": {}}
+    gateway = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tradingstack",
+                                               "app.kubernetes.io/instance": "demo",
+                                               "app.kubernetes.io/component": "gateway"}}}  # fmt: skip
     assert _policy(objects, "oms")["ingress"] == [
-        {"from": [monitoring, desks], "ports": [{"protocol": "TCP", "port": 8099}]}
+        {"from": [monitoring, desks, gateway], "ports": [{"protocol": "TCP", "port": 8099}]}
     ]
     assert _policy(objects, "risk")["ingress"] == [{"from": [monitoring], "ports": [{"protocol": "TCP", "port": 8095}]}]
     assert _policy(objects, "risk")["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "risk"
@@ -260,6 +263,15 @@ def test_network_policies_deny_by_default_and_open_only_the_platform_flows() -> 
     defaults = by_key(plan_for({}).objects)
     assert _policy(defaults, "gateway")["ingress"][0]["from"] == [{"podSelector": {}}]  # the stack's namespace
     assert not [k for k in by_key(plan_for({"networkPolicy": {"enabled": False}}).objects) if k[0] == "NetworkPolicy"]
+
+
+def test_the_gateway_reaches_the_oms_by_its_service_and_only_when_there_is_one() -> None:
+    objects = by_key(plan_for({"services": {"oms": {"port": 9100}}}).objects)
+    assert objects[("ConfigMap", "demo-gateway")]["data"]["TRADING_API_URL"] == "http://demo-oms:9100"
+    assert objects[("Service", "demo-oms")]["spec"]["ports"][0]["port"] == 9100
+    without = by_key(plan_for({"services": {"oms": {"enabled": False}}}).objects)
+    assert "TRADING_API_URL" not in without[("ConfigMap", "demo-gateway")]["data"]
+    assert {p["port"] for p in _policy(without, "gateway")["egress"][1]["ports"]} == {4222}
 
 
 def test_an_order_policy_reaches_the_oms_config_and_its_network_policy() -> None:

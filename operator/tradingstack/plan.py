@@ -201,6 +201,17 @@ def plan_consumers(stack: StackRef, spec: TradingStackSpec) -> list[ConsumerPlan
     return consumers
 
 
+def service_port(spec: TradingStackSpec, service: ServiceName) -> int:
+    return spec.service(service).port or api.DEFAULT_PORTS[service]
+
+
+def trading_api(stack: StackRef, spec: TradingStackSpec) -> str | None:
+    """The OMS's address inside the namespace (its Service), when the stack runs one."""
+    if ServiceName.OMS not in spec.enabled_services():
+        return None
+    return f"http://{stack.name}-{ServiceName.OMS.value}:{service_port(spec, ServiceName.OMS)}"
+
+
 def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName, port: int) -> dict[str, str]:
     """The environment a service reads (names documented in the README)."""
     infra = spec.infrastructure
@@ -226,6 +237,8 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
         config |= {"NATS_STREAM": stream, "NATS_DURABLE": durable_name(stack, service), "NATS_FILTER_SUBJECT": subject,
                    "NATS_MAX_DELIVER": str(spec.delivery.max_deliver)}  # fmt: skip
     config |= {f"{server.upper()}_CA_FILE": ca_file(server) for server in tls_servers(spec, service)}
+    if service == ServiceName.GATEWAY and (oms := trading_api(stack, spec)) is not None:
+        config["TRADING_API_URL"] = oms  # the dashboard's calls to the OMS go through the gateway
     if service == ServiceName.OMS and spec.accounts:
         config["AUTH_ACCOUNTS"] = ",".join(account.name for account in spec.accounts)
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
@@ -435,6 +448,8 @@ def egress_ports(spec: TradingStackSpec, service: ServiceName) -> list[int]:
         ports.add(server_port(infra.s3.endpoint))
     if service == ServiceName.OMS and spec.order_authorization is not None:
         ports.add(server_port(spec.order_authorization.url))
+    if service == ServiceName.GATEWAY and ServiceName.OMS in spec.enabled_services():
+        ports.add(service_port(spec, ServiceName.OMS))  # the dashboard's API calls
     return sorted(ports)
 
 
@@ -455,6 +470,9 @@ def _network_policy(stack: StackRef, spec: TradingStackSpec, workload: Workload)
     peers = _peers(policy.metrics_from)
     if workload.service in API_SERVICES:
         peers += [peer for peer in _peers(policy.api_from) if peer not in peers]
+    gateway = {"podSelector": {"matchLabels": selector_labels(stack.name, ServiceName.GATEWAY)}}
+    if workload.service == ServiceName.OMS and ServiceName.GATEWAY in spec.enabled_services() and policy.api_from:
+        peers.append(gateway)  # the gateway forwards its dashboard's calls
     dns = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
     servers = [{"protocol": "TCP", "port": port} for port in egress_ports(spec, workload.service)]
     return {
@@ -499,7 +517,7 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
     workloads = []
     for service in spec.enabled_services():
         svc = spec.service(service)
-        port = svc.port or api.DEFAULT_PORTS[service]
+        port = service_port(spec, service)
         workloads.append(
             Workload(
                 service=service,

@@ -18,11 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from nats.aio.client import Client
 from prometheus_client import Counter
 from pydantic import BaseModel, Field
 
-from tradingstack_services import bus, tracing
+from tradingstack_services import bus, tracing, webproxy
 from tradingstack_services.settings import ServiceSettings, parse_prices
 from tradingstack_services.ticks import InvalidMessageError, Tick, epoch_ms, parse_tick, tick_json
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("tradingstack_gateway_ticks_published_total", "Ticks published", ["source"])
 REJECTED = Counter("tradingstack_gateway_replay_rejected_total", "Replay lines that were not valid ticks")
 TRACER = tracing.tracer("tradingstack.gateway")
+DASHBOARD = Path(__file__).parent / "dashboard"  # static files: no build step, nothing to run
 
 
 # Where the mock walk starts: near where these markets traded when the seeds were written, so a
@@ -198,6 +201,13 @@ def create(settings: ServiceSettings) -> FastAPI:
         replay_file = Path(settings.REPLAY_FILE)
         workers.append(lambda nc, _stop: gateway.replay(nc, replay_file))
     app = bus.worker_app(settings, workers)
+
+    webproxy.add_routes(app, settings.TRADING_API_URL)
+    app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse("/dashboard/")
 
     @app.get("/tickers")
     async def tickers() -> list[TickerView]:

@@ -96,6 +96,7 @@ class ServiceSettings(BaseSettings):
     # gateway
     TICK_RATE: float = Field(10.0, ge=0, description="mock ticks per second per symbol; 0 publishes none")
     REPLAY_FILE: str | None = None
+    TRADING_API_URL: str | None = Field(None, description="the OMS the dashboard's /api/trading/ calls go to")
     MOCK_START_PRICES: str | None = Field(
         None, description="first mock price per symbol, `BTCUSDT=45000,ETHUSDT=2500`; others start near the seeds'"
     )
