@@ -93,6 +93,9 @@ def send(server: LiveServer, method: str, path: str, data: bytes | None) -> tupl
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                # A live stream never ends: its first event is the answer (it must be one).
+                return int(response.status), response.readline().decode(errors="replace")
             return int(response.status), response.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode(errors="replace")
