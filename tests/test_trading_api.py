@@ -290,9 +290,13 @@ def test_the_live_stream_carries_orders_fills_positions_and_tickers_and_resumes_
 
     # A client that goes away leaves nothing behind (its consumers and subscriptions are gone).
     wait_for(lambda: "tradingstack_oms_stream_clients 0.0" in oms.get("/metrics")[1], 10, "no stream left open")
+
+    def only_durables(stream_name: str) -> bool:
+        consumers = platform.run(lambda nc: nc.jetstream().consumers_info(stream_name))
+        return all(c.config.durable_name for c in consumers)
+
     for stream_name in ("ORDERS", "FILLS"):
-        wait_for(lambda s=stream_name: all(c.config.durable_name for c in platform.run(
-            lambda nc, s=s: nc.jetstream().consumers_info(s))), 15, f"the stream's consumers on {stream_name} gone")  # fmt: skip
+        wait_for(lambda s=stream_name: only_durables(s), 15, f"the stream's consumers on {stream_name} gone")
 
     for bad in ("yesterday", "1-2-3", "-1-2", "9" * 30 + "-1"):
         status, body = oms.get(urllib.request.Request(f"http://127.0.0.1:{oms.port}/stream",
