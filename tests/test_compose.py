@@ -104,3 +104,8 @@ def test_provision_then_ticks_and_an_order_traded_to_a_position(compose: dict[st
         return rows[0] if rows and rows[0]["quantity"] == pytest.approx(0.25) else None
 
     assert wait_for(position, 30, "the position")["quantity"] == pytest.approx(0.25)
+    # The dashboard's way in: the gateway forwards to the OMS by the name the plan gave it.
+    status, blotter = http(f"{compose['gateway']}/api/trading/orders")
+    assert status == 200, blotter
+    assert placed["order_id"] in [o["order_id"] for o in blotter["orders"]]
+    assert http(f"{compose['gateway']}/health")[1]["status"] == "healthy"

@@ -298,6 +298,16 @@ def test_the_live_stream_carries_orders_fills_positions_and_tickers_and_resumes_
     for stream_name in ("ORDERS", "FILLS"):
         wait_for(lambda s=stream_name: only_durables(s), 15, f"the stream's consumers on {stream_name} gone")
 
+    with platform.serve(ServiceName.OMS, STREAM_MAX_CLIENTS=1) as small:
+        wait_for(lambda: small.get("/readyz")[0] == 200, 20, "a second oms ready")
+        held = EventStream(small)
+        assert held.next()["event"] == "hello"
+        refused = EventStream(small)
+        assert refused.status == 503
+        assert refused.response.getheader("Retry-After") == "5"
+        held.close()
+        wait_for(lambda: EventStream(small).status == 200, 10, "a stream once the first has gone")
+
     for bad in ("yesterday", "1-2-3", "-1-2", "9" * 30 + "-1"):
         status, body = oms.get(urllib.request.Request(f"http://127.0.0.1:{oms.port}/stream",
                                                       headers={"Last-Event-ID": bad}))  # fmt: skip

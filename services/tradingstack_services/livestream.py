@@ -90,10 +90,16 @@ class Follower:
 
 
 class LiveStream:
-    def __init__(self, nats: Callable[[], Client], redis: aioredis.Redis, prices: PriceBook) -> None:
+    def __init__(self, nats: Callable[[], Client], redis: aioredis.Redis, prices: PriceBook, max_clients: int) -> None:
         self.nats = nats  # raises when not connected: the endpoint answers 503
         self.redis = redis
         self.prices = prices
+        # Each client costs two consumers on the NATS server: a bound, so clients cannot exhaust it.
+        self.max_clients = max_clients
+        self.clients = 0
+
+    def full(self) -> bool:
+        return self.clients >= self.max_clients
 
     async def start_positions(self, nc: Client) -> dict[str, int]:
         """Where each source's stream stands now (its last sequence)."""
@@ -110,6 +116,7 @@ class LiveStream:
         begins = dict(follower.last)  # the sources' callbacks move `last` on from here
         subscriptions: list[Any] = []
         CLIENTS.inc()
+        self.clients += 1
         try:
             for name, stream, subject in SOURCES:
                 first = (await js.stream_info(stream)).state.first_seq
@@ -140,6 +147,7 @@ class LiveStream:
                 yield chunk
         finally:
             CLIENTS.dec()
+            self.clients -= 1
             for sub in subscriptions:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

@@ -276,7 +276,7 @@ def create(settings: ServiceSettings) -> FastAPI:
         return blotter.BatchResult(results=sorted(answered, key=lambda item: item.index))
 
     blotter.add_routes(app, oms.store, caller, decide, oms.cancel)
-    live = livestream.LiveStream(oms._nats, redis, oms.prices)
+    live = livestream.LiveStream(oms._nats, redis, oms.prices, settings.STREAM_MAX_CLIENTS)
 
     @app.get("/stream", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}})  # fmt: skip
@@ -292,6 +292,9 @@ def create(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(422, str(exc)) from exc
         except UnavailableError as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+        if live.full():
+            raise HTTPException(503, f"{live.max_clients} streams are open already (STREAM_MAX_CLIENTS)",
+                                headers={"Retry-After": "5"})  # fmt: skip
         return StreamingResponse(live.events(account, last_event_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 

@@ -84,6 +84,7 @@ class ServiceSettings(BaseSettings):
     AUTHZ_URL: str | None = Field(None, description="an OPA-compatible policy server asked before orders and cancels")
     AUTHZ_DECISION_PATH: str = "tradingstack/orders/allow"
     AUTHZ_TIMEOUT_SECONDS: float = Field(1.0, gt=0)
+    STREAM_MAX_CLIENTS: int = Field(200, ge=1, description="live streams (GET /stream) the OMS serves at once")
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
     EXEQ_PRICE_ATTEMPTS: int = Field(
