@@ -8,6 +8,7 @@ import http.client
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,16 @@ from tradingstack.api import ServiceName
 
 from conftest import LiveServer, wait_for
 from test_trading_e2e import Platform, Trading, final, order, platform, trading, with_accounts  # noqa: F401
+
+
+@contextlib.contextmanager
+def two_desks(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, services: list[ServiceName]
+) -> Iterator[tuple[LiveServer, dict[str, dict[str, str]]]]:
+    """The services up with accounts desk-a and desk-b: the OMS, and each desk's Authorization header."""
+    authed, bearer = with_accounts(platform, monkeypatch, {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"})
+    with contextlib.ExitStack() as stack:
+        yield authed.serve_all(stack, services)[ServiceName.OMS], bearer
 
 
 def resting(client_order_id: str, side: str = "buy", symbol: str = "BTCUSDT", quantity: float = 1) -> dict[str, Any]:
@@ -165,11 +176,7 @@ def test_the_blotter_cancel_all_and_fills_stay_within_the_callers_account(
     platform: Platform,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
-    authed, bearer = with_accounts(platform, monkeypatch, keys)
-    with contextlib.ExitStack() as stack:
-        servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ])
-        oms = servers[ServiceName.OMS]
+    with two_desks(platform, monkeypatch, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ]) as (oms, bearer):
         mine = place(oms, resting("c-1"), bearer["desk-a"])
         theirs = place(oms, resting("c-1"), bearer["desk-b"])
         filled = place(oms, order("m-1", "buy", 1), bearer["desk-b"])
@@ -318,11 +325,10 @@ def test_a_stream_shows_only_the_callers_account_and_needs_its_key(
     platform: Platform,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    keys = {"desk-a": "ka-7f3e9c2d1b", "desk-b": "kb-0a4c6e8f2d"}
-    authed, bearer = with_accounts(platform, monkeypatch, keys)
-    with contextlib.ExitStack() as stack:
-        servers = authed.serve_all(stack, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL])
-        oms = servers[ServiceName.OMS]
+    with two_desks(platform, monkeypatch, [ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL]) as (
+        oms,
+        bearer,
+    ):
         assert EventStream(oms).status == 401
         watcher = EventStream(oms, bearer["desk-b"])
         watcher.next()  # hello

@@ -8,10 +8,11 @@ account has its own indexes in Redis), as `GET /orders/{id}` already does.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from tradingstack_services.orderstore import ConflictError, OrderStore, UnknownOrderError
@@ -24,6 +25,17 @@ CursorQuery = Annotated[str | None, Query(max_length=100, description="`next_cur
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="at most this many per page")]
 SymbolQuery = Annotated[str | None, Query(pattern=SYMBOL)]
 SinceQuery = Annotated[datetime | None, Query(description="ISO 8601; only what happened at or after it")]
+
+
+@dataclass
+class PageQuery:
+    """What a listing is filtered by, and which page of it."""
+
+    symbol: SymbolQuery = None
+    side: Annotated[Side | None, Query()] = None
+    since: SinceQuery = None
+    limit: LimitQuery = 50
+    cursor: CursorQuery = None
 
 
 class OrderPage(BaseModel):
@@ -78,49 +90,38 @@ def _page_or_422(error: ValueError) -> HTTPException:
 def add_routes(app: FastAPI, store: OrderStore, caller: Any, decide: Decide, cancel: Cancel) -> None:
     @app.get("/orders")
     async def list_orders(
+        query: Annotated[PageQuery, Depends()],
         status: OrderStatus | Literal["open"] | None = None,
-        symbol: SymbolQuery = None,
-        side: Side | None = None,
-        since: SinceQuery = None,
-        limit: LimitQuery = 50,
-        cursor: CursorQuery = None,
         account: str | None = caller,
     ) -> OrderPage:
         """The blotter: the caller's orders, newest first, `limit` a page. `status=open` is every order
         not final yet. Final orders are listed as long as they are kept (ORDER_RETENTION_SECONDS)."""
         only_open = status == "open" or (status is not None and status not in TERMINAL)
-        since = utc(since)
+        symbol, side = query.symbol, query.side
 
         def wanted(order: Order) -> bool:
             return ((status in (None, "open") or order.status == status) and (symbol is None or order.symbol == symbol)
                     and (side is None or order.side == side))  # fmt: skip
 
         try:
-            page = await store.page(account, wanted, limit, cursor, since, only_open)
+            page = await store.page(account, wanted, query.limit, query.cursor, utc(query.since), only_open)
         except ValueError as exc:
             raise _page_or_422(exc) from exc
         return OrderPage(orders=page.orders, next_cursor=page.next_cursor)
 
     @app.get("/fills")
-    async def list_fills(
-        symbol: SymbolQuery = None,
-        side: Side | None = None,
-        since: SinceQuery = None,
-        limit: LimitQuery = 50,
-        cursor: CursorQuery = None,
-        account: str | None = caller,
-    ) -> FillPage:
+    async def list_fills(query: Annotated[PageQuery, Depends()], account: str | None = caller) -> FillPage:
         """The caller's fills, newest order first and each order's newest fill first. A page holds the
         matching fills of up to `limit` orders: one order's fills are never split between pages."""
 
-        since = utc(since)
+        symbol, side, since = query.symbol, query.side, utc(query.since)
 
         def matches(fill: Fill) -> bool:
             return ((symbol is None or fill.symbol == symbol) and (side is None or fill.side == side)
                     and (since is None or fill.ts >= since))  # fmt: skip
 
         try:
-            page = await store.page(account, lambda o: any(matches(f) for f in o.fills), limit, cursor)
+            page = await store.page(account, lambda o: any(matches(f) for f in o.fills), query.limit, query.cursor)
         except ValueError as exc:
             raise _page_or_422(exc) from exc
         fills = [f for order in page.orders for f in reversed(order.fills) if matches(f)]
