@@ -32,6 +32,7 @@ ENVTEST = os.environ.get("TRADINGSTACK_ENVTEST", "")
 ROOT = Path(__file__).resolve().parents[1]
 # The timer wakes every second in tests; each stack's drift interval still comes from its spec.
 os.environ.setdefault("TRADINGSTACK_RESYNC_TICK", "1")
+os.environ.setdefault("TRADINGSTACK_UPKEEP_TICK", "1")
 
 T = TypeVar("T")
 

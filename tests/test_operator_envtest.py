@@ -328,3 +328,41 @@ def test_network_policies_are_applied_owned_and_removed_when_disabled(
     wait_for(lambda: not kube.list("NetworkPolicy", namespace, selector), 30, "the policies removed")
     patch_spec(kube, namespace, "fenced", {"networkPolicy": {"enabled": True}})
     wait_for(lambda: len(kube.list("NetworkPolicy", namespace, selector)) == 9, 30, "the policies back")
+
+
+def test_lake_upkeep_compacts_each_table_when_due_and_reports_it(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    """spec.lake.upkeep, run by the operator's timer: small commits compacted, status.lake and events."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from tradingstack.lake import MARKET_TICKS, storage_options
+
+    from test_upkeep import ticks
+
+    s3 = infra["infrastructure"]["s3"]
+    options = storage_options(s3["endpoint"], "us-east-1", True, "testing", "testing-secret")
+    create_stack(kube, namespace, "lakes", {**infra, "lake": {"upkeep": {"enabled": False}}})
+    uri = MARKET_TICKS.uri(s3["bucket"])
+    wait_for(lambda: condition(get_stack(kube, namespace, "lakes"), "BucketsReady").get("status") == "True", 60,
+             "the lake's tables")  # fmt: skip
+    for commit in range(8):
+        write_deltalake(uri, ticks(commit, "sink"), mode="append", storage_options=options)
+    assert len(DeltaTable(uri, storage_options=options).file_uris()) == 16
+    assert not (get_stack(kube, namespace, "lakes").get("status") or {}).get("lake")  # disabled: nothing ran
+
+    patch_spec(kube, namespace, "lakes", {"lake": {"upkeep": {"enabled": True, "intervalSeconds": 3600}}})
+    lake = wait_for(lambda: len(found := (get_stack(kube, namespace, "lakes").get("status") or {}).get("lake") or [])
+                    == 2 and found, 60, "both tables' upkeep in status")  # fmt: skip
+    ticks_entry = next(e for e in lake if e["name"] == MARKET_TICKS.path)
+    assert ticks_entry["files"] == 2  # one per partition (BTCUSDT, ETHUSDT)
+    assert "compacted 16 file(s) into 2" in ticks_entry["message"]
+    assert ticks_entry["lastUpkeep"].endswith("Z")
+    assert len(DeltaTable(uri, storage_options=options).to_pyarrow_table()) == 8 * 5
+    events = [e for e in events_for(kube, namespace, "lakes") if e["reason"] == "LakeUpkeep"]
+    assert {e["message"].split(":")[0] for e in events} == {"lake/market_ticks", "lake/alt_data"}
+    # Not due again for an hour: later ticks of the timer leave the table and status alone.
+    version = DeltaTable(uri, storage_options=options).version()
+    time.sleep(3)
+    assert DeltaTable(uri, storage_options=options).version() == version
+    assert get_stack(kube, namespace, "lakes")["status"]["lake"] == lake

@@ -644,6 +644,37 @@ class Delivery(Model):
     )
 
 
+MIB = 1024 * 1024
+# Vacuum deletes the files a compaction replaced once they are this old. A reader (a query, a sink
+# starting up) that began on an older version still opens them: below an hour, a long query would
+# fail. Delta's own default is 7 days (delta.deletedFileRetentionDuration).
+MIN_VACUUM_RETENTION_HOURS = 1
+
+
+class LakeUpkeep(Model):
+    """Compaction, checkpoints and vacuum of the Delta tables the platform writes (lake/market_ticks,
+    lake/alt_data), run by the operator, never twice at once for one table."""
+
+    enabled: bool = Field(True, description="Run upkeep on the schedule below.")
+    interval_seconds: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="How often each table is compacted, checkpointed and vacuumed."
+    )
+    target_file_size_bytes: int = Field(
+        128 * MIB, ge=MIB, le=1024 * MIB, description="Size compaction aims for per Parquet file."
+    )
+    vacuum_retention_hours: int = Field(
+        168,
+        ge=MIN_VACUUM_RETENTION_HOURS,
+        le=24 * 365,
+        description="Files a compaction replaced are deleted once this old (at least 1 hour: readers of an "
+        "older version still open them).",
+    )
+
+
+class Lake(Model):
+    upkeep: LakeUpkeep = Field(default_factory=LakeUpkeep, description="Table upkeep.")
+
+
 class TradingStackSpec(Model):
     """Desired state of a trading platform. An empty spec runs all eight services with defaults."""
 
@@ -695,6 +726,9 @@ class TradingStackSpec(Model):
         description="QuestDB tables; defaults to ticks, ohlcv_1m, orders, fills and positions.",
         json_schema_extra=keyed_list("name"),
     )
+    # Optional, not defaulted to {}: with one more defaulted object in spec, Kubernetes 1.24 failed
+    # the spec's CEL rule with "internal error: index out of range" on every status write.
+    lake: Lake | None = Field(None, description="The Delta Lake tables' upkeep; upkeep runs with defaults when unset.")
     risk_limits: list[RiskLimit] = Field(
         default_factory=list,
         max_length=256,
@@ -774,6 +808,15 @@ class InfraItemStatus(Model):
 _ITEM_LIST = keyed_list("name")
 
 
+class LakeTableStatus(Model):
+    name: str = Field(description="Table path in the lake bucket.")
+    last_upkeep: str | None = Field(None, description="When upkeep last finished (RFC 3339).")
+    files: int | None = Field(None, description="Data files in the table's current version.")
+    size_bytes: int | None = Field(None, description="Their total size.")
+    version: int | None = Field(None, description="The table's version after upkeep.")
+    message: str = Field("", description="What the last run did, or why it failed.")
+
+
 class TradingStackStatus(Model):
     """Observed state, written only by the operator."""
 
@@ -793,6 +836,9 @@ class TradingStackStatus(Model):
     )
     tables: list[InfraItemStatus] = Field(
         default_factory=list, description="Per-QuestDB-table state.", json_schema_extra=_ITEM_LIST
+    )
+    lake: list[LakeTableStatus] = Field(
+        default_factory=list, description="Per-Delta-table upkeep.", json_schema_extra=_ITEM_LIST
     )
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -9,9 +9,13 @@ idempotent server-side apply, and status writes carry a resourceVersion precondi
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
@@ -30,6 +34,8 @@ MANAGED = {LABEL_MANAGED_BY: MANAGER}
 # How often the timer wakes to see whether a stack's drift check (spec.driftCheckIntervalSeconds) is due.
 RESYNC_TICK = float(os.environ.get("TRADINGSTACK_RESYNC_TICK", "5"))
 MAX_BACKOFF = 300.0
+# How often the upkeep timer wakes to see which tables are due (spec.lake.upkeep.intervalSeconds).
+UPKEEP_TICK = float(os.environ.get("TRADINGSTACK_UPKEEP_TICK", "60"))
 
 
 def backoff(retry: int) -> float:
@@ -138,6 +144,20 @@ def drift_check(body: kopf.Body, spec: kopf.Spec, memo: Any, **_: Any) -> None:
     interval = float(spec.get("driftCheckIntervalSeconds", 60))
     if time.monotonic() - memo.last_full_pass.get(key, 0.0) >= interval:
         _full_pass(memo, dict(body), retry=0)  # a failed check simply runs again next interval
+
+
+# Upkeep runs minutes on a big table: on threads of its own, not kopf's pool (reconciles keep theirs),
+# and not waited for when the operator stops (the next start finds the table not due, or runs it).
+UPKEEP_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lake-upkeep")
+
+
+@kopf.timer(*STACKS, interval=UPKEEP_TICK, initial_delay=UPKEEP_TICK)
+async def lake_upkeep(body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Compaction, checkpoint and vacuum of the stack's Delta tables when due. kopf never runs one
+    timer of an object twice at once; the drift check is another timer."""
+    # In this handler's context: kopf.event (the upkeep's events) reads kopf's settings from it.
+    run = functools.partial(contextvars.copy_context().run, memo.reconciler.upkeep, dict(body))
+    await asyncio.get_running_loop().run_in_executor(UPKEEP_THREADS, run)
 
 
 @kopf.on.delete(*STACKS)

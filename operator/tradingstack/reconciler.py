@@ -14,16 +14,20 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from deltalake.exceptions import TableNotFoundError
 from prometheus_client import Counter, Histogram
 
-from tradingstack import api, backends
+from tradingstack import api, backends, upkeep
 from tradingstack.backends import Provisioner, S3Credentials, StackCredentials
+from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.changes import BackendResult, Change
 from tradingstack.credentials import ServerCredentials
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
+from tradingstack.lake import LAKE_TABLES
 from tradingstack.plan import InvalidSpecError, Plan, child_selector, plan_from_body
 from tradingstack.status import DeploymentState, Observation, Reason, build_status
 from tradingstack.workloads import WorkloadProvisioner, diff_object
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 
 RECONCILES = Counter("tradingstack_reconciles_total", "Reconcile passes", ["result"])
 RECONCILE_SECONDS = Histogram("tradingstack_reconcile_duration_seconds", "Duration of reconcile passes")
+# delta-rs retries one S3 call for up to 3 minutes by default: an unreachable S3 fails an upkeep
+# sooner (it runs again next interval) instead of holding a thread for minutes per call.
+UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS = 2, 20.0
+UPKEEPS = Counter("tradingstack_lake_upkeeps_total", "Delta table upkeep runs", ["result"])
 STATUS_WRITES = Counter("tradingstack_status_writes_total", "Status subresource writes")
 INFRA_CHANGES = Counter(
     "tradingstack_infra_changes_total", "Streams, buckets and tables created, updated or deleted", ["backend", "action"]
@@ -97,6 +105,13 @@ class StatusWriter:
             STATUS_WRITES.inc()
             return True
         return False
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def deployment_states(objects: Iterable[dict[str, Any]]) -> dict[str, DeploymentState]:
@@ -315,6 +330,52 @@ class Reconciler:
             self.kube.apply(desired)
             self.events(body, "Normal", "Repaired", f"{change}: restored to the spec")
         return change
+
+    def upkeep(self, body: dict[str, Any], now: datetime | None = None) -> list[dict[str, Any]]:
+        """Lake upkeep of the tables that are due (spec.lake.upkeep), each reported in status.lake and an
+        event; returns the entries written. A table whose run fails is tried again next interval."""
+        now = now or datetime.now(UTC)
+        meta, spec = body["metadata"], body.get("spec") or {}
+        if spec.get("paused") or meta.get("deletionTimestamp"):
+            return []
+        try:
+            plan = plan_from_body(body)
+        except InvalidSpecError:
+            return []  # the full pass reports it
+        policy = (plan.spec.lake or api.Lake()).upkeep
+        creds = stack_credentials(self.kube, plan)
+        if not policy.enabled or "s3" in creds.missing:
+            return []  # a missing Secret: the full pass reports it as SecretNotFound
+        s3 = S3Provisioner(plan.spec.infrastructure.s3, creds.s3)
+        known = {e.get("name"): e for e in (body.get("status") or {}).get("lake") or []}
+        entries = []
+        options = s3.storage_options(UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS)
+        for table in LAKE_TABLES:
+            last = _parse_time(known.get(table.path, {}).get("lastUpkeep"))
+            if last is not None and (now - last).total_seconds() < policy.interval_seconds:
+                entries.append(known[table.path])
+                continue
+            entry: dict[str, Any] = {"name": table.path, "lastUpkeep": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            try:
+                report = upkeep.run(table.uri(s3.endpoint.bucket), options, policy.target_file_size_bytes,
+                                    policy.vacuum_retention_hours)  # fmt: skip
+            except TableNotFoundError:
+                continue  # not made yet: the full pass creates it
+            except Exception as exc:  # S3 away, a commit refused five times: reported, tried next interval
+                UPKEEPS.labels("failed").inc()
+                said = str(exc) if creds.s3 is None else str(exc).replace(creds.s3.secret_access_key, "***")
+                entry["message"] = f"failed: {type(exc).__name__}: {said[:400]}"
+                self.events(body, "Warning", "LakeUpkeepFailed", f"{table.path}: {entry['message']}")
+                entries.append(entry)
+                continue
+            UPKEEPS.labels("done").inc()
+            entry |= {"files": report.files_after, "sizeBytes": report.size_bytes, "version": report.version,
+                      "message": report.summary()}  # fmt: skip
+            self.events(body, "Normal", "LakeUpkeep", f"{table.path}: {report.summary()}")
+            entries.append(entry)
+        if entries:
+            self.status.write(meta["namespace"], meta["name"], lambda _: {"lake": entries})
+        return entries
 
     def delete(self, body: dict[str, Any]) -> list[str]:
         """Finalizer: honour deletionPolicy. Returns what was deleted or retained, for the event."""

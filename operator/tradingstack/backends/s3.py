@@ -56,7 +56,9 @@ class S3Provisioner:
             request_timeout=10,
         )
 
-    def storage_options(self) -> dict[str, str]:
+    def storage_options(
+        self, max_retries: int | None = None, retry_timeout_seconds: float | None = None
+    ) -> dict[str, str]:
         creds = self.credentials
         return lake.storage_options(
             self.endpoint.endpoint,
@@ -64,6 +66,8 @@ class S3Provisioner:
             self.endpoint.allow_http,
             creds.access_key_id if creds else None,
             creds.secret_access_key if creds else None,
+            max_retries,
+            retry_timeout_seconds,
         )
 
     def _uri(self, table: LakeTable) -> str:
