@@ -5,6 +5,7 @@
 `normalizer`: ticks -> QuestDB ticks and bars against the same floor.
 `durability`: what sync_interval: always costs (JetStream acks and the OMS), on nats-server 2.10+.
 `soak`: each trading service's RSS under steady orders and a feed of ever-new symbols (flat = bounded).
+`upkeep`: one symbol's day read from a sink-shaped Delta table before and after compaction, against one file.
 `operator`: TradingStack apply -> Ready and a no-op resync on a real kube-apiserver (../shared/envtest).
 """
 
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import durability, lake, normalizer, operator_bench, soak, trading
+from bench import durability, lake, normalizer, operator_bench, soak, trading, upkeep_bench
 from bench.report import Measure, table, write
 
 BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
@@ -26,6 +27,7 @@ BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
     "durability": durability.run,
     "soak": soak.run,
     "operator": operator_bench.run,
+    "upkeep": upkeep_bench.run,
 }
 
 
