@@ -116,6 +116,8 @@ def test_a_person_watches_prices_places_an_order_sees_it_filled_and_cancels_a_re
         assert [(p["symbol"], p["quantity"]) for p in positions] == [("BTCUSDT", 0.25)]
         if target := os.environ.get("TRADINGSTACK_SCREENSHOT"):
             browser.save_screenshot(str(Path(target)))
+        # Leave the page before the servers stop: its live stream would hold their shutdown open.
+        browser.get("about:blank")
 
 
 def test_the_gateway_forwards_only_the_trading_api(platform: Platform) -> None:

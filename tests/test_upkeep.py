@@ -21,7 +21,7 @@ from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import MARKET_TICKS, storage_options
 from tradingstack.plan import StackRef, build_plan, parse_spec
 
-COMMITS, ROWS_PER_COMMIT, CONCURRENT_COMMITS = 60, 5, 15
+COMMITS, ROWS_PER_COMMIT, CONCURRENT_COMMITS = 40, 5, 10
 DAY = datetime(2026, 1, 2, tzinfo=UTC)
 
 
