@@ -29,7 +29,7 @@ from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
 from tradingstack.lake import LAKE_TABLES
 from tradingstack.plan import InvalidSpecError, Plan, child_selector, plan_from_body
-from tradingstack.status import DeploymentState, Observation, Reason, build_status
+from tradingstack.status import DeploymentState, Observation, Reason, build_status, parse_rfc3339, rfc3339
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,6 @@ class StatusWriter:
             STATUS_WRITES.inc()
             return True
         return False
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    try:
-        return datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def deployment_states(objects: Iterable[dict[str, Any]]) -> dict[str, DeploymentState]:
@@ -343,19 +336,26 @@ class Reconciler:
         except InvalidSpecError:
             return []  # the full pass reports it
         policy = (plan.spec.lake or api.Lake()).upkeep
+        known = {e.get("name"): e for e in (body.get("status") or {}).get("lake") or []}
+
+        def due(path: str) -> bool:
+            last = parse_rfc3339(known.get(path, {}).get("lastUpkeep"))
+            return last is None or (now - last).total_seconds() >= policy.interval_seconds
+
+        # Most ticks find nothing due: then no Secret is read and no status is written.
+        if not policy.enabled or not any(due(table.path) for table in LAKE_TABLES):
+            return []
         creds = stack_credentials(self.kube, plan)
-        if not policy.enabled or "s3" in creds.missing:
+        if "s3" in creds.missing:
             return []  # a missing Secret: the full pass reports it as SecretNotFound
         s3 = S3Provisioner(plan.spec.infrastructure.s3, creds.s3)
-        known = {e.get("name"): e for e in (body.get("status") or {}).get("lake") or []}
         entries = []
         options = s3.storage_options(UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS)
         for table in LAKE_TABLES:
-            last = _parse_time(known.get(table.path, {}).get("lastUpkeep"))
-            if last is not None and (now - last).total_seconds() < policy.interval_seconds:
+            if not due(table.path):
                 entries.append(known[table.path])
                 continue
-            entry: dict[str, Any] = {"name": table.path, "lastUpkeep": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            entry: dict[str, Any] = {"name": table.path, "lastUpkeep": rfc3339(now)}
             try:
                 report = upkeep.run(table.uri(s3.endpoint.bucket), options, policy.target_file_size_bytes,
                                     policy.vacuum_retention_hours)  # fmt: skip

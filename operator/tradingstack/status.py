@@ -255,8 +255,23 @@ def derive_phase(conditions: list[dict[str, Any]]) -> Phase:
     return Phase.PROGRESSING
 
 
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"  # the form of every time in status (Kubernetes' metav1.Time)
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(UTC))
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.strftime(RFC3339)
+
+
+def parse_rfc3339(text: str | None) -> datetime | None:
+    """A time this module wrote, or None for anything else (missing, hand-edited)."""
+    try:
+        return datetime.strptime(text or "", RFC3339).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def merge_conditions(
