@@ -15,7 +15,9 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -43,6 +45,10 @@ INSERT = re.compile(
 )
 LITERAL = re.compile(r"'((?:[^']|'')*)'")
 SELECT_ALL = re.compile(rf"^SELECT (?P<cols>[A-Za-z_, ]+) FROM (?P<name>{IDENT})$", re.IGNORECASE)
+SELECT_PARTITIONS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_partitions\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
+DROP_PARTITION = re.compile(
+    rf"^ALTER TABLE (?P<name>{IDENT}) DROP PARTITION WHERE (?P<col>{IDENT}) < '(?P<ts>[^']+)'$", re.IGNORECASE
+)
 SELECT_COLUMNS = re.compile(rf"^SELECT (?P<cols>.+) FROM table_columns\('(?P<name>{IDENT})'\)$", re.IGNORECASE)
 # The one aggregate the normaliser runs: a bar rebuilt from the ticks of one symbol and minute.
 SELECT_BAR = re.compile(
@@ -66,8 +72,8 @@ class Table:
     dedup: list[str] = field(default_factory=list)
     # Rows by dedup key (a table without dedup keys numbers them): an upsert is a dict write.
     stored: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
-    # WAL tables: committed transactions wait here, (visible at, rows), until the apply job runs.
-    pending: list[tuple[float, list[dict[str, Any]]]] = field(default_factory=list)
+    # WAL tables: committed transactions wait here, (visible at, apply), until the apply job runs.
+    pending: list[tuple[float, Callable[[], None]]] = field(default_factory=list)
     sequencer_txn: int = 0  # transactions committed to the WAL
     writer_txn: int = 0  # transactions applied to the table (visible to SELECT)
 
@@ -80,6 +86,22 @@ class Table:
         key = tuple(row.get(k) for k in self.dedup) if self.dedup else (len(self.stored),)
         self.stored.pop(key, None)  # a replaced row moves to the end, as a new write would
         self.stored[key] = row
+
+    def commit(self, rows: list[dict[str, Any]]) -> Callable[[], None]:
+        """What the apply job does with one transaction of rows."""
+
+        def apply() -> None:
+            for row in rows:
+                self.upsert(row)
+
+        return apply
+
+    def partitions(self) -> dict[str, list[dict[str, Any]]]:
+        """Visible rows by partition name, oldest partition first."""
+        found: dict[tuple[datetime, str], list[dict[str, Any]]] = {}
+        for row in self.rows:
+            found.setdefault(partition_of(self.partition_by, row[self.designated or ""]), []).append(row)
+        return {name: rows for (_, name), rows in sorted(found.items())}
 
 
 @dataclass
@@ -104,9 +126,8 @@ class QuestDBState:
         now = time.monotonic()
         for table in self.tables.values():
             while table.pending and table.pending[0][0] <= now:
-                _, rows = table.pending.pop(0)
-                for row in rows:
-                    table.upsert(row)
+                _, apply = table.pending.pop(0)
+                apply()
                 table.writer_txn += 1
 
     def execute(self, sql: str) -> dict[str, Any]:
@@ -117,7 +138,8 @@ class QuestDBState:
             for pattern, handler in (
                 (CREATE, self._create), (ALTER_ADD, self._alter), (DROP, self._drop),
                 (SELECT_TABLES, self._tables), (SELECT_COLUMNS, self._columns), (SELECT_BAR, self._bar),
-                (SELECT_WAL, self._wal_tables), (INSERT, self._insert), (SELECT_ALL, self._select_all),
+                (SELECT_WAL, self._wal_tables), (SELECT_PARTITIONS, self._partitions),
+                (DROP_PARTITION, self._drop_partition), (INSERT, self._insert), (SELECT_ALL, self._select_all),
             ):  # fmt: skip
                 match = pattern.match(sql)
                 if match:
@@ -226,7 +248,7 @@ class QuestDBState:
         row = dict(zip(table.columns, values, strict=True))
         table.sequencer_txn += 1
         if table.wal:
-            table.pending.append((time.monotonic() + self.apply_delay, [row]))
+            table.pending.append((time.monotonic() + self.apply_delay, table.commit([row])))
         else:
             table.writer_txn += 1
             table.upsert(row)
@@ -238,6 +260,57 @@ class QuestDBState:
         timestamp keeps insertion order)."""
         table = self._table(m["name"])
         return _select(m["cols"], table.rows, set(table.columns))
+
+    def _partitions(self, m: re.Match[str]) -> dict[str, Any]:
+        """table_partitions('t') (questdb.com/docs/reference/function/meta/#table_partitions): one row per
+        partition holding visible rows, timestamps as QuestDB prints them in JSON."""
+        table = self._table(m["name"])
+        rows = [
+            {"name": name, "numRows": len(found),
+             "minTimestamp": _iso(min(r[table.designated or ""] for r in found)),
+             "maxTimestamp": _iso(max(r[table.designated or ""] for r in found))}
+            for name, found in table.partitions().items()
+        ]  # fmt: skip
+        return _select(m["cols"], rows, {"name", "numRows", "minTimestamp", "maxTimestamp"})
+
+    def _drop_partition(self, m: re.Match[str]) -> dict[str, Any]:
+        """`ALTER TABLE t DROP PARTITION WHERE ts < '...'`
+        (questdb.com/docs/reference/sql/alter-table-drop-partition/):
+        - only on a partitioned table, and the expression is on the designated timestamp (the doc:
+          "drops partitions based on a boolean expression on the designated timestamp column");
+        - the expression is evaluated on each partition's own timestamp, its start: a partition is
+          dropped whole or not at all, and `ts = <a time inside a partition>` matches nothing
+          (questdb/questdb#2879);
+        - matching no partition is an error, "no partitions matched WHERE clause" (questdb/questdb#5363);
+        - on a WAL table the drop is a WAL transaction: the partitions disappear when the apply job
+          runs, like a write (questdb.com/docs/concept/write-ahead-log/).
+        """
+        table = self._table(m["name"])
+        if table.partition_by == "NONE" or table.designated is None:
+            raise RejectedError("table is not partitioned")
+        if m["col"].lower() != table.designated:
+            raise RejectedError(f"Invalid column: {m['col']} (the designated timestamp is expected)")
+        cutoff = _micros(m["ts"])
+        doomed = {
+            name for name, rows in table.partitions().items()
+            if _micros(partition_of(table.partition_by, rows[0][table.designated])[0].isoformat()) < cutoff
+        }  # fmt: skip
+        if not doomed:
+            raise RejectedError("no partitions matched WHERE clause")
+
+        def drop() -> None:
+            for key, row in list(table.stored.items()):
+                if partition_of(table.partition_by, row[table.designated or ""])[1] in doomed:
+                    del table.stored[key]
+
+        table.sequencer_txn += 1
+        if table.wal:
+            table.pending.append((time.monotonic() + self.apply_delay, drop))
+        else:
+            table.writer_txn += 1
+            drop()
+        self.mutations.append(f"drop partitions {m['name'].lower()} {','.join(sorted(doomed))}")
+        return {"ddl": "OK"}
 
     def _columns(self, m: re.Match[str]) -> dict[str, Any]:
         table = self._table(m["name"])
@@ -293,7 +366,7 @@ class QuestDBState:
                 table = self.tables[name]
                 table.sequencer_txn += 1
                 if table.wal:
-                    table.pending.append((time.monotonic() + self.apply_delay, rows))
+                    table.pending.append((time.monotonic() + self.apply_delay, table.commit(rows)))
                 else:
                     table.writer_txn += 1
                     for row in rows:
@@ -314,6 +387,33 @@ def _micros(text: str) -> int:
     from datetime import datetime
 
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1_000_000)
+
+
+def _iso(micros: int) -> str:
+    return datetime.fromtimestamp(micros / 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def partition_of(partition_by: str, micros: int) -> tuple[datetime, str]:
+    """The start and the directory name of the partition a timestamp falls in
+    (questdb.com/docs/concept/partitions/: YYYY, YYYY-MM, YYYY-Www from Monday, YYYY-MM-DD, YYYY-MM-DDTHH)."""
+    at = datetime.fromtimestamp(micros / 1_000_000, UTC)
+    if partition_by == "HOUR":
+        start = at.replace(minute=0, second=0, microsecond=0)
+        return start, start.strftime("%Y-%m-%dT%H")
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if partition_by == "DAY":
+        return day, day.strftime("%Y-%m-%d")
+    if partition_by == "WEEK":
+        start = day - timedelta(days=day.weekday())
+        year, week, _ = start.isocalendar()
+        return start, f"{year}-W{week:02d}"
+    if partition_by == "MONTH":
+        start = day.replace(day=1)
+        return start, start.strftime("%Y-%m")
+    if partition_by == "YEAR":
+        start = day.replace(month=1, day=1)
+        return start, start.strftime("%Y")
+    return datetime.fromtimestamp(0, UTC), "default"
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:

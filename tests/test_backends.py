@@ -6,6 +6,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -483,3 +484,91 @@ def test_a_durable_held_by_another_stack_is_a_problem_not_shared(nats_alone: Nat
     assert {(p.kind, p.reason) for p in result.problems} == {("Consumer", "OwnedByAnotherStack")}
     assert "b/demo" in result.problems[0].message
     assert not result.ok
+
+
+def _ticks_with_retention(days: int) -> dict[str, Any]:
+    tables = [t.model_dump(by_alias=True, exclude_none=True) for t in parse_spec({}).tables]
+    for table in tables:
+        if table["name"] == "ticks":
+            table["retentionDays"] = days
+    return {"tables": tables}
+
+
+def _tick_line(micros: int, tick_id: str) -> str:
+    return f'ticks,symbol=A tick_id="{tick_id}",price=1.0 {micros * 1000}'
+
+
+def _visible_tick_ids(provisioner: QuestDBProvisioner, qdb: QuestDBDouble) -> set[str]:
+    provisioner.query("SELECT name FROM wal_tables()")  # the double runs its apply job on a request
+    return {r["tick_id"] for r in qdb.state.tables["ticks"].rows}
+
+
+def test_partitions_past_the_retention_are_dropped_whole_and_no_others(qdb: QuestDBDouble) -> None:
+    """retentionDays 2 on a DAY-partitioned table: the partitions that end before midnight two days
+    ago go; the one that holds the cutoff stays whole (rows a little older than two days included),
+    as QuestDB drops partitions, never rows. A table without retention keeps everything."""
+    plan = plan_for(_ticks_with_retention(2))
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    stamps = {
+        "five-days": midnight - timedelta(days=5, hours=-1),
+        "three-days": midnight - timedelta(days=3, hours=-23),  # 23:00 three days ago: partition ends at the cutoff
+        "cutoff-day": midnight - timedelta(days=2, minutes=-1),  # older than 2 days, its partition is not
+        "yesterday": midnight - timedelta(days=1),
+        "today": midnight,
+    }
+    micros = {k: int(v.timestamp() * 1_000_000) for k, v in stamps.items()}
+    provisioner.write_ilp([_tick_line(m, k) for k, m in micros.items()])
+    qdb.state.apply_delay = 0.5  # a WAL table: the drop is applied later, like a write
+
+    result = provisioner.reconcile(plan)
+    (change,) = result.changes
+    three_days = (midnight - timedelta(days=3)).strftime("%Y-%m-%d")
+    five_days = (midnight - timedelta(days=5)).strftime("%Y-%m-%d")
+    assert str(change) == (f"update Table/ticks (dropped 2 partition(s) older than 2 day(s): "
+                           f"{five_days}, {three_days})")  # fmt: skip
+    cutoff = (midnight - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    assert f"ALTER TABLE ticks DROP PARTITION WHERE ts < '{cutoff}'" in qdb.state.statements
+    assert len(qdb.state.tables["ticks"].rows) == 5, "a WAL drop is visible only once applied"
+    wait_for(lambda: _visible_tick_ids(provisioner, qdb) == {"cutoff-day", "yesterday", "today"}, 5, "the drop applied")
+    again = provisioner.reconcile(plan)
+    assert again.ok
+    assert again.changes == []
+    assert {r["tick_id"] for r in qdb.state.tables["ticks"].rows} == {"cutoff-day", "yesterday", "today"}
+
+
+def test_partitions_are_kept_without_retention_and_reported_in_a_dry_run(qdb: QuestDBDouble) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    old = int((datetime.now(UTC) - timedelta(days=400)).timestamp() * 1_000_000)
+    provisioner.write_ilp([_tick_line(old, "old")])
+    assert provisioner.reconcile(plan_for()).changes == []
+    assert len(qdb.state.tables["ticks"].rows) == 1
+
+    dry = provisioner.reconcile(plan_for(_ticks_with_retention(30)), dry_run=True)
+    assert [c.detail for c in dry.changes] == [
+        f"dropped 1 partition(s) older than 30 day(s): {datetime.fromtimestamp(old / 1e6, UTC):%Y-%m-%d}"
+    ]
+    (item,) = [i for i in dry.items if i.name == "ticks"]
+    assert (item.ready, item.reason) == (False, "Drifted")
+    assert len(qdb.state.tables["ticks"].rows) == 1, "a dry run drops nothing"
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        ("ALTER TABLE ticks DROP PARTITION WHERE ts < '2000-01-01T00:00:00.000000Z'", "no partitions matched"),
+        ("ALTER TABLE ticks DROP PARTITION WHERE price < '2'", "designated timestamp"),
+        ("ALTER TABLE tradingstack_owners DROP PARTITION WHERE ts < '2000-01-01'", "not partitioned"),
+        ("ALTER TABLE ticks DROP PARTITION WHERE ts = '2030-01-01T10:00:00.000000Z'", "unsupported statement"),
+    ],
+)  # fmt: skip
+def test_the_double_refuses_partition_drops_as_questdb_does(qdb: QuestDBDouble, sql: str, error: str) -> None:
+    provisioner = QuestDBProvisioner(qdb.url)
+    provisioner.reconcile(plan_for())
+    provisioner.write_ilp([_tick_line(int(datetime.now(UTC).timestamp() * 1_000_000), "now")])
+    mutations = list(qdb.state.mutations)
+    with pytest.raises(QuestDBError, match=error):
+        provisioner.query(sql)
+    assert qdb.state.mutations == mutations

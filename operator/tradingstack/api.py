@@ -431,6 +431,10 @@ class TableSpec(Model):
                 "dedupKeys must include the designated timestamp",
             ),
             cel("!self.wal || self.partitionBy != 'NONE'", "a WAL table must be partitioned"),
+            cel(
+                "!has(self.retentionDays) || self.partitionBy != 'NONE'",
+                "retentionDays drops whole partitions: the table must be partitioned",
+            ),
             cel(f"self.name != '{OWNERS_TABLE}'", f"{OWNERS_TABLE} is the operator's record of who made each table"),
         )
     )
@@ -451,6 +455,13 @@ class TableSpec(Model):
         description="DEDUP UPSERT KEYS, so a replay does not double-write.",
         json_schema_extra=UNIQUE_SET,
     )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        le=36500,
+        description="Drop partitions whose whole time range is older than this many days (checked on every "
+        "drift check). Unset keeps everything.",
+    )
 
     # "every dedup key is a column" is checked here only (its CEL cost is over budget).
     @model_validator(mode="after")
@@ -464,6 +475,8 @@ class TableSpec(Model):
             raise ValueError("dedupKeys must include the designated timestamp")
         if self.wal and self.partition_by == "NONE":
             raise ValueError("a WAL table must be partitioned")
+        if self.retention_days is not None and self.partition_by == "NONE":
+            raise ValueError("retentionDays drops whole partitions: the table must be partitioned")
         if self.name == OWNERS_TABLE:
             raise ValueError(f"{OWNERS_TABLE} is the operator's record of who made each table")
         return self

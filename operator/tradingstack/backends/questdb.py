@@ -10,6 +10,12 @@ own, OWNERS_TABLE: a plain (unpartitioned, hence non-WAL) table, whose INSERTs a
 as soon as they return. The owner is recorded before the table is made, so a crash between
 the two leaves a record the next reconcile completes, never a table nobody owns. The last
 record of a name wins (a table dropped by one stack and made again by another).
+
+Retention (`retentionDays`) drops whole partitions that end before the cutoff, the start of the
+partition `now - retentionDays` falls in, with `ALTER TABLE ... DROP PARTITION WHERE ts < cutoff`
+(QuestDB compares each partition's start). It is sent only when `table_partitions()` shows such a
+partition: matching none is an error in QuestDB. On a WAL table the drop applies asynchronously,
+so a pass in between may ask again and be told nothing matched, which is then nothing to do.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tradingstack.api import OWNERS_TABLE, TableSpec
@@ -27,6 +34,31 @@ from tradingstack.credentials import ServerCredentials, redact_url
 from tradingstack.plan import OWNER_PREFIX, Plan
 
 IMMUTABLE = "ImmutableFieldChanged"
+NOTHING_MATCHED = "no partitions matched"  # questdb/questdb#5363
+
+
+def partition_start(partition_by: str, at: datetime) -> datetime:
+    """The start of the partition `at` falls in (weeks start on Monday, as QuestDB's do)."""
+    if partition_by == "HOUR":
+        return at.replace(minute=0, second=0, microsecond=0)
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if partition_by == "WEEK":
+        return day - timedelta(days=day.weekday())
+    if partition_by == "MONTH":
+        return day.replace(day=1)
+    if partition_by == "YEAR":
+        return day.replace(month=1, day=1)
+    return day
+
+
+def retention_cutoff(table: TableSpec, now: datetime) -> datetime:
+    """Partitions that start before this end at or before it: wholly older than the retention."""
+    assert table.retention_days is not None
+    return partition_start(table.partition_by, now - timedelta(days=table.retention_days))
+
+
+def questdb_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class QuestDBError(Exception):
@@ -185,8 +217,33 @@ class QuestDBProvisioner:
             names = ", ".join(c.name for c in missing)
             reason, message = ("InSync", "") if not result.dry_run else ("Drifted", f"missing {names}")
             result.items.append(ItemStatus(table.name, not result.dry_run, reason, message))
+        elif not self._retention(table, result):
+            result.items.append(ItemStatus(table.name, True, "InSync"))
+
+    def _retention(self, table: TableSpec, result: BackendResult) -> bool:
+        """Drop the partitions past the table's retention; True when some were (or, dry, would be)."""
+        if table.retention_days is None:
+            return False
+        cutoff = questdb_time(retention_cutoff(table, datetime.now(UTC)))
+        partitions = self.query(f"SELECT name, maxTimestamp FROM table_partitions('{table.name}')")["dataset"]
+        # Timestamps print as fixed-width UTC text, so text order is time order.
+        expired = [name for name, newest in partitions if newest < cutoff]
+        if not expired:
+            return False
+        detail = f"dropped {len(expired)} partition(s) older than {table.retention_days} day(s): {', '.join(expired)}"
+        if not result.dry_run:
+            try:
+                self.query(f"ALTER TABLE {table.name} DROP PARTITION WHERE {table.timestamp} < '{cutoff}'")
+            except QuestDBError as exc:
+                if NOTHING_MATCHED not in exc.message:
+                    raise
+                return False  # a drop sent by an earlier pass has been applied meanwhile
+        result.changes.append(Change("update", "Table", table.name, detail))
+        if result.dry_run:
+            result.items.append(ItemStatus(table.name, False, "Drifted", f"{len(expired)} partition(s) past retention"))
         else:
             result.items.append(ItemStatus(table.name, True, "InSync"))
+        return True
 
     def delete(self, plan: Plan) -> list[Change]:
         deleted = []
