@@ -16,9 +16,10 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from tradingstack import upkeep
+from tradingstack.api import LAKE_TABLE_NAMES
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.s3 import S3Provisioner
-from tradingstack.lake import MARKET_TICKS, storage_options
+from tradingstack.lake import ALT_DATA, LAKE_TABLES, MARKET_TICKS, storage_options
 from tradingstack.plan import StackRef, build_plan, parse_spec
 
 COMMITS, ROWS_PER_COMMIT, CONCURRENT_COMMITS = 40, 5, 10
@@ -163,3 +164,12 @@ def test_a_refused_compaction_runs_again_on_the_newest_version_then_gives_up(tab
     stubborn = TableWithRefusals(DeltaTable(uri, storage_options=options), refusals=upkeep.COMPACT_ATTEMPTS)
     with pytest.raises(CommitFailedError):
         upkeep.compact(stubborn, 128 * 1024 * 1024, sleep=naps.append)  # type: ignore[arg-type]
+
+
+def test_each_lake_table_has_its_policy_by_name() -> None:
+    assert tuple(t.path.removeprefix("lake/") for t in LAKE_TABLES) == LAKE_TABLE_NAMES
+    lake = parse_spec({"lake": {"upkeep": {"intervalSeconds": 600}, "tables": {"alt_data": {"enabled": False}}}}).lake
+    assert lake is not None
+    assert lake.upkeep_for(MARKET_TICKS.path).interval_seconds == 600
+    assert lake.upkeep_for(ALT_DATA.path).enabled is False
+    assert lake.upkeep_for(ALT_DATA.path).interval_seconds == 3600  # the table's own policy, defaults and all

@@ -684,8 +684,38 @@ class LakeUpkeep(Model):
     )
 
 
+# The Delta tables of tradingstack.lake.LAKE_TABLES by their short names (a test keeps the two in step).
+LAKE_TABLE_NAMES = ("market_ticks", "alt_data")
+
+
 class Lake(Model):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.tables) || self.tables.all(k, k in " + repr(list(LAKE_TABLE_NAMES)) + ")",
+                "unknown lake table; known tables: " + ", ".join(LAKE_TABLE_NAMES),
+            ),
+        )
+    )
+
     upkeep: LakeUpkeep = Field(default_factory=LakeUpkeep, description="Table upkeep.")
+    tables: dict[str, LakeUpkeep] | None = Field(
+        None,
+        max_length=len(LAKE_TABLE_NAMES),
+        description="Upkeep of one table in place of `upkeep`, keyed by table (" + ", ".join(LAKE_TABLE_NAMES) + ").",
+    )
+
+    @field_validator("tables")
+    @classmethod
+    def _known_tables(cls, tables: dict[str, LakeUpkeep] | None) -> dict[str, LakeUpkeep] | None:
+        unknown = sorted(set(tables or {}) - set(LAKE_TABLE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown lake table {', '.join(unknown)}; known tables: {', '.join(LAKE_TABLE_NAMES)}")
+        return tables
+
+    def upkeep_for(self, path: str) -> LakeUpkeep:
+        """The policy of the table at `path` (lake/<name>)."""
+        return (self.tables or {}).get(path.rsplit("/", 1)[-1], self.upkeep)
 
 
 class TradingStackSpec(Model):

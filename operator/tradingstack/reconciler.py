@@ -335,15 +335,16 @@ class Reconciler:
             plan = plan_from_body(body)
         except InvalidSpecError:
             return []  # the full pass reports it
-        policy = (plan.spec.lake or api.Lake()).upkeep
+        lake = plan.spec.lake or api.Lake()
         known = {e.get("name"): e for e in (body.get("status") or {}).get("lake") or []}
 
         def due(path: str) -> bool:
+            policy = lake.upkeep_for(path)
             last = parse_rfc3339(known.get(path, {}).get("lastUpkeep"))
-            return last is None or (now - last).total_seconds() >= policy.interval_seconds
+            return policy.enabled and (last is None or (now - last).total_seconds() >= policy.interval_seconds)
 
         # Most ticks find nothing due: then no Secret is read and no status is written.
-        if not policy.enabled or not any(due(table.path) for table in LAKE_TABLES):
+        if not any(due(table.path) for table in LAKE_TABLES):
             return []
         creds = stack_credentials(self.kube, plan)
         if "s3" in creds.missing:
@@ -353,8 +354,10 @@ class Reconciler:
         options = s3.storage_options(UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS)
         for table in LAKE_TABLES:
             if not due(table.path):
-                entries.append(known[table.path])
+                if table.path in known:
+                    entries.append(known[table.path])
                 continue
+            policy = lake.upkeep_for(table.path)
             entry: dict[str, Any] = {"name": table.path, "lastUpkeep": rfc3339(now)}
             try:
                 report = upkeep.run(table.uri(s3.endpoint.bucket), options, policy.target_file_size_bytes,
