@@ -36,7 +36,7 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec, secret_env
 from tradingstack_services import exeq, oms, pnl, risk
-from tradingstack_services.orderstore import ORDER_KEY, OrderStore
+from tradingstack_services.orderstore import ORDER_KEY, UNROUTED_KEY, OrderStore
 from tradingstack_services.settings import ServiceSettings
 from tradingstack_services.trading import Order, OrderRequest, OrderStatus
 
@@ -797,3 +797,28 @@ def test_fills_positions_and_risk_limits_are_each_accounts_own(
         wait_for(lambda: held() == {"desk-a": 2, "desk-b": 3}, 15, "desk-b's position alone grown")
         fills = [json.loads(data) for _, data in authed.messages("FILLS")]
         assert sorted({f["account"] for f in fills}) == ["desk-a", "desk-b"]
+
+
+def test_routing_marks_are_cleared_in_one_redis_call_per_burst(platform: Platform) -> None:
+    """After JetStream's ack each order's 'unrouted' mark goes; a burst of orders clears theirs in one
+    call, not one round trip each (the OMS's hot path had one ZREM per order)."""
+
+    async def burst() -> tuple[int, int]:
+        client = aioredis.from_url(platform.redis.url)
+        store = OrderStore(client)
+        placed = []
+        for n in range(50):
+            request = OrderRequest.model_validate(order(f"burst-{n}", "buy", 1))
+            decided = Order.new(f"o{n:04d}", request, None).moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED)
+            placed.append((await store.claim(decided, unrouted=True))[0])
+        assert await client.zcard(UNROUTED_KEY) == 50
+        await client.config_resetstat()
+        for stored in placed:
+            store.mark_routed(stored.order.order_id)
+        await store.routed_flushed()
+        calls = (await client.info("commandstats")).get("cmdstat_zrem", {}).get("calls", 0)
+        left = await client.zcard(UNROUTED_KEY)
+        await client.aclose()
+        return calls, left
+
+    assert asyncio.run(burst()) == (1, 0)

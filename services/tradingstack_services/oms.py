@@ -166,7 +166,7 @@ class Oms:
                 f"order {order.order_id} accepted but not routed yet ({type(exc).__name__}: {exc}); "
                 "retry with the same client_order_id"
             ) from exc
-        await self.store.routed(order.order_id)
+        self.store.mark_routed(order.order_id)
 
     async def reroute(self, _: Client, stop: asyncio.Event) -> None:
         """Worker: route orders whose routing was never confirmed (a failed publish, a crash after the claim)."""

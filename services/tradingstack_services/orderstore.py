@@ -30,6 +30,8 @@ CLIENT_KEY = "tradingstack:client-order:"
 # Routed orders whose publish to JetStream is not confirmed yet, scored by claim time: the OMS
 # (a retry of the same client id, or its recovery pass) publishes them until one is acknowledged.
 UNROUTED_KEY = "tradingstack:oms:unrouted"
+# How long acknowledged routings gather before their marks are cleared in one call.
+ROUTED_FLUSH_SECONDS = 0.005
 
 
 def client_key(account: str | None, client_order_id: str) -> str:
@@ -153,6 +155,8 @@ class OrderStore:
         self._claim = redis.register_script(_CLAIM)
         self._cas = redis.register_script(_CAS)
         self._cas_loaded = False
+        self._routed: set[str] = set()  # acknowledged by JetStream, mark not yet cleared
+        self._routed_flusher: asyncio.Task[None] | None = None
 
     async def claim(self, order: Order, unrouted: bool = False) -> tuple[Stored, bool]:
         """Store an order under its client order id, atomically; if that id is taken, the order it names.
@@ -195,6 +199,31 @@ class OrderStore:
     async def routed(self, order_id: str) -> None:
         """JetStream acknowledged the order's routing message."""
         await self.redis.zrem(UNROUTED_KEY, order_id)
+
+    def mark_routed(self, order_id: str) -> None:
+        """JetStream acknowledged the order's routing message: its mark is cleared shortly after, with
+        the marks of every order acknowledged meanwhile, in one call (a round trip per burst, not per
+        order). Until then a retry or the recovery pass may publish the order again, which JetStream
+        stores once (deduplicated by order id): a late clear costs a duplicate publish, never an order."""
+        self._routed.add(order_id)
+        if self._routed_flusher is None or self._routed_flusher.done():
+            self._routed_flusher = asyncio.create_task(self._flush_routed())
+
+    async def routed_flushed(self) -> None:
+        """Wait until every mark given to `mark_routed` so far is cleared."""
+        while self._routed_flusher is not None and not self._routed_flusher.done():
+            await asyncio.shield(self._routed_flusher)
+
+    async def _flush_routed(self) -> None:
+        while self._routed:
+            await asyncio.sleep(ROUTED_FLUSH_SECONDS)  # the rest of the burst adds theirs
+            batch, self._routed = self._routed, set()
+            try:
+                await self.redis.zrem(UNROUTED_KEY, *batch)
+            except Exception as exc:  # Redis away: keep them; no new order is claimed meanwhile anyway
+                self._routed |= batch
+                log.warning("%d routing mark(s) not cleared yet: %s", len(batch), exc)
+                await asyncio.sleep(1.0)
 
     async def is_unrouted(self, order_id: str) -> bool:
         return await self.redis.zscore(UNROUTED_KEY, order_id) is not None
