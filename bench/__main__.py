@@ -5,6 +5,7 @@
 `normalizer`: ticks -> QuestDB ticks and bars against the same floor.
 `durability`: what sync_interval: always costs (JetStream acks and the OMS), on nats-server 2.10+.
 `soak`: each trading service's RSS under steady orders and a feed of ever-new symbols (flat = bounded).
+`scaleout`: one sink (and one normalizer) replica against two on one durable consumer.
 `upkeep`: one symbol's day read from a sink-shaped Delta table before and after compaction, against one file.
 `operator`: TradingStack apply -> Ready and a no-op resync on a real kube-apiserver (../shared/envtest).
 """
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import durability, lake, normalizer, operator_bench, soak, trading, upkeep_bench
+from bench import durability, lake, normalizer, operator_bench, scaleout, soak, trading, upkeep_bench
 from bench.report import Measure, table, write
 
 BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
@@ -28,6 +29,7 @@ BENCHES: dict[str, Callable[[bool, float | None], list[Measure]]] = {
     "soak": soak.run,
     "operator": operator_bench.run,
     "upkeep": upkeep_bench.run,
+    "scaleout": scaleout.run,
 }
 
 

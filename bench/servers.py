@@ -14,8 +14,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -111,27 +112,52 @@ def questdb_double() -> Iterator[tuple[str, int]]:
 @contextmanager
 def service(name: str, env: dict[str, str], port: int, module: str = "") -> Iterator[subprocess.Popen[bytes]]:
     """`tradingstack service NAME` (or `python -m MODULE`) in its own process; yields once /readyz is 200."""
-    command = ["-m", module] if module else ["-m", "tradingstack.cli", "service", name]
-    if name in os.environ.get("BENCH_PROFILE", "").split(","):  # BENCH_PROFILE=oms,exeq: cProfile them
-        command = ["-m", "cProfile", "-o", f"bench/{name}.prof", *command]
-        print(f"profiling {name} into bench/{name}.prof")
-    command.insert(0, sys.executable)
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty service must never block on it
-        proc = subprocess.Popen(command,
-                                env={**os.environ, **env, "PORT": str(port), "LOG_FORMAT": "text"},
-                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
+    with replicas(name, env, [port], module) as (proc,):
+        yield proc
+
+
+@contextmanager
+def replicas(
+    name: str, env: dict[str, str], ports: list[int], module: str = ""
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One process per port, all started before any is waited for; yields once every /readyz is 200."""
+    with ExitStack() as stack:
+        started = [stack.enter_context(_started(name, env, port, module)) for port in ports]
+        deadline = time.monotonic() + 30
+        for (proc, log), port in zip(started, ports, strict=True):
             while not _ready(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     raise RuntimeError(f"{name} not ready on {port}: {log.read().decode()[-2000:]}")
                 time.sleep(0.2)
-            yield proc
+        yield [proc for proc, _ in started]
+
+
+@contextmanager
+def _started(name: str, env: dict[str, str], port: int, module: str) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    command = ["-m", module] if module else ["-m", "tradingstack.cli", "service", name]
+    if name in os.environ.get("BENCH_PROFILE", "").split(","):  # BENCH_PROFILE=oms,exeq: cProfile them
+        command = ["-m", "cProfile", "-o", f"bench/{name}.prof", *command]
+        print(f"profiling {name} into bench/{name}.prof")
+    command.insert(0, sys.executable)
+    # A file, not a pipe: a chatty service must never block on it. BENCH_LOGS=DIR keeps them.
+    logs = os.environ.get("BENCH_LOGS")
+    opened = open(Path(logs) / f"{name}-{port}.log", "w+b") if logs else tempfile.TemporaryFile()  # noqa: SIM115
+    with opened as log:
+        proc = subprocess.Popen(command,
+                                env={**os.environ, **env, "PORT": str(port), "LOG_FORMAT": "text"},
+                                stdout=log if logs else subprocess.DEVNULL, stderr=log)  # fmt: skip
+        try:
+            yield proc, log
         finally:
             # SIGINT: uvicorn re-raises the signal once shut down; as KeyboardInterrupt it lets cProfile write.
             proc.send_signal(signal.SIGINT)
-            proc.wait(20)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:  # as the kubelet would after the grace period
+                print(f"{name} had not stopped 20 s after SIGINT: killed")
+                proc.kill()
+                proc.wait(10)
 
 
 def _ready(port: int) -> bool:

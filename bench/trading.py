@@ -68,11 +68,13 @@ class Load:
 
     started: float = field(default_factory=time.perf_counter)
     latencies: list[float] = field(default_factory=list)
+    offsets: list[float] = field(default_factory=list)  # when each request was due, from the start
     statuses: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
 
     def record(self, status: int, since: float) -> None:
         self.latencies.append(time.perf_counter() - since)
+        self.offsets.append(since - self.started)
         self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def done(self) -> Load:
@@ -224,6 +226,7 @@ def settle(redis_url: str, nats_url: str, expected_fills: int, timeout: float = 
 class Platform:
     nats_url: str
     redis_url: str
+    questdb_url: str
     ports: dict[str, int]
     pids: dict[str, int]
 
@@ -253,7 +256,7 @@ def platform(nats_binary: str | None = None, sync_interval: str = "") -> Iterato
                     name = workload.service.value
                     pids[name] = stack.enter_context(service(name, workload.config, ports[name])).pid
             stack.enter_context(service("echo", {}, ports["echo"], module="bench.echo"))
-            yield Platform(url, redis_url, ports, pids)
+            yield Platform(url, redis_url, questdb_url, ports, pids)
 
 
 async def _tick(url: str) -> None:

@@ -18,7 +18,7 @@ from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services.normalizer import Normalizer
+from tradingstack_services.normalizer import DEAD, Normalizer
 from tradingstack_services.settings import ServiceSettings
 
 from conftest import NatsServer
@@ -100,17 +100,26 @@ async def run_until_drained(server: NatsServer, settings: ServiceSettings) -> No
     await nc.close()
 
 
+def unknown_symbols_refused() -> float:
+    return sum(s.value for m in DEAD.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels == {"reason": "unknown_symbol"})  # fmt: skip
+
+
 def test_ticks_become_exact_bars_and_a_replay_changes_nothing(servers: Any) -> None:
     server, qdb = servers
     data = ticks()
     payloads = [json.dumps(t).encode() for t in data]
-    # The same ten ticks twice (a producer retry without a message id) and one broken tick.
-    asyncio.run(publish(server.url, payloads + payloads[:10] + [b"{broken"]))
+    # The same ten ticks twice (a producer retry without a message id), one broken tick, and one of a
+    # symbol the stack does not list (every batch would rebuild a bar for it, a flood of them for each).
+    stranger = json.dumps({**data[0], "symbol": "ZZZUSDT", "tick_id": "stranger"}).encode()
+    asyncio.run(publish(server.url, payloads + payloads[:10] + [b"{broken", stranger]))
     settings = normalizer_settings(server, qdb)
+    refused_before = unknown_symbols_refused()
     asyncio.run(run_until_drained(server, settings))
 
     assert stored_bars(qdb) == expected_bars(data)
     assert len(qdb.state.tables["ticks"].rows) == 120  # the duplicates were upserted, not added
+    assert unknown_symbols_refused() - refused_before == 1
 
     async def published_bars() -> dict[str, Any]:
         nc = await nats.connect(server.url)

@@ -52,6 +52,7 @@ def _iso(ts: datetime) -> str:
 class Normalizer:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
+        self.known_symbols = frozenset(settings.symbols)
         self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
 
     def rebuild(self, symbol: str, minute: datetime) -> Bar | None:
@@ -105,7 +106,11 @@ class Normalizer:
         ticks, good = [], []
         for msg in messages:
             try:
-                ticks.append(parse_tick(msg.data))
+                tick = parse_tick(msg.data)
+                # A symbol nobody listed costs a bar rebuild in every batch it is in: refused, as the sink does.
+                if tick.symbol not in self.known_symbols:
+                    raise InvalidMessageError("unknown_symbol", f"{tick.symbol} is not one of the stack's symbols")
+                ticks.append(tick)
                 good.append(msg)
             except InvalidMessageError as error:
                 await bus.dead_letter(js, msg, self.settings, error)

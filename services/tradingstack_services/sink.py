@@ -171,6 +171,11 @@ class LakeSink:
     committing: dict[int, Msg] = field(default_factory=dict)
     commit_task: asyncio.Task[None] | None = None
     commit_started: float | None = None  # monotonic time the running commit began (liveness)
+    # Ticks only: alt data is about whatever its sources cover (news on any company), not the symbols traded.
+    known_symbols: frozenset[str] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.known_symbols = frozenset(self.settings.symbols) if self.table == MARKET_TICKS else None
 
     @property
     def uri(self) -> str:
@@ -307,6 +312,7 @@ class LakeSink:
             return
         try:
             row = self.make_row(msg, seq)
+            self._known_symbol(row["symbol"])
         except Exception as exc:  # one message that cannot become a row never stops the others
             error = exc if isinstance(exc, InvalidMessageError) else bus.unprocessable(exc)
             await bus.dead_letter(js, msg, self.settings, error)
@@ -316,6 +322,12 @@ class LakeSink:
         self.pending[seq] = msg
         if self.oldest is None:
             self.oldest = time.monotonic()
+
+    def _known_symbol(self, symbol: str) -> None:
+        """Both lake tables are partitioned by symbol: a symbol nobody listed would add a file to every
+        commit and a directory for ever (a flood of them starved the sink to a third of its rate)."""
+        if self.known_symbols is not None and symbol not in self.known_symbols:
+            raise InvalidMessageError("unknown_symbol", f"{symbol} is not one of the stack's symbols (spec.symbols)")
 
     def due(self) -> bool:
         if not self.rows:
