@@ -290,10 +290,11 @@ class QuestDBState:
             raise RejectedError("table is not partitioned")
         if m["col"].lower() != table.designated:
             raise RejectedError(f"Invalid column: {m['col']} (the designated timestamp is expected)")
-        cutoff = _micros(m["ts"])
+        cutoff = datetime.fromisoformat(m["ts"].replace("Z", "+00:00"))
+        cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=UTC)  # QuestDB reads a bare time as UTC
         doomed = {
             name for name, rows in table.partitions().items()
-            if _micros(partition_of(table.partition_by, rows[0][table.designated])[0].isoformat()) < cutoff
+            if partition_of(table.partition_by, rows[0][table.designated])[0] < cutoff
         }  # fmt: skip
         if not doomed:
             raise RejectedError("no partitions matched WHERE clause")

@@ -27,7 +27,7 @@ from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services import bus, ilp
 from tradingstack_services.bars import Bar, minute_of
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick
+from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick, require_known_symbol
 
 log = logging.getLogger(__name__)
 # How long a batch waits for QuestDB to make its ticks visible before it is handed back.
@@ -107,9 +107,7 @@ class Normalizer:
         for msg in messages:
             try:
                 tick = parse_tick(msg.data)
-                # A symbol nobody listed costs a bar rebuild in every batch it is in: refused, as the sink does.
-                if tick.symbol not in self.known_symbols:
-                    raise InvalidMessageError("unknown_symbol", f"{tick.symbol} is not one of the stack's symbols")
+                require_known_symbol(tick.symbol, self.known_symbols)
                 ticks.append(tick)
                 good.append(msg)
             except InvalidMessageError as error:

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Histogram
 from tradingstack.lake import ALT_DATA, MARKET_TICKS, LakeTable
 from tradingstack_services import bus
 from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError, parse_tick, to_datetime
+from tradingstack_services.ticks import InvalidMessageError, parse_tick, require_known_symbol, to_datetime
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,8 @@ class LakeSink:
             return
         try:
             row = self.make_row(msg, seq)
-            self._known_symbol(row["symbol"])
+            if self.known_symbols is not None:
+                require_known_symbol(row["symbol"], self.known_symbols)
         except Exception as exc:  # one message that cannot become a row never stops the others
             error = exc if isinstance(exc, InvalidMessageError) else bus.unprocessable(exc)
             await bus.dead_letter(js, msg, self.settings, error)
@@ -322,12 +323,6 @@ class LakeSink:
         self.pending[seq] = msg
         if self.oldest is None:
             self.oldest = time.monotonic()
-
-    def _known_symbol(self, symbol: str) -> None:
-        """Both lake tables are partitioned by symbol: a symbol nobody listed would add a file to every
-        commit and a directory for ever (a flood of them starved the sink to a third of its rate)."""
-        if self.known_symbols is not None and symbol not in self.known_symbols:
-            raise InvalidMessageError("unknown_symbol", f"{symbol} is not one of the stack's symbols (spec.symbols)")
 
     def due(self) -> bool:
         if not self.rows:

@@ -124,6 +124,14 @@ def parse_tick(payload: bytes) -> Tick:
         raise InvalidMessageError("invalid_tick", f"{field}: {first['msg']}") from None
 
 
+def require_known_symbol(symbol: str, known: frozenset[str]) -> None:
+    """Ticks are stored per symbol (a Delta partition, a QuestDB bar per minute): a symbol the stack
+    does not list would add a file to every sink commit and a bar rebuild to every normalizer batch,
+    and a flood of made-up ones starved both. Such a tick is refused with a reason."""
+    if symbol not in known:
+        raise InvalidMessageError("unknown_symbol", f"{symbol} is not one of the stack's symbols (spec.symbols)")
+
+
 def epoch_ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
