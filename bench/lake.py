@@ -17,10 +17,10 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import MARKET_TICKS
 from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services.gateway import MockFeed
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.sink import LakeSink, tick_row
-from tradingstack_services.ticks import tick_json
+from tradingstack_services.marketdata.gateway import MockFeed
+from tradingstack_services.marketdata.sink import LakeSink, tick_row
+from tradingstack_services.marketdata.ticks import tick_json
+from tradingstack_services.platform.settings import ServiceSettings
 
 
 async def _publish(url: str, count: int) -> None:

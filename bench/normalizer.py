@@ -22,8 +22,8 @@ from bench.servers import cpu_seconds, nats_server, questdb_double
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services.normalizer import Normalizer
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.marketdata.normalizer import Normalizer
+from tradingstack_services.platform.settings import ServiceSettings
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
 T0 = datetime(2026, 1, 2, 9, 30, tzinfo=UTC)

@@ -29,8 +29,8 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services.normalizer import Normalizer
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.marketdata.normalizer import Normalizer
+from tradingstack_services.platform.settings import ServiceSettings
 
 COUNTERS = {
     ServiceName.SINK_TICKS: "tradingstack_sink_rows_total",

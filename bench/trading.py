@@ -30,8 +30,8 @@ from tradingstack.api import RiskLimit, ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services import pnl as pnl_module
-from tradingstack_services.risk import CheckRequest, check
+from tradingstack_services.trading import pnl as pnl_module
+from tradingstack_services.trading.risk import CheckRequest, check
 
 SYMBOL = "BTCUSDT"
 CONNECTIONS = 32

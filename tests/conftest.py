@@ -389,7 +389,7 @@ class LiveServer:
 
     def __init__(self, app: Any) -> None:
         self.port = free_port()
-        from tradingstack_services.runner import GRACEFUL_SHUTDOWN_SECONDS
+        from tradingstack_services.platform.runner import GRACEFUL_SHUTDOWN_SECONDS
 
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on",
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip

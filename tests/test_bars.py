@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tradingstack_services.bars import BarBook
-from tradingstack_services.ticks import Tick
+from tradingstack_services.marketdata.bars import BarBook
+from tradingstack_services.marketdata.ticks import Tick
 
 T0 = datetime(2026, 1, 2, 9, 30, tzinfo=UTC)
 

@@ -30,7 +30,7 @@ from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
-from tradingstack_services.trading import Fill, Position
+from tradingstack_services.trading.model import Fill, Position
 
 from conftest import NatsServer, RedisServer, free_port, http_json, wait_for
 
@@ -461,7 +461,7 @@ def market(tmp_path: Path, s3_url: str) -> Iterator[MarketPlatform]:
 def delta_ids(platform: MarketPlatform, path: str, column: str) -> list[str]:
     from deltalake import DeltaTable
 
-    from tradingstack_services.settings import ServiceSettings
+    from tradingstack_services.platform.settings import ServiceSettings
 
     settings = ServiceSettings(**{k: v for k, v in platform.services[ServiceName.SINK_TICKS].env.items()
                                   if k in ServiceSettings.model_fields})  # type: ignore[arg-type]  # fmt: skip

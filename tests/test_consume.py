@@ -15,8 +15,8 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from tradingstack_services import bus
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.platform import bus
+from tradingstack_services.platform.settings import ServiceSettings
 
 from conftest import NatsServer
 

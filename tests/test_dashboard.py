@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tradingstack.api import ServiceName
-from tradingstack_services import gateway
+from tradingstack_services.marketdata import gateway
 
 from conftest import LiveServer, wait_for
 from test_trading_e2e import Platform, platform  # noqa: F401

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from questdb_double import QuestDBDouble
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services import ilp
-from tradingstack_services.history import DROPPED, History
+from tradingstack_services.platform import ilp
+from tradingstack_services.platform.history import DROPPED, History
 
 TS = datetime(2026, 1, 2, 9, 30, tzinfo=UTC)
 

@@ -32,8 +32,8 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services.runner import _factories
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.platform.runner import _factories
+from tradingstack_services.platform.settings import ServiceSettings
 
 from conftest import LiveServer, NatsServer, RedisServer, wait_for
 

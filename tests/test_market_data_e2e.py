@@ -32,10 +32,10 @@ from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import ALT_DATA, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services import gateway, sink
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.sink import COMMIT_FAILURES, DEAD, LakeSink, alt_row, tick_row
-from tradingstack_services.ticks import InvalidMessageError
+from tradingstack_services.marketdata import gateway, sink
+from tradingstack_services.marketdata.sink import COMMIT_FAILURES, DEAD, LakeSink, alt_row, tick_row
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.platform.settings import ServiceSettings
 
 from conftest import LiveServer, NatsServer, free_port, wait_for
 from faults import FaultyProxy

@@ -18,8 +18,8 @@ from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services.normalizer import DEAD, Normalizer
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.marketdata.normalizer import DEAD, Normalizer
+from tradingstack_services.platform.settings import ServiceSettings
 
 from conftest import NatsServer
 

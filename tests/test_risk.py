@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from tradingstack.api import RiskLimit
-from tradingstack_services import risk
-from tradingstack_services.risk import CheckRequest, RiskLevel, check
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import risk
+from tradingstack_services.trading.risk import CheckRequest, RiskLevel, check
 
 from conftest import LiveServer, NatsServer, RedisServer, wait_for
 

@@ -28,10 +28,12 @@ from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.lake import MARKET_TICKS
 from tradingstack.plan import StackRef, build_plan, durable_name, parse_spec
-from tradingstack_services import gateway, risk, runner
-from tradingstack_services.gateway import Rolling24h
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import parse_tick, tick_json
+from tradingstack_services.marketdata import gateway
+from tradingstack_services.marketdata.gateway import Rolling24h
+from tradingstack_services.marketdata.ticks import parse_tick, tick_json
+from tradingstack_services.platform import runner
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import risk
 
 from conftest import LiveServer, NatsServer, RedisServer, free_port, http_json, wait_for
 from test_trading_e2e import Platform, platform  # noqa: F401 (a fixture)

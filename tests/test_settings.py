@@ -6,7 +6,7 @@ import pytest
 
 from tradingstack.api import DEFAULT_PORTS, ServiceName
 from tradingstack.plan import StackRef, build_plan, parse_spec
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.platform.settings import ServiceSettings
 
 # Set by the operator for people and tools (logs, OTel SDK), not read by the settings model.
 NOT_SETTINGS = {"STACK_NAME", "STACK_NAMESPACE", "OTEL_SERVICE_NAME"}

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tradingstack_services.ticks import InvalidMessageError, parse_tick
+from tradingstack_services.marketdata.ticks import InvalidMessageError, parse_tick
 
 
 def raw(**fields: object) -> bytes:
@@ -57,7 +57,7 @@ def test_bad_ticks_have_a_reason(payload: bytes, reason: str, detail: str) -> No
 
 
 def test_sequence_ranges_remember_what_was_committed() -> None:
-    from tradingstack_services.sink import SequenceRanges
+    from tradingstack_services.marketdata.sink import SequenceRanges
 
     assert SequenceRanges.encode([5, 3, 4, 9, 10, 12]) == "3-5,9-10,12-12"
     ranges = SequenceRanges()

@@ -10,9 +10,9 @@ import pytest
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from tradingstack_services import ilp
-from tradingstack_services.prices import PriceBook, parse_quote
-from tradingstack_services.trading import (
+from tradingstack_services.marketdata.prices import PriceBook, parse_quote
+from tradingstack_services.platform import ilp
+from tradingstack_services.trading.model import (
     MIN_QUANTITY,
     TRANSITIONS,
     Fill,
@@ -186,7 +186,7 @@ def test_the_price_book_keeps_only_the_traded_symbols() -> None:
 def test_api_keys_are_matched_by_digest_and_order_entry_fails_closed() -> None:
     from fastapi import HTTPException
 
-    from tradingstack_services.auth import Accounts, digest
+    from tradingstack_services.platform.auth import Accounts, digest
 
     accounts = Accounts.from_environment("desk-a,desk-b", {"AUTH_KEYS_DESK_A": f"{digest('k1')}\nnot-a-digest\n"})
     assert accounts.account_for("Bearer k1") == "desk-a"

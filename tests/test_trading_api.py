@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tradingstack.api import ServiceName
-from tradingstack_services.runner import GRACEFUL_SHUTDOWN_SECONDS
+from tradingstack_services.platform.runner import GRACEFUL_SHUTDOWN_SECONDS
 
 from conftest import LiveServer, wait_for
 from test_trading_e2e import Platform, Trading, final, order, platform, trading, with_accounts  # noqa: F401

@@ -35,10 +35,10 @@ from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec, secret_env
-from tradingstack_services import exeq, oms, pnl, risk
-from tradingstack_services.orderstore import ORDER_KEY, UNROUTED_KEY, OrderStore
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.trading import Order, OrderRequest, OrderStatus
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import exeq, oms, pnl, risk
+from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus
+from tradingstack_services.trading.orderstore import ORDER_KEY, UNROUTED_KEY, OrderStore
 
 from conftest import LiveServer, NatsServer, RedisServer, wait_for
 

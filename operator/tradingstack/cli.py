@@ -60,7 +60,7 @@ def _env_credentials() -> StackCredentials:
     AWS variables for S3; NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CA_FILE, QUESTDB_... for the rest)."""
     from tradingstack.backends import StackCredentials
     from tradingstack.backends.s3 import S3Credentials
-    from tradingstack_services.settings import ServiceSettings
+    from tradingstack_services.platform.settings import ServiceSettings
 
     env = ServiceSettings(SERVICE_NAME="provision")
     key, secret = env.AWS_ACCESS_KEY_ID, env.AWS_SECRET_ACCESS_KEY
@@ -136,7 +136,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from tradingstack_services import runner
+    from tradingstack_services.platform import runner
 
     try:
         if args.help:

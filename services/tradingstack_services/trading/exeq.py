@@ -26,12 +26,12 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from tradingstack_services import bus, rediskv, tracing
-from tradingstack_services.orderstore import OrderStore, Stored, UnknownOrderError
-from tradingstack_services.prices import PriceBook, Quote
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError
-from tradingstack_services.trading import EPSILON, Order, OrderStatus, TransitionError, execution_price
+from tradingstack_services.marketdata.prices import PriceBook, Quote
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.platform import bus, rediskv, tracing
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading.model import EPSILON, Order, OrderStatus, TransitionError, execution_price
+from tradingstack_services.trading.orderstore import OrderStore, Stored, UnknownOrderError
 
 log = logging.getLogger(__name__)
 RESTING_KEY = "tradingstack:exeq:resting"

@@ -39,9 +39,9 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
 from tradingstack.lake import ALT_DATA, MARKET_TICKS, LakeTable
-from tradingstack_services import bus
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError, parse_tick, require_known_symbol, to_datetime
+from tradingstack_services.marketdata.ticks import InvalidMessageError, parse_tick, require_known_symbol, to_datetime
+from tradingstack_services.platform import bus
+from tradingstack_services.platform.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from tradingstack.credentials import ServerCredentials
-from tradingstack_services.app import Check
+from tradingstack_services.platform.app import Check
 
 
 def connect(url: str, credentials: ServerCredentials | None = None) -> tuple[aioredis.Redis, Check]:

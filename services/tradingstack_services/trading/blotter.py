@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from tradingstack_services.orderstore import ConflictError, OrderStore, UnknownOrderError
-from tradingstack_services.trading import SYMBOL, TERMINAL, Fill, Order, OrderStatus, Side, TransitionError
+from tradingstack_services.trading.model import SYMBOL, TERMINAL, Fill, Order, OrderStatus, Side, TransitionError
+from tradingstack_services.trading.orderstore import ConflictError, OrderStore, UnknownOrderError
 
 MAX_BATCH = 100
 MAX_PAGE = 500

@@ -24,9 +24,10 @@ from nats.aio.client import Client
 from prometheus_client import Counter
 from pydantic import BaseModel, Field
 
-from tradingstack_services import bus, tracing, webproxy
-from tradingstack_services.settings import ServiceSettings, parse_prices
-from tradingstack_services.ticks import InvalidMessageError, Tick, epoch_ms, parse_tick, tick_json
+from tradingstack_services.marketdata import webproxy
+from tradingstack_services.marketdata.ticks import InvalidMessageError, Tick, epoch_ms, parse_tick, tick_json
+from tradingstack_services.platform import bus, tracing
+from tradingstack_services.platform.settings import ServiceSettings, parse_prices
 
 log = logging.getLogger(__name__)
 PUBLISHED = Counter("tradingstack_gateway_ticks_published_total", "Ticks published", ["source"])

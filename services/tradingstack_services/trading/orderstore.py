@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tradingstack_services.trading import Order, OrderStatus
+from tradingstack_services.trading.model import Order, OrderStatus
 
 log = logging.getLogger(__name__)
 ORDER_KEY = "tradingstack:order:"

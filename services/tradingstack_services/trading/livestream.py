@@ -31,8 +31,8 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import Gauge
 
-from tradingstack_services.pnl import DETAILS_KEY
-from tradingstack_services.prices import PriceBook, Quote
+from tradingstack_services.marketdata.prices import PriceBook, Quote
+from tradingstack_services.trading.pnl import DETAILS_KEY
 
 log = logging.getLogger(__name__)
 CLIENTS = Gauge("tradingstack_oms_stream_clients", "Clients following GET /stream")

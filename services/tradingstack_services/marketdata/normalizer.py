@@ -24,10 +24,10 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services import bus, ilp
-from tradingstack_services.bars import Bar, minute_of
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError, Tick, parse_tick, require_known_symbol
+from tradingstack_services.marketdata.bars import Bar, minute_of
+from tradingstack_services.marketdata.ticks import InvalidMessageError, Tick, parse_tick, require_known_symbol
+from tradingstack_services.platform import bus, ilp
+from tradingstack_services.platform.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 # How long a batch waits for QuestDB to make its ticks visible before it is handed back.

@@ -27,10 +27,10 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tradingstack.api import RiskLimit
-from tradingstack_services import bus, rediskv
-from tradingstack_services.prices import PriceBook, Quote
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.trading import position_key, touch
+from tradingstack_services.marketdata.prices import PriceBook, Quote
+from tradingstack_services.platform import bus, rediskv
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading.model import position_key, touch
 
 log = logging.getLogger(__name__)
 POSITIONS_KEY = "tradingstack:positions"

@@ -10,12 +10,13 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from tradingstack_services import logs
-from tradingstack_services.settings import ServiceSettings
+from tradingstack_services.platform import logs
+from tradingstack_services.platform.settings import ServiceSettings
 
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
-    from tradingstack_services import exeq, gateway, normalizer, oms, pnl, risk, sink
+    from tradingstack_services.marketdata import gateway, normalizer, sink
+    from tradingstack_services.trading import exeq, oms, pnl, risk
 
     return {
         "gateway": gateway.create,

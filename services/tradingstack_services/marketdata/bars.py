@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from tradingstack_services import ilp
-from tradingstack_services.ticks import Tick
+from tradingstack_services.marketdata.ticks import Tick
+from tradingstack_services.platform import ilp
 
 BAR_TABLE = "ohlcv_1m"
 

@@ -17,9 +17,9 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from tradingstack.credentials import ServerCredentials
-from tradingstack_services.app import Check, create_app
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.platform.app import Check, create_app
+from tradingstack_services.platform.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 

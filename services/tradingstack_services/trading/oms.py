@@ -29,13 +29,14 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from tradingstack_services import auth, blotter, bus, ilp, livestream, rediskv, tracing
-from tradingstack_services.history import History
-from tradingstack_services.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
-from tradingstack_services.prices import PriceBook
-from tradingstack_services.risk import CheckRequest, CheckResult
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.trading import Order, OrderRequest, OrderStatus, TransitionError, touch
+from tradingstack_services.marketdata.prices import PriceBook
+from tradingstack_services.platform import auth, bus, ilp, rediskv, tracing
+from tradingstack_services.platform.history import History
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import blotter, livestream
+from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus, TransitionError, touch
+from tradingstack_services.trading.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
+from tradingstack_services.trading.risk import CheckRequest, CheckResult
 
 log = logging.getLogger(__name__)
 ORDERS = Counter("tradingstack_oms_orders_total", "Orders by the status POST /orders answered", ["status"])

@@ -25,12 +25,12 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services import bus, ilp, rediskv
-from tradingstack_services.prices import PriceBook
-from tradingstack_services.risk import POSITIONS_KEY
-from tradingstack_services.settings import ServiceSettings
-from tradingstack_services.ticks import InvalidMessageError
-from tradingstack_services.trading import Fill, Position, PositionView, position_key
+from tradingstack_services.marketdata.prices import PriceBook
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.platform import bus, ilp, rediskv
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading.model import Fill, Position, PositionView, position_key
+from tradingstack_services.trading.risk import POSITIONS_KEY
 
 log = logging.getLogger(__name__)
 DETAILS_KEY = "tradingstack:position-details"
