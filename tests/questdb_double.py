@@ -418,7 +418,40 @@ def partition_of(partition_by: str, micros: int) -> tuple[datetime, str]:
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
-    return [part.replace("\\" + sep, sep) for part in re.split(rf"(?<!\\){re.escape(sep)}", text)]
+    """Split on `sep` where it is neither escaped nor inside a double-quoted string field: a string
+    field may hold spaces and commas as they are, only `"`, `\\` and newlines are escaped in it
+    (questdb.io/docs/reference/api/ilp/columnset-types/#string). Outside quotes `\\<sep>` is `sep`."""
+    parts, current, quoted, i = [], [], False, 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            current.append(nxt if (nxt == sep and not quoted) else char + nxt)
+            i += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        if char == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _ilp_string(value: str) -> str:
+    """A quoted ILP string field's text: quotes off, `\\"`, `\\\\` and `\\n` decoded."""
+    inner, out, i = value[1:-1], [], 0
+    while i < len(inner):
+        if inner[i] == "\\" and i + 1 < len(inner):
+            out.append({"n": "\n"}.get(inner[i + 1], inner[i + 1]))
+            i += 2
+        else:
+            out.append(inner[i])
+            i += 1
+    return "".join(out)
 
 
 def _parse_line(number: int, line: str, tables: dict[str, Table]) -> tuple[str, dict[str, Any]]:
@@ -453,7 +486,7 @@ def _parse_line(number: int, line: str, tables: dict[str, Table]) -> tuple[str, 
         elif value.startswith('"'):
             if kind not in ("STRING", "VARCHAR"):
                 raise fail(f"cast error: string into {kind} column {col}")
-            row[col] = value.strip('"')
+            row[col] = _ilp_string(value)
         else:
             if kind not in ("DOUBLE", "FLOAT"):
                 raise fail(f"cast error: float into {kind} column {col}")

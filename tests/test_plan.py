@@ -29,11 +29,14 @@ def by_key(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
     return {(o["kind"], o["metadata"]["name"]): o for o in objects}
 
 
+FIRST_EIGHT = ["gateway", "normalizer", "sink-ticks", "sink-alt", "risk", "oms", "exeq", "pnl"]
+
+
 def test_empty_spec_renders_all_eight_services() -> None:
     plan = plan_for({})
     deployments = [o for o in plan.objects if o["kind"] == "Deployment"]
-    assert [d["metadata"]["name"] for d in deployments] == [f"demo-{s.value}" for s in ServiceName]
-    assert len(plan.objects) == 4 * len(ServiceName) + 1  # a NetworkPolicy each, and one denying the rest
+    assert [d["metadata"]["name"] for d in deployments] == [f"demo-{s}" for s in FIRST_EIGHT]
+    assert len(plan.objects) == 4 * 8 + 1  # a NetworkPolicy each, and one denying the rest
     assert [s.name for s in plan.streams][:2] == ["MARKET_TICKS", "ALT_DATA"]
     ticks = plan.streams[0]
     assert (ticks.subjects, ticks.storage, ticks.retention, ticks.discard, ticks.max_age) == (
@@ -299,3 +302,33 @@ def test_account_risk_limits_reach_risk_only() -> None:
     assert by_account["desk-a"][0]["maxPosition"] == 2
     assert "RISK_ACCOUNT_LIMITS" not in objects[("ConfigMap", "demo-oms")]["data"]
     assert "RISK_ACCOUNT_LIMITS" not in by_key(plan_for({}).objects)[("ConfigMap", "demo-risk")]["data"]
+
+
+def test_the_compliance_scanner_is_opt_in_and_brings_its_stream_table_consumer_and_rules() -> None:
+    off = plan_for({})
+    assert "COMPLIANCE" not in [s.name for s in off.streams]
+    assert "compliance_alerts" not in [t.name for t in off.tables]
+    spec = {"services": {"compliance-scanner": {"enabled": True}}, "compliance": {"washTradeWindowSeconds": 5},
+            "riskLimits": [{"symbol": "BTCUSDT", "maxPosition": 3}]}  # fmt: skip
+    on = plan_for(spec)
+    assert [s.subjects for s in on.streams if s.name == "COMPLIANCE"] == [["compliance.alert.>"]]
+    assert [t.dedup_keys for t in on.tables if t.name == "compliance_alerts"] == [["ts", "alert_id"]]
+    assert [(c.stream, c.filter_subject) for c in on.consumers if c.service == "compliance-scanner"] == [
+        ("ORDERS", "orders.>")
+    ]
+    config = by_key(on.objects)[("ConfigMap", "demo-compliance-scanner")]["data"]
+    assert json.loads(config["COMPLIANCE_RULES"])["washTradeWindowSeconds"] == 5
+    assert json.loads(config["RISK_LIMITS"])[0]["maxPosition"] == 3  # breaches are judged on risk's limits
+    # A stream the user declares under that name wins over the service's own.
+    mine = {"name": "COMPLIANCE", "subjects": ["compliance.alert.>"], "maxAge": "48h"}
+    spec_with_own = {**spec, "streams": [*[s.model_dump(by_alias=True) for s in off.streams], mine]}
+    assert [s.max_age for s in plan_for(spec_with_own).streams if s.name == "COMPLIANCE"] == ["48h"]
+
+
+def test_a_long_stack_name_is_judged_by_the_services_it_runs() -> None:
+    name = "n" * (63 - 1 - len("sink-ticks"))  # fits every default service, not compliance-scanner
+    assert build_plan(StackRef(name=name, namespace="t"), parse_spec({})).workloads
+    with pytest.raises(InvalidSpecError, match="compliance-scanner"):
+        build_plan(
+            StackRef(name=name, namespace="t"), parse_spec({"services": {"compliance-scanner": {"enabled": True}}})
+        )

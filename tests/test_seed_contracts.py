@@ -273,7 +273,7 @@ def by_hand(tmp_path: Path, s3_url: str) -> Iterator[Servers]:
     redis_server.start()
     bucket = f"hand-{uuid.uuid4().hex[:8]}"
     with QuestDBDouble() as qdb:
-        spec = parse_spec({"infrastructure": {
+        spec = parse_spec({"services": {"compliance-scanner": {"enabled": True}}, "infrastructure": {
             "nats": {"url": nats_server.url}, "redis": {"url": redis_server.url}, "questdb": {"url": qdb.url},
             "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket}}})  # fmt: skip
         plan = build_plan(StackRef("tradingstack", "default"), spec)

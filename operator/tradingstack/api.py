@@ -58,6 +58,12 @@ class ServiceName(StrEnum):
     OMS = "oms"
     EXEQ = "exeq"
     PNL = "pnl"
+    COMPLIANCE = "compliance-scanner"
+
+
+# Services added after the first eight run only when asked for (`enabled: true`): an operator
+# upgrade never adds pods, streams or tables to a stack that did not ask for them.
+OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE})
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -70,6 +76,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
     ServiceName.OMS: 8099,
     ServiceName.EXEQ: 8098,
     ServiceName.PNL: 8100,
+    ServiceName.COMPLIANCE: 8105,
 }
 
 
@@ -168,7 +175,11 @@ class EnvVar(Model):
 class ServiceSpec(Model):
     """How one service runs. Every field is optional; omitted services run with defaults."""
 
-    enabled: bool = Field(True, description="Run this service. A disabled service's objects are removed.")
+    enabled: bool | None = Field(
+        None,
+        description="Run this service; a disabled service's objects are removed. Unset: on for the first eight "
+        "services, off for the opt-in ones (" + ", ".join(s.value for s in OPT_IN_SERVICES) + ").",
+    )
     replicas: int = Field(1, ge=0, le=100, description="Number of pods.")
     image: str | None = Field(
         None,
@@ -559,6 +570,34 @@ class Account(Model):
     )
 
 
+class ComplianceRules(Model):
+    """Thresholds of the compliance-scanner's rules over the order stream. Times are the events' own
+    (order entry, fill), so a replay raises the same alerts."""
+
+    wash_trade_window_seconds: int = Field(
+        60, ge=1, le=86_400, description="An account buying and selling one symbol within this window is a wash trade."
+    )
+    near_breach_share: float = Field(
+        0.8, gt=0, lt=1, description="A position at this share of its maxPosition limit is a near breach."
+    )
+    fat_finger_max_notional: float = Field(
+        250_000.0, gt=0, le=1e15, description="An order above this notional (quantity x price) is a fat finger."
+    )
+    fat_finger_price_deviation: float = Field(
+        0.05, gt=0, le=10, description="A limit price this far from the mid at entry (0.05 = 5%) is a fat finger."
+    )
+    ratio_window_seconds: int = Field(
+        300, ge=10, le=86_400, description="Window of the order-to-fill and cancel ratios, per account."
+    )
+    ratio_min_orders: int = Field(20, ge=1, le=1_000_000, description="Orders in the window before a ratio is judged.")
+    max_order_to_fill_ratio: float = Field(
+        10.0, ge=1, le=1_000_000, description="More orders per fill than this in the window raises an alert."
+    )
+    max_cancel_ratio: float = Field(
+        0.9, gt=0, le=1, description="A larger share of the window's orders cancelled raises an alert."
+    )
+
+
 def _default_streams() -> list[StreamSpec]:
     return [
         StreamSpec(name="MARKET_TICKS", subjects=["market.tick.>"]),
@@ -788,6 +827,9 @@ class TradingStackSpec(Model):
     order_authorization: OrderAuthorization | None = Field(
         None, description="Ask an external policy (OPA-compatible) before placing or cancelling an order."
     )
+    compliance: ComplianceRules | None = Field(
+        None, description="Thresholds of the compliance-scanner's rules; defaults when unset."
+    )
     accounts: list[Account] = Field(
         default_factory=list,
         max_length=64,
@@ -810,7 +852,11 @@ class TradingStackSpec(Model):
         return self.services.get(name.value) or ServiceSpec()
 
     def enabled_services(self) -> list[ServiceName]:
-        return [s for s in ServiceName if self.service(s).enabled]
+        def wanted(service: ServiceName) -> bool:
+            enabled = self.service(service).enabled
+            return service not in OPT_IN_SERVICES if enabled is None else enabled
+
+        return [s for s in ServiceName if wanted(s)]
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

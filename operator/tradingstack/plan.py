@@ -31,12 +31,15 @@ DEAD_LETTER_PREFIX = "dlq"
 MAX_OBJECT_NAME = 63
 # Which services talk to which server, and so get its credentials (least privilege).
 S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT})
-REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL})
-QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL})
+REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL,
+                            ServiceName.COMPLIANCE})  # fmt: skip
+QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL, ServiceName.COMPLIANCE})
 # The variables a server's secretRef keys become: (user, password, token). Redis's AUTH takes a
 # token as the default user's password.
 NATS_CREDENTIAL_ENV = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")
 REDIS_CREDENTIAL_ENV = ("REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_PASSWORD")
+# Services that read spec.riskLimits: risk enforces them, compliance reports (near) breaches.
+LIMIT_SERVICES = frozenset({ServiceName.RISK, ServiceName.COMPLIANCE})
 QUESTDB_CREDENTIAL_ENV = ("QUESTDB_USER", "QUESTDB_PASSWORD", "QUESTDB_TOKEN")
 
 
@@ -67,8 +70,8 @@ class StackRef:
 def durable_name(stack: StackRef, service: ServiceName) -> str:
     """`<namespace>_<name>_<service>`: unique per stack, so two stacks reading one stream never split
     its messages. A namespace has no '.' or '_' and a name no '_', so the mapping is one to one;
-    '.' (allowed in a name, refused by NATS) becomes '_'. At most 63 + 1 + 52 + 1 + 11 characters,
-    as build_plan bounds a stack's name by its children's."""
+    '.' (allowed in a name, refused by NATS) becomes '_'. At most 63 + 1 + 62 = 126 characters, as
+    build_plan bounds a stack's name plus its longest service's by a child's name (62 without the '-')."""
     return f"{stack.namespace}_{stack.name}_{service.value}".replace(".", "_")
 
 
@@ -116,7 +119,39 @@ _CONSUMERS: dict[ServiceName, tuple[str, str]] = {
     ServiceName.SINK_ALT: ("ALT_DATA", "alt.norm.>"),
     ServiceName.EXEQ: ("ORDERS", "orders.routed.>"),
     ServiceName.PNL: ("FILLS", "fills.>"),
+    # Every order event: entry, cancels, and fills (an order's event lists its fills).
+    ServiceName.COMPLIANCE: ("ORDERS", "orders.>"),
 }
+
+# Streams and QuestDB tables a service brings with it: planned while it is enabled, unless
+# spec.streams or spec.tables declares one of the same name (the user's declaration wins).
+SERVICE_STREAMS: dict[ServiceName, list[StreamSpec]] = {
+    ServiceName.COMPLIANCE: [StreamSpec(name="COMPLIANCE", subjects=["compliance.alert.>"], max_age="720h")],
+}
+SERVICE_TABLES: dict[ServiceName, list[TableSpec]] = {
+    ServiceName.COMPLIANCE: [
+        TableSpec.model_validate({
+            "name": "compliance_alerts",
+            "columns": [{"name": n, "type": t} for n, t in (
+                ("alert_id", "VARCHAR"), ("rule", "SYMBOL"), ("severity", "SYMBOL"), ("account", "SYMBOL"),
+                ("symbol", "SYMBOL"), ("order_id", "VARCHAR"), ("message", "VARCHAR"), ("ts", "TIMESTAMP"))],
+            "dedupKeys": ["ts", "alert_id"],
+        })
+    ],
+}  # fmt: skip
+
+
+def planned_streams(spec: TradingStackSpec) -> list[StreamSpec]:
+    """spec.streams, then the streams of enabled services that spec.streams does not name."""
+    named = {s.name for s in spec.streams}
+    extra = [s for svc in spec.enabled_services() for s in SERVICE_STREAMS.get(svc, []) if s.name not in named]
+    return [*spec.streams, *extra]
+
+
+def planned_tables(spec: TradingStackSpec) -> list[TableSpec]:
+    named = {t.name for t in spec.tables}
+    extra = [t for svc in spec.enabled_services() for t in SERVICE_TABLES.get(svc, []) if t.name not in named]
+    return [*spec.tables, *extra]
 
 
 def service_consumer(service: ServiceName) -> tuple[str, str] | None:
@@ -173,9 +208,9 @@ def _subjects_overlap(a: str, b: str) -> bool:
     return len(ta) == len(tb)
 
 
-def _check_streams(spec: TradingStackSpec) -> None:
+def _check_streams(streams: list[StreamSpec]) -> None:
     owners: list[tuple[str, str]] = []
-    for stream in spec.streams:
+    for stream in streams:
         for subject in stream.subjects:
             for other_stream, other in owners:
                 if other_stream != stream.name and _subjects_overlap(subject, other):
@@ -187,7 +222,7 @@ def _check_streams(spec: TradingStackSpec) -> None:
 
 
 def plan_consumers(stack: StackRef, spec: TradingStackSpec) -> list[ConsumerPlan]:
-    streams = {s.name for s in spec.streams}
+    streams = {s.name for s in planned_streams(spec)}
     consumers = []
     for service in spec.enabled_services():
         if service not in _CONSUMERS:
@@ -244,12 +279,15 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
         config |= {"AUTHZ_URL": policy.url, "AUTHZ_DECISION_PATH": policy.decision_path,
                    "AUTHZ_TIMEOUT_SECONDS": str(policy.timeout_seconds)}  # fmt: skip
-    if service == ServiceName.RISK and any(a.risk_limits for a in spec.accounts):
+    if service == ServiceName.COMPLIANCE:
+        rules = spec.compliance or api.ComplianceRules()
+        config["COMPLIANCE_RULES"] = json.dumps(rules.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"))
+    if service in LIMIT_SERVICES and any(a.risk_limits for a in spec.accounts):
         by_account = {
             a.name: [x.model_dump(by_alias=True) for x in a.risk_limits] for a in spec.accounts if a.risk_limits
         }
         config["RISK_ACCOUNT_LIMITS"] = json.dumps(by_account, sort_keys=True, separators=(",", ":"))
-    if service == ServiceName.RISK and spec.risk_limits:
+    if service in LIMIT_SERVICES and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))
     config |= {env.name: env.value for env in spec.service(service).env if env.value_from is None}
@@ -506,13 +544,16 @@ def _default_deny(stack: StackRef) -> dict[str, Any]:
 
 def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
     """The whole desired state of one TradingStack. Pure: same input, same output."""
-    longest = max((len(s.value) for s in ServiceName), default=0)
-    if len(stack.name) + 1 + longest > MAX_OBJECT_NAME:
+    # Only the enabled services' names count: enabling a longer one never breaks a running stack
+    # until it is asked for.
+    longest = max(spec.enabled_services(), key=lambda s: len(s.value), default=ServiceName.SINK_TICKS)
+    if len(stack.name) + 1 + len(longest.value) > MAX_OBJECT_NAME:
         raise InvalidSpecError(
-            f"name {stack.name!r} is too long: child names like {stack.name}-{ServiceName.SINK_TICKS.value} "
-            f"must fit in {MAX_OBJECT_NAME} characters (use at most {MAX_OBJECT_NAME - 1 - longest})"
+            f"name {stack.name!r} is too long: child names like {stack.name}-{longest.value} "
+            f"must fit in {MAX_OBJECT_NAME} characters (use at most {MAX_OBJECT_NAME - 1 - len(longest.value)})"
         )
-    _check_streams(spec)
+    streams = planned_streams(spec)
+    _check_streams(streams)
     consumers = plan_consumers(stack, spec)
     workloads = []
     for service in spec.enabled_services():
@@ -541,10 +582,10 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
         spec=spec,
         workloads=workloads,
         objects=objects,
-        streams=list(spec.streams),
+        streams=streams,
         consumers=consumers,
         buckets=list(dict.fromkeys(buckets)),
-        tables=list(spec.tables),
+        tables=planned_tables(spec),
     )
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tradingstack.credentials import ServerCredentials
+
+if TYPE_CHECKING:
+    from tradingstack.api import ComplianceRules
 
 
 def _seed_ports() -> dict[str, int]:
@@ -73,6 +77,8 @@ class ServiceSettings(BaseSettings):
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
     RISK_ACCOUNT_LIMITS: str | None = None  # JSON {account: [limits]} of spec.accounts[].riskLimits
+    # compliance-scanner
+    COMPLIANCE_RULES: str | None = Field(None, description="JSON of spec.compliance (the rules' thresholds)")
     # oms, exeq
     ORDER_RETENTION_SECONDS: int = Field(
         7 * 24 * 3600, ge=60, description="how long a final order stays in Redis (the ORDERS stream keeps 7 days)"
@@ -110,6 +116,23 @@ class ServiceSettings(BaseSettings):
     )
     S3_MAX_RETRIES: int | None = Field(None, ge=0, description="S3 request retries inside one Delta call")
     S3_RETRY_TIMEOUT_SECONDS: float | None = Field(None, gt=0, description="give up retrying one call after this")
+
+    @field_validator("COMPLIANCE_RULES")
+    @classmethod
+    def _rules(cls, value: str | None) -> str | None:
+        from tradingstack.api import ComplianceRules
+
+        if value is not None:
+            try:
+                ComplianceRules.model_validate_json(value)
+            except ValueError as exc:  # reported without the value, which the runner never repeats
+                raise ValueError(f"not valid compliance rules: {exc}".splitlines()[0]) from None
+        return value
+
+    def compliance_rules(self) -> ComplianceRules:
+        from tradingstack.api import ComplianceRules
+
+        return ComplianceRules.model_validate_json(self.COMPLIANCE_RULES or "{}")
 
     @field_validator("MOCK_START_PRICES")
     @classmethod

@@ -1,0 +1,179 @@
+"""compliance-scanner: the rules of `oversight.rules` over every order event (`orders.>`).
+
+Per event (its `Nats-Msg-Id`, else a digest of it, is its identity): the account's state is read
+from Redis, the event judged, and the new state stored in one transaction with the alerts it
+raised under the event's identity. The alerts are published on
+`compliance.alert.{RULE}.{SYMBOL}` (JetStream ack, `Nats-Msg-Id` = alert id) and written to
+QuestDB `compliance_alerts`, and only then is the event acknowledged. A redelivery finds the
+event judged and publishes and writes the same alerts again (deduplicated by id), so a crash
+at any point loses no alert and counts no event twice. One replica per durable consumer, as
+for pnl. `GET /alerts` serves the newest alerts from the COMPLIANCE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Query
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter
+from pydantic import TypeAdapter, ValidationError
+
+from tradingstack.api import RiskLimit
+from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack_services.marketdata.prices import PriceBook
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
+from tradingstack_services.platform import bus, ilp, rediskv
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading.model import Order
+from tradingstack_services.trading.risk import by_symbol, load_limits
+
+log = logging.getLogger(__name__)
+STATE_PREFIX = "tradingstack:compliance:state:"
+JUDGED_PREFIX = "tradingstack:compliance:judged:"
+# A judged event is remembered longer than the ORDERS stream keeps it (168h by default).
+JUDGED_TTL_SECONDS = 8 * 24 * 3600
+RECENT_ALERTS = 1_000
+ALERTS = Counter("tradingstack_compliance_alerts_total", "Compliance alerts raised", ["rule", "severity"])
+EVENTS = Counter("tradingstack_compliance_events_total", "Order events judged", ["outcome"])
+DEAD = Counter("tradingstack_compliance_dead_lettered_total", "Order events sent to the dead-letter stream",
+               ["reason"])  # fmt: skip
+_ALERT_LIST = TypeAdapter(list[Alert])
+
+
+def alert_line(alert: Alert) -> str:
+    tags = {"rule": alert.rule, "severity": alert.severity, "symbol": alert.symbol,
+            **({"account": alert.account} if alert.account else {})}  # fmt: skip
+    fields: dict[str, ilp.Field] = {"alert_id": alert.alert_id, "order_id": alert.order_id, "message": alert.message}
+    return ilp.line("compliance_alerts", tags, fields, alert.ts)
+
+
+def event_id(msg: Msg) -> str:
+    header = (msg.headers or {}).get("Nats-Msg-Id")
+    return header or hashlib.sha256(msg.data).hexdigest()[:32]
+
+
+class Scanner:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.rules = settings.compliance_rules()
+        self.limits = load_limits(settings.RISK_LIMITS)
+        by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
+        self.account_limits = {account: by_symbol(limits) for account, limits in by_account.items()}
+        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
+        self.prices = PriceBook(settings.symbols)
+        self.recent: OrderedDict[str, Alert] = OrderedDict()
+
+    def limit_for(self, symbol: str, account: str | None) -> RiskLimit:
+        own = self.account_limits.get(account or "", {}).get(symbol)
+        return own or self.limits.get(symbol) or RiskLimit(symbol=symbol)
+
+    def mid(self, symbol: str) -> float | None:
+        quote = self.prices.get(symbol)
+        if quote is None:
+            return None
+        if quote.bid is not None and quote.ask is not None:
+            return (quote.bid + quote.ask) / 2
+        return quote.last
+
+    async def run(self, nc: Client, stop: asyncio.Event) -> None:
+        await bus.consume(nc, stop, self.settings, self.process, 200, 1.0)
+
+    async def process(self, js: Any, messages: list[Msg]) -> None:
+        for msg in messages:  # in stream order: an account's events build on each other
+            try:
+                order = Order.model_validate_json(msg.data)
+            except ValidationError as exc:
+                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_order", str(exc)))
+                DEAD.labels("invalid_order").inc()
+                continue
+            alerts = await self.judged(event_id(msg), order)
+            for alert in alerts:
+                headers = {"Nats-Msg-Id": alert.alert_id}
+                await js.publish(f"compliance.alert.{alert.rule}.{alert.symbol}", alert.model_dump_json().encode(),
+                                 headers=headers)  # fmt: skip
+            if alerts:
+                await asyncio.to_thread(self.questdb.write_ilp, [alert_line(a) for a in alerts])
+            await msg.ack()
+
+    async def judged(self, event: str, order: Order) -> list[Alert]:
+        """The alerts of one event: judged now, or as judged before (a redelivery)."""
+        state_key = STATE_PREFIX + (order.account or "-")
+        judged_key = JUDGED_PREFIX + event
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(judged_key)
+            pipe.get(state_key)
+            before, raw_state = await pipe.execute()
+        if before is not None:
+            EVENTS.labels("redelivered").inc()
+            return _ALERT_LIST.validate_json(before)
+        state = AccountState.model_validate_json(raw_state) if raw_state else AccountState()
+        alerts = judge(state, order, self.rules, self.limit_for(order.symbol, order.account), self.mid(order.symbol))
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.set(state_key, state.model_dump_json())
+            tx.set(judged_key, _ALERT_LIST.dump_json(alerts), ex=JUDGED_TTL_SECONDS)
+            await tx.execute()
+        EVENTS.labels("judged").inc()
+        for alert in alerts:
+            ALERTS.labels(alert.rule, alert.severity).inc()
+        return alerts
+
+    def remember(self, alert: Alert) -> None:
+        self.recent.pop(alert.alert_id, None)
+        self.recent[alert.alert_id] = alert
+        while len(self.recent) > RECENT_ALERTS:
+            self.recent.popitem(last=False)
+
+    async def follow_alerts(self, nc: Client, stop: asyncio.Event) -> None:
+        """Worker: the newest alerts of the COMPLIANCE stream (any replica's), then each new one."""
+        js = nc.jetstream()
+        info = await js.stream_info("COMPLIANCE")
+        start = max(info.state.last_seq - RECENT_ALERTS + 1, 1)
+
+        async def receive(msg: Msg) -> None:
+            try:
+                self.remember(Alert.model_validate_json(msg.data))
+            except ValidationError:
+                log.warning("not an alert on %s, skipped", msg.subject)
+
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        sub = await js.subscribe("compliance.alert.>", stream="COMPLIANCE", cb=receive, ordered_consumer=True,
+                                 config=config)  # fmt: skip
+        await stop.wait()
+        await sub.unsubscribe()
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
+    scanner = Scanner(settings, redis)
+
+    async def questdb_check() -> None:
+        await asyncio.to_thread(scanner.questdb.query, "SELECT table_name FROM tables()")
+
+    # An alert is acknowledged only once QuestDB has its row: without QuestDB the scanner stops.
+    checks = {"redis": redis_check, "questdb": questdb_check}
+    app = bus.worker_app(settings, [scanner.prices.follow, scanner.run, scanner.follow_alerts], checks)
+
+    @app.get("/alerts")
+    async def alerts(
+        rule: str | None = Query(None, pattern="^(" + "|".join(RULES) + ")$"),
+        account: str | None = Query(None, max_length=63),
+        symbol: str | None = Query(None, max_length=32),
+        limit: int = Query(100, ge=1, le=RECENT_ALERTS),
+    ) -> list[Alert]:
+        """The newest alerts first, optionally of one rule, account or symbol."""
+        found = [a for a in reversed(scanner.recent.values()) if (rule is None or a.rule == rule)
+                 and (account is None or a.account == account) and (symbol is None or a.symbol == symbol)]  # fmt: skip
+        return found[:limit]
+
+    return app
