@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from questdb_double import QuestDBDouble
 from tradingstack.api import ComplianceRules, RiskLimit, ServiceName
@@ -198,6 +199,9 @@ def test_a_wash_trade_through_the_trading_path_is_alerted_once_on_the_stream_in_
                            "the malformed event dead-lettered")  # fmt: skip
         assert letters == ["dlq.ORDERS.invalid_order"]
         assert watcher.get("/readyz")[0] == 200  # a bad event is a dead letter, not an outage
+        lag = {"stream": "ORDERS", "durable": "ns_e2e_compliance-scanner"}
+        wait_for(lambda: REGISTRY.get_sample_value("tradingstack_consumer_pending_messages", lag) == 0, 10,
+                 "the scanner's consumer lag exported, and nothing pending")  # fmt: skip
     assert [a["alert_id"] for a in alerts_in_stream(platform)] == [alerts[0]["alert_id"]]
     rows = wait_for(lambda: platform.questdb.state.tables["compliance_alerts"].rows or None, 10, "the alert row")
     assert [(r["alert_id"], r["rule"]) for r in rows] == [(alerts[0]["alert_id"], "wash_trade")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from deltalake.exceptions import TableNotFoundError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from tradingstack import api, backends, upkeep
 from tradingstack.backends import Provisioner, S3Credentials, StackCredentials
@@ -41,6 +42,16 @@ RECONCILE_SECONDS = Histogram("tradingstack_reconcile_duration_seconds", "Durati
 UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS = 2, 20.0
 UPKEEPS = Counter("tradingstack_lake_upkeeps_total", "Delta table upkeep runs", ["result"])
 STATUS_WRITES = Counter("tradingstack_status_writes_total", "Status subresource writes")
+STACK_READY = Gauge("tradingstack_stack_ready", "1 while a TradingStack's Ready condition is True, else 0",
+                    ["namespace", "stack"])  # fmt: skip
+
+
+def export_ready(namespace: str, name: str, status: dict[str, Any]) -> None:
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    if ready:
+        STACK_READY.labels(namespace, name).set(1 if ready[0].get("status") == "True" else 0)
+
+
 INFRA_CHANGES = Counter(
     "tradingstack_infra_changes_total", "Streams, buckets and tables created, updated or deleted", ["backend", "action"]
 )
@@ -91,6 +102,7 @@ class StatusWriter:
                 return False
             old = current.get("status") or {}
             new = compute(current)
+            export_ready(namespace, name, new)
             if new == {k: old.get(k) for k in new}:
                 return False
             patch = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": new}
@@ -383,6 +395,9 @@ class Reconciler:
     def delete(self, body: dict[str, Any]) -> list[str]:
         """Finalizer: honour deletionPolicy. Returns what was deleted or retained, for the event."""
         policy = (body.get("spec") or {}).get("deletionPolicy", "Retain")
+        meta = body.get("metadata") or {}
+        with contextlib.suppress(KeyError):  # a stack that is gone is neither ready nor not
+            STACK_READY.remove(meta.get("namespace") or "default", meta.get("name", ""))
         try:
             plan = plan_from_body(body)
         except InvalidSpecError:

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
 TICKS = Counter("tradingstack_price_ticks_total", "Ticks seen by a price book", ["accepted"])
+# A feed gone quiet shows here (the chart's TradingStackFeedStale alert): Unix time of the last tick.
+LAST_TICK = Gauge("tradingstack_price_last_tick_timestamp_seconds", "When a price book last took a tick",
+                  ["symbol"])  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ class PriceBook:
             TICKS.labels("false").inc()
             return
         TICKS.labels("true").inc()
+        LAST_TICK.labels(quote.symbol).set_to_current_time()
         self.quotes[quote.symbol] = quote
         if self.on_quote is not None:
             await self.on_quote(quote)

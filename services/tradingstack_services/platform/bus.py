@@ -14,7 +14,7 @@ import nats
 from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from tradingstack.credentials import ServerCredentials
 from tradingstack_services.marketdata.ticks import InvalidMessageError
@@ -119,6 +119,11 @@ async def give_back(js: Any, msg: Msg, settings: ServiceSettings, error: BaseExc
         await msg.nak(delay=retry_delay(deliveries))
 
 
+PENDING = Gauge("tradingstack_consumer_pending_messages",
+                "Messages the service's durable consumer has not yet delivered (its lag)",
+                ["stream", "durable"])  # fmt: skip
+
+
 async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, process: Batch, batch: int,
                   wait: float) -> None:  # fmt: skip
     """Fetch from the service's durable pull consumer (NATS_STREAM/NATS_DURABLE) and process each batch.
@@ -129,15 +134,18 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
     """
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
+    lag = PENDING.labels(settings.NATS_STREAM or "", settings.NATS_DURABLE or "")
     while not stop.is_set():
         try:
             messages = await sub.fetch(batch, timeout=wait)
         except TimeoutError:  # an empty fetch: nothing new
+            lag.set(0)
             continue
         except Exception as exc:  # NATS is away: wait for the reconnect
             log.warning("fetch failed: %s", exc)
             await asyncio.sleep(0.5)
             continue
+        lag.set(messages[-1].metadata.num_pending)  # what the server still holds after this batch
         try:
             await process(js, messages)
         except Exception as exc:
