@@ -13,17 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from questdb_double import QuestDBDouble
 from tradingstack.api import ComplianceRules, RiskLimit, ServiceName
-from tradingstack.backends.jetstream import JetStreamProvisioner
-from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack.plan import StackRef, build_plan, parse_spec
 from tradingstack_services.oversight import compliance
 from tradingstack_services.oversight.rules import AccountState, Alert, judge
 from tradingstack_services.trading.model import Fill, Order, OrderStatus
 
-from conftest import LiveServer, NatsServer, RedisServer, wait_for
-from test_trading_e2e import FACTORIES, Platform
+from conftest import LiveServer, wait_for
+from test_trading_e2e import FACTORIES, Platform, running_platform
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 RULES = ComplianceRules(ratio_min_orders=5, max_order_to_fill_ratio=2, max_cancel_ratio=0.5)
@@ -151,24 +147,14 @@ def test_a_replay_raises_the_same_alerts_with_the_same_ids() -> None:
 @pytest.fixture
 def platform(tmp_path: Path) -> Iterator[Platform]:
     """Servers, streams and tables as the operator makes them for a stack with the scanner enabled."""
-    nats_server, redis_server = NatsServer(tmp_path / "js"), RedisServer(tmp_path / "redis")
-    nats_server.start()
-    redis_server.start()
-    with QuestDBDouble() as qdb:
-        spec = {
-            "symbols": ["BTCUSDT"],
-            "riskLimits": [{"symbol": "BTCUSDT", "maxQuantity": 10, "maxPosition": 10}],
-            "services": {"compliance-scanner": {"enabled": True}},
-            "compliance": {"washTradeWindowSeconds": 600},
-            "infrastructure": {"nats": {"url": nats_server.url}, "redis": {"url": redis_server.url},
-                               "questdb": {"url": qdb.url}},
-        }  # fmt: skip
-        plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
-        assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
-        assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
-        yield Platform(nats_server, redis_server, qdb, plan)
-    redis_server.stop()
-    nats_server.stop()
+    with running_platform(
+        tmp_path,
+        symbols=["BTCUSDT"],
+        riskLimits=[{"symbol": "BTCUSDT", "maxQuantity": 10, "maxPosition": 10}],
+        services={"compliance-scanner": {"enabled": True}},
+        compliance={"washTradeWindowSeconds": 600},
+    ) as running:
+        yield running
 
 
 def scanner(platform: Platform) -> LiveServer:

@@ -102,24 +102,29 @@ class Platform:
         return result
 
 
-@pytest.fixture
-def platform(tmp_path: Path) -> Iterator[Platform]:
+@contextlib.contextmanager
+def running_platform(tmp_path: Path, **spec: Any) -> Iterator[Platform]:
+    """Real servers, with the streams and tables the operator's provisioners make for `spec`."""
     nats_server, redis_server = NatsServer(tmp_path / "js"), RedisServer(tmp_path / "redis")
     nats_server.start()
     redis_server.start()
-    with QuestDBDouble() as qdb:
-        spec = {
-            "symbols": ["BTCUSDT", "ETHUSDT"],
-            "riskLimits": LIMITS,
-            "infrastructure": {"nats": {"url": nats_server.url}, "redis": {"url": redis_server.url},
-                               "questdb": {"url": qdb.url}},
-        }  # fmt: skip
-        plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
-        assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
-        assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
-        yield Platform(nats_server, redis_server, qdb, plan)
-    redis_server.stop()
-    nats_server.stop()
+    try:
+        with QuestDBDouble() as qdb:
+            spec["infrastructure"] = {"nats": {"url": nats_server.url}, "redis": {"url": redis_server.url},
+                                      "questdb": {"url": qdb.url}}  # fmt: skip
+            plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
+            assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
+            assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
+            yield Platform(nats_server, redis_server, qdb, plan)
+    finally:
+        redis_server.stop()
+        nats_server.stop()
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    with running_platform(tmp_path, symbols=["BTCUSDT", "ETHUSDT"], riskLimits=LIMITS) as running:
+        yield running
 
 
 Trading = tuple[Platform, LiveServer, LiveServer, LiveServer]  # the platform, oms, exeq, pnl

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -27,7 +26,6 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 from pydantic import TypeAdapter, ValidationError
 
-from tradingstack.api import RiskLimit
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.marketdata.ticks import InvalidMessageError
@@ -35,7 +33,7 @@ from tradingstack_services.oversight.rules import RULES, AccountState, Alert, ju
 from tradingstack_services.platform import bus, ilp, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Order
-from tradingstack_services.trading.risk import by_symbol, load_limits
+from tradingstack_services.trading.risk import Limits
 
 log = logging.getLogger(__name__)
 STATE_PREFIX = "tradingstack:compliance:state:"
@@ -67,16 +65,10 @@ class Scanner:
         self.settings = settings
         self.redis = redis
         self.rules = settings.compliance_rules()
-        self.limits = load_limits(settings.RISK_LIMITS)
-        by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
-        self.account_limits = {account: by_symbol(limits) for account, limits in by_account.items()}
+        self.limits = Limits(settings)
         self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
         self.prices = PriceBook(settings.symbols)
         self.recent: OrderedDict[str, Alert] = OrderedDict()
-
-    def limit_for(self, symbol: str, account: str | None) -> RiskLimit:
-        own = self.account_limits.get(account or "", {}).get(symbol)
-        return own or self.limits.get(symbol) or RiskLimit(symbol=symbol)
 
     def mid(self, symbol: str) -> float | None:
         quote = self.prices.get(symbol)
@@ -118,7 +110,7 @@ class Scanner:
             EVENTS.labels("redelivered").inc()
             return _ALERT_LIST.validate_json(before)
         state = AccountState.model_validate_json(raw_state) if raw_state else AccountState()
-        alerts = judge(state, order, self.rules, self.limit_for(order.symbol, order.account), self.mid(order.symbol))
+        alerts = judge(state, order, self.rules, self.limits.of(order.symbol, order.account), self.mid(order.symbol))
         async with self.redis.pipeline(transaction=True) as tx:
             tx.set(state_key, state.model_dump_json())
             tx.set(judged_key, _ALERT_LIST.dump_json(alerts), ex=JUDGED_TTL_SECONDS)

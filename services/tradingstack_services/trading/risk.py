@@ -80,6 +80,21 @@ def by_symbol(limits: list[Any]) -> dict[str, RiskLimit]:
     return {limit.symbol: limit for limit in (RiskLimit.model_validate(x) for x in limits)}
 
 
+class Limits:
+    """spec.riskLimits and each account's own, as the operator renders them (RISK_LIMITS,
+    RISK_ACCOUNT_LIMITS): risk enforces them, the compliance-scanner reports (near) breaches."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.stack = load_limits(settings.RISK_LIMITS)
+        by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
+        self.accounts = {account: by_symbol(limits) for account, limits in by_account.items()}
+
+    def of(self, symbol: str, account: str | None = None) -> RiskLimit:
+        """The account's own limit for the symbol, else the stack's, else the defaults."""
+        own = self.accounts.get(account or "", {}).get(symbol)
+        return own or self.stack.get(symbol) or RiskLimit(symbol=symbol)
+
+
 def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResult:
     """The decision, pure: same inputs, same answer."""
 
@@ -123,17 +138,10 @@ def at_market(request: CheckRequest, quote: Quote | None) -> CheckRequest | None
 class RiskService:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.prices = PriceBook(settings.symbols)
-        self.limits = load_limits(settings.RISK_LIMITS)
-        by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
-        self.account_limits = {account: by_symbol(limits) for account, limits in by_account.items()}
+        self.limits = Limits(settings)
         self.redis = redis
         self.positions: dict[str, float] = {}
         self.loaded = asyncio.Event()
-
-    def limit_for(self, symbol: str, account: str | None = None) -> RiskLimit:
-        """The account's own limit for the symbol, else the stack's, else the defaults."""
-        own = self.account_limits.get(account or "", {}).get(symbol)
-        return own or self.limits.get(symbol) or RiskLimit(symbol=symbol)
 
     async def evaluate(self, request: CheckRequest) -> CheckResult:
         if not self.loaded.is_set():  # never decide on positions we have not read yet
@@ -146,7 +154,7 @@ class RiskService:
         if valued is None and math.isfinite(request.quantity) and request.quantity > 0:
             result = no_market_price(request.symbol)
         else:  # a quantity that is refused anyway is refused for that, priced or not
-            result = check(valued or request, self.limit_for(request.symbol, request.account), position)
+            result = check(valued or request, self.limits.of(request.symbol, request.account), position)
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
 
