@@ -145,7 +145,8 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
             log.warning("fetch failed: %s", exc)
             await asyncio.sleep(0.5)
             continue
-        lag.set(messages[-1].metadata.num_pending)  # what the server still holds after this batch
+        if messages:  # a fetch can come back empty without a timeout
+            lag.set(messages[-1].metadata.num_pending)  # what the server still holds after this batch
         try:
             await process(js, messages)
         except Exception as exc:
