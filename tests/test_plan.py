@@ -332,3 +332,17 @@ def test_a_long_stack_name_is_judged_by_the_services_it_runs() -> None:
         build_plan(
             StackRef(name=name, namespace="t"), parse_spec({"services": {"compliance-scanner": {"enabled": True}}})
         )
+
+
+def test_execution_quality_is_opt_in_and_reads_every_order_event_into_its_table() -> None:
+    assert "execution_quality" not in [t.name for t in plan_for({}).tables]
+    on = plan_for({"services": {"execution-quality": {"enabled": True}}})
+    (table,) = [t for t in on.tables if t.name == "execution_quality"]
+    assert (table.dedup_keys, table.timestamp) == (["ts", "fill_id"], "ts")
+    assert [(c.stream, c.filter_subject) for c in on.consumers if c.service == "execution-quality"] == [
+        ("ORDERS", "orders.>")
+    ]
+    config = by_key(on.objects)[("ConfigMap", "demo-execution-quality")]["data"]
+    assert (config["PORT"], config["NATS_DURABLE"]) == ("8106", "trading_demo_execution-quality")
+    env = by_key(on.objects)[("Deployment", "demo-execution-quality")]["spec"]["template"]["spec"]["containers"][0]
+    assert "REDIS" not in str(env.get("env", []))  # it needs no Redis, so gets no Redis credentials

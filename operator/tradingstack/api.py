@@ -59,11 +59,12 @@ class ServiceName(StrEnum):
     EXEQ = "exeq"
     PNL = "pnl"
     COMPLIANCE = "compliance-scanner"
+    QUALITY = "execution-quality"
 
 
 # Services added after the first eight run only when asked for (`enabled: true`): an operator
 # upgrade never adds pods, streams or tables to a stack that did not ask for them.
-OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE})
+OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY})
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -77,6 +78,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
     ServiceName.EXEQ: 8098,
     ServiceName.PNL: 8100,
     ServiceName.COMPLIANCE: 8105,
+    ServiceName.QUALITY: 8106,
 }
 
 

@@ -33,7 +33,8 @@ MAX_OBJECT_NAME = 63
 S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT})
 REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL,
                             ServiceName.COMPLIANCE})  # fmt: skip
-QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL, ServiceName.COMPLIANCE})
+QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL, ServiceName.COMPLIANCE,
+                              ServiceName.QUALITY})  # fmt: skip
 # The variables a server's secretRef keys become: (user, password, token). Redis's AUTH takes a
 # token as the default user's password.
 NATS_CREDENTIAL_ENV = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")
@@ -121,6 +122,7 @@ _CONSUMERS: dict[ServiceName, tuple[str, str]] = {
     ServiceName.PNL: ("FILLS", "fills.>"),
     # Every order event: entry, cancels, and fills (an order's event lists its fills).
     ServiceName.COMPLIANCE: ("ORDERS", "orders.>"),
+    ServiceName.QUALITY: ("ORDERS", "orders.>"),
 }
 
 # Streams and QuestDB tables a service brings with it: planned while it is enabled, unless
@@ -136,6 +138,17 @@ SERVICE_TABLES: dict[ServiceName, list[TableSpec]] = {
                 ("alert_id", "VARCHAR"), ("rule", "SYMBOL"), ("severity", "SYMBOL"), ("account", "SYMBOL"),
                 ("symbol", "SYMBOL"), ("order_id", "VARCHAR"), ("message", "VARCHAR"), ("ts", "TIMESTAMP"))],
             "dedupKeys": ["ts", "alert_id"],
+        })
+    ],
+    ServiceName.QUALITY: [
+        TableSpec.model_validate({
+            "name": "execution_quality",
+            "columns": [{"name": n, "type": t} for n, t in (
+                ("fill_id", "VARCHAR"), ("order_id", "VARCHAR"), ("symbol", "SYMBOL"), ("side", "SYMBOL"),
+                ("order_type", "SYMBOL"), ("account", "SYMBOL"), ("quantity", "DOUBLE"), ("price", "DOUBLE"),
+                ("arrival_price", "DOUBLE"), ("slippage_bps", "DOUBLE"), ("latency_ms", "DOUBLE"),
+                ("ts", "TIMESTAMP"))],
+            "dedupKeys": ["ts", "fill_id"],
         })
     ],
 }  # fmt: skip

@@ -32,7 +32,7 @@ from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
 from tradingstack_services.platform import bus, ilp, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
-from tradingstack_services.trading.model import Order
+from tradingstack_services.trading.model import Order, mid
 from tradingstack_services.trading.risk import Limits
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ class Scanner:
 
     def mid(self, symbol: str) -> float | None:
         quote = self.prices.get(symbol)
-        if quote is None:
-            return None
-        if quote.bid is not None and quote.ask is not None:
-            return (quote.bid + quote.ask) / 2
-        return quote.last
+        return mid(quote.bid, quote.ask, quote.last) if quote else None
 
     async def run(self, nc: Client, stop: asyncio.Event) -> None:
         await bus.consume(nc, stop, self.settings, self.process, 200, 1.0)

@@ -111,13 +111,18 @@ class Order(Strict):
     reason: str | None = None
     risk_level: str | None = None
     fills: list[Fill] = Field(default_factory=list)
+    # The mid (else the last trade) when the OMS accepted the order: execution-quality's benchmark.
+    arrival_price: float | None = None
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def new(cls, order_id: str, request: OrderRequest, account: str | None = None) -> Order:
+    def new(
+        cls, order_id: str, request: OrderRequest, account: str | None = None, arrival_price: float | None = None
+    ) -> Order:
         ts = now()
-        return cls(order_id=order_id, account=account, created_at=ts, updated_at=ts, **request.model_dump())
+        return cls(order_id=order_id, account=account, arrival_price=arrival_price, created_at=ts, updated_at=ts,
+                   **request.model_dump())  # fmt: skip
 
     @property
     def remaining(self) -> float:
@@ -160,6 +165,11 @@ class Order(Strict):
 def touch(side: Side, bid: float | None, ask: float | None, last: float | None) -> float | None:
     """What a market order pays now: a buy the ask, a sell the bid, the last trade when that side is unknown."""
     return (ask if side == "buy" else bid) or last
+
+
+def mid(bid: float | None, ask: float | None, last: float | None) -> float | None:
+    """The middle of the touch when both sides are known, else the last trade."""
+    return (bid + ask) / 2 if bid is not None and ask is not None else last
 
 
 def execution_price(order: Order, bid: float | None, ask: float | None, last: float | None) -> float | None:

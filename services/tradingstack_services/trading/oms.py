@@ -34,7 +34,7 @@ from tradingstack_services.platform import auth, bus, ilp, rediskv, tracing
 from tradingstack_services.platform.history import History
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading import blotter, livestream
-from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus, TransitionError, touch
+from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus, TransitionError, mid, touch
 from tradingstack_services.trading.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.trading.risk import CheckRequest, CheckResult
 
@@ -123,7 +123,9 @@ class Oms:
         until then a retry of the same id (or the recovery pass) publishes it again, deduplicated by
         order id. The order is serialised once: the same bytes are stored, routed and answered.
         """
-        order = Order.new(uuid.uuid4().hex, request, account)
+        quote = self.prices.get(request.symbol)
+        arrival = mid(quote.bid, quote.ask, quote.last) if quote else None
+        order = Order.new(uuid.uuid4().hex, request, account, arrival)
         try:
             result = await self.risk_check(request, account)
         except UnavailableError:
