@@ -346,3 +346,22 @@ def test_execution_quality_is_opt_in_and_reads_every_order_event_into_its_table(
     assert (config["PORT"], config["NATS_DURABLE"]) == ("8106", "trading_demo_execution-quality")
     env = by_key(on.objects)[("Deployment", "demo-execution-quality")]["spec"]["template"]["spec"]["containers"][0]
     assert "REDIS" not in str(env.get("env", []))  # it needs no Redis, so gets no Redis credentials
+
+
+@pytest.mark.parametrize("with_scanner", [False, True], ids=["alone", "with-the-compliance-scanner"])
+def test_the_audit_log_reads_every_stream_of_record_and_brings_its_table(with_scanner: bool) -> None:
+    services = {"audit-log": {"enabled": True}} | ({"compliance-scanner": {"enabled": True}} if with_scanner else {})
+    plan = plan_for({"services": services})
+    reads = [(c.stream, c.durable) for c in plan.consumers if c.service == "audit-log"]
+    expected = ["ORDERS", "FILLS", "POSITIONS", *(["COMPLIANCE"] if with_scanner else []), "AUDIT"]
+    assert [stream for stream, _ in reads] == expected
+    assert reads[0][1] == "trading_demo_audit-log"
+    assert reads[1][1] == "trading_demo_audit-log_fills"
+    assert {"POSITIONS", "AUDIT"} <= {s.name for s in plan.streams}
+    assert "lake/audit" in plan.lake_tables
+    objects = by_key(plan.objects)
+    config = objects[("ConfigMap", "demo-audit-log")]["data"]
+    assert [s for s, _, _ in json.loads(config["AUDIT_SOURCES"])] == expected[1:]
+    assert objects[("ConfigMap", "demo-pnl")]["data"]["POSITIONS_JETSTREAM"] == "true"
+    assert "POSITIONS_JETSTREAM" not in by_key(plan_for({}).objects)[("ConfigMap", "demo-pnl")]["data"]
+    assert "lake/audit" not in plan_for({}).lake_tables

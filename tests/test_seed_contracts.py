@@ -21,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 
 from questdb_double import QuestDBDouble
-from tradingstack.api import DEFAULT_PORTS, ServiceName
+from tradingstack.api import DEFAULT_PORTS, OPT_IN_SERVICES, ServiceName
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
@@ -273,7 +273,8 @@ def by_hand(tmp_path: Path, s3_url: str) -> Iterator[Servers]:
     redis_server.start()
     bucket = f"hand-{uuid.uuid4().hex[:8]}"
     with QuestDBDouble() as qdb:
-        spec = parse_spec({"services": {"compliance-scanner": {"enabled": True}}, "infrastructure": {
+        every_service = {service.value: {"enabled": True} for service in OPT_IN_SERVICES}
+        spec = parse_spec({"services": every_service, "infrastructure": {
             "nats": {"url": nats_server.url}, "redis": {"url": redis_server.url}, "questdb": {"url": qdb.url},
             "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket}}})  # fmt: skip
         plan = build_plan(StackRef("tradingstack", "default"), spec)

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from questdb_double import QuestDBDouble
 from tradingstack.api import ServiceName
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec, secret_env
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading import exeq, oms, pnl, risk
@@ -103,8 +105,9 @@ class Platform:
 
 
 @contextlib.contextmanager
-def running_platform(tmp_path: Path, **spec: Any) -> Iterator[Platform]:
-    """Real servers, with the streams and tables the operator's provisioners make for `spec`."""
+def running_platform(tmp_path: Path, s3_url: str | None = None, **spec: Any) -> Iterator[Platform]:
+    """Real servers, with the streams and tables (and with `s3_url`, the lake) the operator's
+    provisioners make for `spec`."""
     nats_server, redis_server = NatsServer(tmp_path / "js"), RedisServer(tmp_path / "redis")
     nats_server.start()
     redis_server.start()
@@ -112,9 +115,15 @@ def running_platform(tmp_path: Path, **spec: Any) -> Iterator[Platform]:
         with QuestDBDouble() as qdb:
             spec["infrastructure"] = {"nats": {"url": nats_server.url}, "redis": {"url": redis_server.url},
                                       "questdb": {"url": qdb.url}}  # fmt: skip
+            if s3_url is not None:
+                spec["infrastructure"]["s3"] = {"endpoint": s3_url, "allowHttp": True,
+                                                "bucket": f"e2e-{uuid.uuid4().hex[:8]}"}  # fmt: skip
             plan = build_plan(StackRef("e2e", "ns"), parse_spec(spec))
             assert JetStreamProvisioner(nats_server.url).reconcile(plan).ok
             assert QuestDBProvisioner(qdb.url).reconcile(plan).ok
+            if s3_url is not None:
+                lake = S3Provisioner(plan.spec.infrastructure.s3, S3Credentials("testing", "testing-secret"))
+                assert lake.reconcile(plan).ok
             yield Platform(nats_server, redis_server, qdb, plan)
     finally:
         redis_server.stop()

@@ -60,11 +60,12 @@ class ServiceName(StrEnum):
     PNL = "pnl"
     COMPLIANCE = "compliance-scanner"
     QUALITY = "execution-quality"
+    AUDIT = "audit-log"
 
 
 # Services added after the first eight run only when asked for (`enabled: true`): an operator
 # upgrade never adds pods, streams or tables to a stack that did not ask for them.
-OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY})
+OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT})
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -79,6 +80,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
     ServiceName.PNL: 8100,
     ServiceName.COMPLIANCE: 8105,
     ServiceName.QUALITY: 8106,
+    ServiceName.AUDIT: 8107,
 }
 
 

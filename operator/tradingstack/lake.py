@@ -98,3 +98,29 @@ ALT_DATA = LakeTable(
 )
 
 LAKE_TABLES = (MARKET_TICKS, ALT_DATA)
+
+# The audit-log service's table (made while it is enabled): every order event, fill, position
+# change, compliance alert and operator action, appended once each, never updated.
+AUDIT = LakeTable(
+    path="lake/audit",
+    schema=pa.schema(
+        [
+            pa.field("event_id", pa.string(), nullable=False),  # STREAM:sequence, unique per record
+            pa.field("kind", pa.string(), nullable=False),  # order, fill, position, compliance_alert, operator_action
+            pa.field("subject", pa.string(), nullable=False),
+            pa.field("event_ts", TIMESTAMP, nullable=False),
+            pa.field("ingest_ts", TIMESTAMP, nullable=False),
+            pa.field("account", pa.string()),
+            pa.field("symbol", pa.string()),
+            pa.field("order_id", pa.string()),
+            pa.field("status", pa.string()),
+            pa.field("payload", pa.string(), nullable=False),  # the message as it was published
+            pa.field("stream", pa.string(), nullable=False),
+            pa.field("stream_seq", pa.int64(), nullable=False),
+            pa.field("dt", pa.string(), nullable=False),
+        ]
+    ),
+    partition_by=("dt",),
+)
+# Every Delta table the operator may make, by path.
+ALL_TABLES = (*LAKE_TABLES, AUDIT)

@@ -30,7 +30,7 @@ DEAD_LETTER_PREFIX = "dlq"
 # Kubernetes Service names are DNS-1035 labels: at most 63 characters.
 MAX_OBJECT_NAME = 63
 # Which services talk to which server, and so get its credentials (least privilege).
-S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT})
+S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT})
 REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL,
                             ServiceName.COMPLIANCE})  # fmt: skip
 QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL, ServiceName.COMPLIANCE,
@@ -123,12 +123,27 @@ _CONSUMERS: dict[ServiceName, tuple[str, str]] = {
     # Every order event: entry, cancels, and fills (an order's event lists its fills).
     ServiceName.COMPLIANCE: ("ORDERS", "orders.>"),
     ServiceName.QUALITY: ("ORDERS", "orders.>"),
+    ServiceName.AUDIT: ("ORDERS", "orders.>"),
 }
+# Services that read more than one stream: their further consumers, each made while its stream
+# is planned, named `<durable>_<stream>`.
+_MORE_CONSUMERS: dict[ServiceName, list[tuple[str, str]]] = {
+    ServiceName.AUDIT: [("FILLS", "fills.>"), ("POSITIONS", "positions.>"), ("COMPLIANCE", "compliance.alert.>"),
+                        ("AUDIT", "audit.>")],
+}  # fmt: skip
+# The operator's own actions on a stack that runs the audit log: `audit.operator.{namespace}.{name}`.
+AUDIT_SUBJECT_PREFIX = "audit.operator"
 
 # Streams and QuestDB tables a service brings with it: planned while it is enabled, unless
 # spec.streams or spec.tables declares one of the same name (the user's declaration wins).
 SERVICE_STREAMS: dict[ServiceName, list[StreamSpec]] = {
     ServiceName.COMPLIANCE: [StreamSpec(name="COMPLIANCE", subjects=["compliance.alert.>"], max_age="720h")],
+    # pnl's position after each fill (published with a JetStream ack while the audit log runs),
+    # and the operator's actions: kept until the audit log has them in Delta.
+    ServiceName.AUDIT: [
+        StreamSpec(name="POSITIONS", subjects=["positions.>"], max_age="168h"),
+        StreamSpec(name="AUDIT", subjects=["audit.>"], max_age="168h"),
+    ],
 }
 SERVICE_TABLES: dict[ServiceName, list[TableSpec]] = {
     ServiceName.COMPLIANCE: [
@@ -234,6 +249,13 @@ def _check_streams(streams: list[StreamSpec]) -> None:
             owners.append((stream.name, subject))
 
 
+def further_consumers(stack: StackRef, service: ServiceName, streams: set[str]) -> list[tuple[str, str, str]]:
+    """(stream, durable, filter subject) of a service's consumers beyond its first, for the planned streams."""
+    first = durable_name(stack, service)
+    return [(stream, f"{first}_{stream.lower()}", subject) for stream, subject in _MORE_CONSUMERS.get(service, [])
+            if stream in streams]  # fmt: skip
+
+
 def plan_consumers(stack: StackRef, spec: TradingStackSpec) -> list[ConsumerPlan]:
     streams = {s.name for s in planned_streams(spec)}
     consumers = []
@@ -243,9 +265,10 @@ def plan_consumers(stack: StackRef, spec: TradingStackSpec) -> list[ConsumerPlan
         stream, subject = _CONSUMERS[service]
         if stream not in streams:
             raise InvalidSpecError(f"service {service.value} reads stream {stream}, which spec.streams lacks")
-        durable = durable_name(stack, service)
-        consumers.append(ConsumerPlan(stream=stream, durable=durable, filter_subject=subject, service=service,
-                                      max_deliver=spec.delivery.max_deliver))  # fmt: skip
+        reads = [(stream, durable_name(stack, service), subject), *further_consumers(stack, service, streams)]
+        consumers += [ConsumerPlan(stream=stream, durable=durable, filter_subject=subject, service=service,
+                                   max_deliver=spec.delivery.max_deliver)
+                      for stream, durable, subject in reads]  # fmt: skip
     return consumers
 
 
@@ -292,6 +315,12 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
         config |= {"AUTHZ_URL": policy.url, "AUTHZ_DECISION_PATH": policy.decision_path,
                    "AUTHZ_TIMEOUT_SECONDS": str(policy.timeout_seconds)}  # fmt: skip
+    if service == ServiceName.AUDIT:
+        streams = {s.name for s in planned_streams(spec)}
+        config["AUDIT_SOURCES"] = json.dumps([list(c) for c in further_consumers(stack, service, streams)],
+                                             separators=(",", ":"))  # fmt: skip
+    if service == ServiceName.PNL and ServiceName.AUDIT in spec.enabled_services():
+        config["POSITIONS_JETSTREAM"] = "true"  # the audit log reads positions from their stream: none may be lost
     if service == ServiceName.COMPLIANCE:
         rules = spec.compliance or api.ComplianceRules()
         config["COMPLIANCE_RULES"] = json.dumps(rules.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"))
@@ -599,6 +628,8 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
         consumers=consumers,
         buckets=list(dict.fromkeys(buckets)),
         tables=planned_tables(spec),
+        lake_tables=["lake/market_ticks", "lake/alt_data"]
+        + (["lake/audit"] if ServiceName.AUDIT in spec.enabled_services() else []),
     )
 
 

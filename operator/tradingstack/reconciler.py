@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,13 +25,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tradingstack import api, backends, upkeep
 from tradingstack.backends import Provisioner, S3Credentials, StackCredentials
+from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.s3 import S3Provisioner
 from tradingstack.changes import BackendResult, Change
 from tradingstack.credentials import ServerCredentials
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
 from tradingstack.lake import LAKE_TABLES
-from tradingstack.plan import InvalidSpecError, Plan, child_selector, plan_from_body
+from tradingstack.plan import AUDIT_SUBJECT_PREFIX, InvalidSpecError, Plan, child_selector, plan_from_body
 from tradingstack.status import DeploymentState, Observation, Reason, build_status, parse_rfc3339, rfc3339
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
@@ -42,6 +45,8 @@ RECONCILE_SECONDS = Histogram("tradingstack_reconcile_duration_seconds", "Durati
 UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS = 2, 20.0
 UPKEEPS = Counter("tradingstack_lake_upkeeps_total", "Delta table upkeep runs", ["result"])
 STATUS_WRITES = Counter("tradingstack_status_writes_total", "Status subresource writes")
+AUDIT_FAILURES = Counter("tradingstack_audit_publish_failures_total",
+                         "Operator actions that could not be appended to a stack's AUDIT stream")  # fmt: skip
 STACK_READY = Gauge("tradingstack_stack_ready", "1 while a TradingStack's Ready condition is True, else 0",
                     ["namespace", "stack"])  # fmt: skip
 
@@ -200,10 +205,35 @@ class Reconciler:
     ) -> None:
         self.kube = kube
         self.image_policy = image_policy or ImagePolicy()
-        self.events = events
+        self.post_event = events
+        self.events: EventSink = self.record
         self.workloads = WorkloadProvisioner(kube)
         self.status = StatusWriter(kube)
         self.backend_factory = backend_factory or self._provisioners
+
+    def record(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a Kubernetes event and, on a stack running the audit log, append it to the AUDIT stream
+        (`audit.operator.{namespace}.{name}`). The audit copy never holds up or fails a pass."""
+        self.post_event(body, type_, reason, message)
+        try:
+            plan = plan_from_body(body)
+        except (InvalidSpecError, KeyError):
+            return
+        if api.ServiceName.AUDIT not in plan.spec.enabled_services():
+            return
+        meta = body["metadata"]
+        action = {"ts": rfc3339(datetime.now(UTC)), "actor": "tradingstack-operator", "namespace": plan.stack.namespace,
+                  "stack": plan.stack.name, "uid": meta.get("uid"), "generation": meta.get("generation"),
+                  "type": type_, "reason": reason, "message": message}  # fmt: skip
+        subject = f"{AUDIT_SUBJECT_PREFIX}.{plan.stack.namespace}.{plan.stack.name.replace('.', '_')}"
+        try:
+            nats = stack_credentials(self.kube, plan).nats
+            publisher = JetStreamProvisioner(plan.spec.infrastructure.nats.url, connect_timeout=1.0, credentials=nats)
+            publisher.publish(subject, json.dumps(action).encode(), uuid.uuid4().hex)
+        except Exception as exc:  # NATS away: the Kubernetes event stands; the gap is counted and logged
+            AUDIT_FAILURES.inc()
+            log.warning("operator action %s on %s/%s not in the audit stream: %s", reason, plan.stack.namespace,
+                        plan.stack.name, exc)  # fmt: skip
 
     def _provisioners(self, plan: Plan) -> list[Provisioner]:
         return backends.provisioners(plan, stack_credentials(self.kube, plan))

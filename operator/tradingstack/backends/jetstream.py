@@ -106,14 +106,22 @@ class JetStreamProvisioner:
     backend = "streams"
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
-        result: BackendResult = asyncio.run(self._run(self._reconcile, plan, dry_run))
+        result: BackendResult = asyncio.run(self._run(lambda nc: self._reconcile(nc.jsm(), plan, dry_run)))
         return result
 
     def delete(self, plan: Plan) -> list[Change]:
-        result: list[Change] = asyncio.run(self._run(self._delete, plan))
+        result: list[Change] = asyncio.run(self._run(lambda nc: self._delete(nc.jsm(), plan)))
         return result
 
-    async def _run(self, step: Any, *args: Any) -> Any:
+    def publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        """One message, stored by its stream (JetStream ack) before this returns."""
+
+        async def send(nc: Any) -> None:
+            await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=self.connect_timeout)
+
+        asyncio.run(self._run(send))
+
+    async def _run(self, step: Any) -> Any:
         async def quiet(_: Exception) -> None:
             return None  # the failure is reported once, below, not logged per attempt
 
@@ -133,7 +141,7 @@ class JetStreamProvisioner:
         except Exception as exc:  # nats-py raises several unrelated types for "no server"
             raise UnreachableError(f"NATS at {redact_url(self.url)}: {str(exc) or type(exc).__name__}") from exc
         try:
-            return await step(nc.jsm(), *args)
+            return await step(nc)
         finally:
             await nc.close()
 

@@ -162,6 +162,11 @@ class LakeSink:
     settings: ServiceSettings
     table: LakeTable
     make_row: RowMaker
+    # The stream and durable read (the service's NATS_STREAM and NATS_DURABLE unless given), and the
+    # commit metadata key its sequences go under: one key per stream when several sinks share a table.
+    stream: str | None = None
+    durable: str | None = None
+    seq_key: str = SEQ_KEY
     committed: SequenceRanges = field(default_factory=SequenceRanges)
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by stream sequence
     pending: dict[int, Msg] = field(default_factory=dict)  # the latest delivery of each
@@ -176,6 +181,8 @@ class LakeSink:
 
     def __post_init__(self) -> None:
         self.known_symbols = frozenset(self.settings.symbols) if self.table == MARKET_TICKS else None
+        self.stream = self.stream or self.settings.NATS_STREAM
+        self.durable = self.durable or self.settings.NATS_DURABLE or ""
 
     @property
     def uri(self) -> str:
@@ -199,22 +206,22 @@ class LakeSink:
         window = LOOKBACK_COMMITS
         while True:
             read = table.history(window)
-            history = [c for c in read if SEQ_KEY in c]  # other writers' commits (compaction) lack the key
+            history = [c for c in read if self.seq_key in c]  # other writers' commits (compaction) lack the key
             oldest = SequenceRanges()
             if history:
-                oldest.add_encoded(str(history[-1][SEQ_KEY]))
+                oldest.add_encoded(str(history[-1][self.seq_key]))
             if len(read) < window or not oldest.ranges or oldest.ranges[-1][1] <= ack_floor:
                 break
             window *= 4
         for commit in history:
-            ranges.add_encoded(str(commit[SEQ_KEY]))
+            ranges.add_encoded(str(commit[self.seq_key]))
         ranges.drop_through(ack_floor)
         return ranges
 
     async def ack_floor(self, js: Any) -> int:
         """The highest stream sequence the consumer will never deliver again (acknowledged, or gone)."""
-        stream = self.settings.NATS_STREAM
-        consumer = await js.consumer_info(stream, self.settings.NATS_DURABLE or "")
+        stream = self.stream
+        consumer = await js.consumer_info(stream, self.durable)
         first = (await js.stream_info(stream)).state.first_seq or 1
         return max(consumer.ack_floor.stream_seq if consumer.ack_floor else 0, first - 1)
 
@@ -227,7 +234,7 @@ class LakeSink:
                     mode="append",
                     partition_by=list(self.table.partition_by),
                     storage_options=self.settings.storage_options(),
-                    commit_properties=CommitProperties(custom_metadata={SEQ_KEY: seqs}),
+                    commit_properties=CommitProperties(custom_metadata={self.seq_key: seqs}),
                 )
                 return
             except CommitFailedError:
@@ -260,7 +267,7 @@ class LakeSink:
     def _holds(self, seqs: str) -> bool:
         """Whether one of the table's latest commits is the one recording exactly these sequences."""
         table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
-        return any(commit.get(SEQ_KEY) == seqs for commit in table.history(20))
+        return any(commit.get(self.seq_key) == seqs for commit in table.history(20))
 
     async def flush(self) -> None:
         """Commit what is buffered and wait for it (and for a commit already running)."""
@@ -342,8 +349,9 @@ class LakeSink:
             self.committed = await asyncio.to_thread(self.read_committed, await self.ack_floor(js))
         finally:
             self.commit_started = None
-        log.info("sink %s starts; recent commits hold sequences %s", self.name, self.committed.ranges[-3:])
-        sub = await js.pull_subscribe_bind(durable=self.settings.NATS_DURABLE or "", stream=self.settings.NATS_STREAM)
+        log.info("sink %s (%s) starts; recent commits hold sequences %s", self.name, self.stream,
+                 self.committed.ranges[-3:])  # fmt: skip
+        sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
         while not stop.is_set():
             try:
                 messages = await sub.fetch(self.settings.SINK_FETCH_BATCH, timeout=self.settings.SINK_MAX_AGE_SECONDS)
@@ -370,16 +378,20 @@ def _filesystem(settings: ServiceSettings) -> pafs.S3FileSystem:
 
 
 def create(settings: ServiceSettings, table: LakeTable, make_row: RowMaker) -> FastAPI:
-    sink = LakeSink(settings, table, make_row)
+    return serve(settings, [LakeSink(settings, table, make_row)])
 
+
+def serve(settings: ServiceSettings, sinks: list[LakeSink]) -> FastAPI:
+    """The app of one or more sinks (one per stream read), each a supervised worker."""
     s3 = _filesystem(settings)
 
     async def commit_check() -> None:
         """Liveness: delta-rs was seen blocked in one call for minutes behind a faulty S3, the sink alive and
         ready but nothing moving; only a restart ended it (the messages come back unacknowledged)."""
-        began = sink.commit_started
-        if began is not None and time.monotonic() - began > settings.SINK_COMMIT_DEADLINE_SECONDS:
-            raise TimeoutError(f"a Delta commit has run {time.monotonic() - began:.0f} s")
+        for sink in sinks:
+            began = sink.commit_started
+            if began is not None and time.monotonic() - began > settings.SINK_COMMIT_DEADLINE_SECONDS:
+                raise TimeoutError(f"a Delta commit of {sink.stream} has run {time.monotonic() - began:.0f} s")
 
     async def s3_check() -> None:
         # One request (HEAD of the bucket), not a read of the Delta log: that costs a request per
@@ -388,7 +400,7 @@ def create(settings: ServiceSettings, table: LakeTable, make_row: RowMaker) -> F
         if info.type == pafs.FileType.NotFound:
             raise LookupError(f"bucket {settings.S3_BUCKET} does not exist")
 
-    return bus.worker_app(settings, [sink.run], {"s3": s3_check}, live={"commit": commit_check})
+    return bus.worker_app(settings, [sink.run for sink in sinks], {"s3": s3_check}, live={"commit": commit_check})
 
 
 def create_ticks(settings: ServiceSettings) -> FastAPI:

@@ -16,7 +16,7 @@ from tradingstack_services.platform.settings import ServiceSettings
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
     from tradingstack_services.marketdata import gateway, normalizer, sink
-    from tradingstack_services.oversight import compliance, quality
+    from tradingstack_services.oversight import audit, compliance, quality
     from tradingstack_services.trading import exeq, oms, pnl, risk
 
     return {
@@ -30,6 +30,7 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
         "pnl": pnl.create,
         "compliance-scanner": compliance.create,
         "execution-quality": quality.create,
+        "audit-log": audit.create,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,19 @@ from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tradingstack.credentials import ServerCredentials
+
+
+def _parse_sources(text: str) -> list[tuple[str, str, str]]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(data, list) or not all(
+        isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) and x for x in item) for item in data
+    ):
+        raise ValueError("a JSON list of [stream, durable, subject] lists")
+    return [(stream, durable, subject) for stream, durable, subject in data]
+
 
 if TYPE_CHECKING:
     from tradingstack.api import ComplianceRules
@@ -77,6 +91,12 @@ class ServiceSettings(BaseSettings):
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
     RISK_ACCOUNT_LIMITS: str | None = None  # JSON {account: [limits]} of spec.accounts[].riskLimits
+    # audit-log: JSON [[stream, durable, subject], ...] of the consumers it reads beside its first
+    AUDIT_SOURCES: str | None = Field(None, description="the audit log's further streams; defaults to the plan's")
+    # pnl
+    POSITIONS_JETSTREAM: bool = Field(
+        False, description="publish each position with a JetStream ack (set while the audit log reads them)"
+    )
     # compliance-scanner
     COMPLIANCE_RULES: str | None = Field(None, description="JSON of spec.compliance (the rules' thresholds)")
     # oms, exeq
@@ -116,6 +136,17 @@ class ServiceSettings(BaseSettings):
     )
     S3_MAX_RETRIES: int | None = Field(None, ge=0, description="S3 request retries inside one Delta call")
     S3_RETRY_TIMEOUT_SECONDS: float | None = Field(None, gt=0, description="give up retrying one call after this")
+
+    @field_validator("AUDIT_SOURCES")
+    @classmethod
+    def _sources(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_sources(value)
+        return value
+
+    def audit_sources(self) -> list[tuple[str, str, str]]:
+        """(stream, durable, filter subject) of each further stream the audit log reads."""
+        return _parse_sources(self.AUDIT_SOURCES or "[]")
 
     @field_validator("COMPLIANCE_RULES")
     @classmethod
@@ -160,6 +191,11 @@ class ServiceSettings(BaseSettings):
         if (consumer := service_consumer(service)) is None:
             return self
         stream, subject = consumer
+        if service == ServiceName.AUDIT and self.AUDIT_SOURCES is None:  # by hand: every stream but COMPLIANCE
+            from tradingstack.plan import further_consumers
+
+            stack = StackRef(self.STACK_NAME, self.STACK_NAMESPACE)
+            self.AUDIT_SOURCES = json.dumps(further_consumers(stack, service, {"FILLS", "POSITIONS", "AUDIT"}))
         self.NATS_STREAM = self.NATS_STREAM or stream
         self.NATS_FILTER_SUBJECT = self.NATS_FILTER_SUBJECT or subject
         self.NATS_DURABLE = self.NATS_DURABLE or durable_name(StackRef(self.STACK_NAME, self.STACK_NAMESPACE), service)

@@ -141,6 +141,14 @@ class Pnl:
             new.append(event)
             history.append(event)
         SKIPPED.inc(len(fills) - len(new))
+        durable = self.settings.POSITIONS_JETSTREAM and self.nc is not None
+        if new and durable and self.nc is not None:
+            # For the audit log: stored by the POSITIONS stream before Redis moves on, so a crash
+            # in between publishes the very same position again, which the stream drops (message id).
+            js = self.nc.jetstream()
+            await asyncio.gather(*(js.publish(f"positions.{e.symbol}", e.model_dump_json().encode(),
+                                              headers={"Nats-Msg-Id": f"position:{e.fill.fill_id}"})
+                                   for e in new))  # fmt: skip
         if new:
             touched = {e.key: positions[e.key] for e in new}
             async with self.redis.pipeline(transaction=True) as tx:
@@ -154,7 +162,7 @@ class Pnl:
                     tx.expire(key, APPLIED_TTL_SECONDS)
                 await tx.execute()
             FILLS.inc(len(new))
-            if self.nc is not None:  # news for risk and dashboards (core NATS): the position after each fill
+            if self.nc is not None and not durable:  # news for risk and dashboards: the position after each fill
                 for event in new:
                     await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
         # History last, off the path to a visible position; if QuestDB is away the batch is not
