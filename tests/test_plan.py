@@ -365,3 +365,15 @@ def test_the_audit_log_reads_every_stream_of_record_and_brings_its_table(with_sc
     assert objects[("ConfigMap", "demo-pnl")]["data"]["POSITIONS_JETSTREAM"] == "true"
     assert "POSITIONS_JETSTREAM" not in by_key(plan_for({}).objects)[("ConfigMap", "demo-pnl")]["data"]
     assert "lake/audit" not in plan_for({}).lake_tables
+
+
+def test_the_live_gateway_is_opt_in_and_may_reach_its_venue_only() -> None:
+    assert "live-gateway" not in [w.service for w in plan_for({}).workloads]
+    on = plan_for({"services": {"live-gateway": {"enabled": True}}})
+    policy = by_key(on.objects)[("NetworkPolicy", "demo-live-gateway")]["spec"]
+    ports = {p["port"] for p in policy["egress"][1]["ports"]}
+    assert ports == {4222, 443, 9443}  # NATS, and Binance's public stream ports
+    assert "REDIS" not in json.dumps(by_key(on.objects)[("Deployment", "demo-live-gateway")])
+    own = {"services": {"live-gateway": {"enabled": True, "env": [{"name": "LIVE_WS_URL", "value": "wss://md:8443"}]}}}
+    policy = by_key(plan_for(own).objects)[("NetworkPolicy", "demo-live-gateway")]["spec"]
+    assert {p["port"] for p in policy["egress"][1]["ports"]} == {4222, 8443}

@@ -61,11 +61,12 @@ class ServiceName(StrEnum):
     COMPLIANCE = "compliance-scanner"
     QUALITY = "execution-quality"
     AUDIT = "audit-log"
+    LIVE = "live-gateway"
 
 
 # Services added after the first eight run only when asked for (`enabled: true`): an operator
 # upgrade never adds pods, streams or tables to a stack that did not ask for them.
-OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT})
+OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT, ServiceName.LIVE})
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -81,6 +82,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
     ServiceName.COMPLIANCE: 8105,
     ServiceName.QUALITY: 8106,
     ServiceName.AUDIT: 8107,
+    ServiceName.LIVE: 8200,
 }
 
 

@@ -72,6 +72,7 @@ MARKET_TICKS = LakeTable(
             pa.field("side", pa.string()),
             pa.field("trade_id", pa.string()),
             pa.field("source_seq", pa.int64()),
+            pa.field("receive_ts", TIMESTAMP),  # when a live gateway received it (issue 14)
             pa.field("dt", pa.string(), nullable=False),
         ]
     ),

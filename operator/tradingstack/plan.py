@@ -478,7 +478,8 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
 
 # Services clients call: their HTTP port is open to spec.networkPolicy.apiFrom.
 API_SERVICES = frozenset({ServiceName.GATEWAY, ServiceName.OMS})
-DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "redis": 6379, "rediss": 6379, "http": 80, "https": 443}
+DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "redis": 6379, "rediss": 6379, "http": 80, "https": 443, "ws": 80,
+                 "wss": 443}  # fmt: skip
 
 
 def server_port(url: str) -> int:
@@ -528,6 +529,9 @@ def egress_ports(spec: TradingStackSpec, service: ServiceName) -> list[int]:
         ports.add(server_port(infra.s3.endpoint))
     if service == ServiceName.OMS and spec.order_authorization is not None:
         ports.add(server_port(spec.order_authorization.url))
+    if service == ServiceName.LIVE:  # the venue's public WebSocket (Binance: 9443 or 443), or LIVE_WS_URL's port
+        venue = next((e.value for e in spec.service(service).env if e.name == "LIVE_WS_URL" and e.value), None)
+        ports |= {server_port(venue)} if venue else {443, 9443}
     if service == ServiceName.GATEWAY and ServiceName.OMS in spec.enabled_services():
         ports.add(service_port(spec, ServiceName.OMS))  # the dashboard's API calls
     return sorted(ports)

@@ -76,6 +76,8 @@ class Tick(BaseModel):
     side: Literal["buy", "sell"] | None = None
     trade_id: str | None = Field(None, max_length=128)
     source_seq: int | None = Field(None, ge=0, le=2**63 - 1)
+    # When a live gateway received it from the venue (event_ts is the venue's own time).
+    receive_ts: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +103,11 @@ class Tick(BaseModel):
     @classmethod
     def _timestamp(cls, value: Any) -> datetime:
         return to_datetime(value)
+
+    @field_validator("receive_ts", mode="before")
+    @classmethod
+    def _received(cls, value: Any) -> datetime | None:
+        return None if value is None else to_datetime(value)
 
     @field_validator("price", "size", "volume", "bid", "ask")
     @classmethod

@@ -15,7 +15,7 @@ from tradingstack_services.platform.settings import ServiceSettings
 
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
-    from tradingstack_services.marketdata import gateway, normalizer, sink
+    from tradingstack_services.marketdata import gateway, live, normalizer, sink
     from tradingstack_services.oversight import audit, compliance, quality
     from tradingstack_services.trading import exeq, oms, pnl, risk
 
@@ -31,6 +31,7 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
         "compliance-scanner": compliance.create,
         "execution-quality": quality.create,
         "audit-log": audit.create,
+        "live-gateway": live.create,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +91,14 @@ class ServiceSettings(BaseSettings):
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
     RISK_ACCOUNT_LIMITS: str | None = None  # JSON {account: [limits]} of spec.accounts[].riskLimits
+    # live-gateway
+    LIVE_VENUE: Literal["binance"] = Field("binance", description="the exchange whose public market data is read")
+    LIVE_WS_URL: str | None = Field(None, description="the venue's WebSocket base URL; defaults to its public one")
+    LIVE_STALE_SECONDS: float = Field(
+        30.0, gt=0, description="a symbol without a message this long makes the feed stale"
+    )
+    LIVE_RECONNECT_MAX_SECONDS: float = Field(60.0, gt=0, description="longest wait between reconnects")
+    LIVE_API_KEY: str | None = Field(None, repr=False, description="the venue's API key, if it needs one (a Secret)")
     # audit-log: JSON [[stream, durable, subject], ...] of the consumers it reads beside its first
     AUDIT_SOURCES: str | None = Field(None, description="the audit log's further streams; defaults to the plan's")
     # pnl
