@@ -89,7 +89,7 @@ def test_promtool_accepts_the_rules_with_the_thresholds_filled_in(tmp_path: Path
     assert rules["TradingStackFeedStale"]["expr"].endswith("(tradingstack_price_last_tick_timestamp_seconds) > 90")
     done = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 10 rules found" in done.stdout
+    assert "SUCCESS: 11 rules found" in done.stdout
 
 
 def test_the_alerts_fire_on_their_series_and_stay_quiet_otherwise(tmp_path: Path) -> None:

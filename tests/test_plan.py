@@ -377,3 +377,12 @@ def test_the_live_gateway_is_opt_in_and_may_reach_its_venue_only() -> None:
     own = {"services": {"live-gateway": {"enabled": True, "env": [{"name": "LIVE_WS_URL", "value": "wss://md:8443"}]}}}
     policy = by_key(plan_for(own).objects)[("NetworkPolicy", "demo-live-gateway")]["spec"]
     assert {p["port"] for p in policy["egress"][1]["ports"]} == {4222, 8443}
+
+
+def test_ptrc_is_opt_in_reads_every_fill_and_brings_its_report_table() -> None:
+    assert "lake/reports" not in plan_for({}).lake_tables
+    on = plan_for({"services": {"ptrc": {"enabled": True}}})
+    assert "lake/reports" in on.lake_tables
+    assert [(c.stream, c.filter_subject) for c in on.consumers if c.service == "ptrc"] == [("FILLS", "fills.>")]
+    policy = by_key(on.objects)[("NetworkPolicy", "demo-ptrc")]["spec"]
+    assert {p["port"] for p in policy["egress"][1]["ports"]} >= {4222, 6379}  # NATS, Redis (and S3)

@@ -62,11 +62,14 @@ class ServiceName(StrEnum):
     QUALITY = "execution-quality"
     AUDIT = "audit-log"
     LIVE = "live-gateway"
+    PTRC = "ptrc"
 
 
 # Services added after the first eight run only when asked for (`enabled: true`): an operator
 # upgrade never adds pods, streams or tables to a stack that did not ask for them.
-OPT_IN_SERVICES = frozenset({ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT, ServiceName.LIVE})
+OPT_IN_SERVICES = frozenset(
+    {ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT, ServiceName.LIVE, ServiceName.PTRC}
+)
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -83,6 +86,7 @@ DEFAULT_PORTS: dict[ServiceName, int] = {
     ServiceName.QUALITY: 8106,
     ServiceName.AUDIT: 8107,
     ServiceName.LIVE: 8200,
+    ServiceName.PTRC: 8108,
 }
 
 

@@ -123,5 +123,33 @@ AUDIT = LakeTable(
     ),
     partition_by=("dt",),
 )
+# ptrc's end-of-day (and on-demand) reports: one row per account and symbol traded that day.
+REPORTS = LakeTable(
+    path="lake/reports",
+    schema=pa.schema(
+        [
+            pa.field("account", pa.string()),
+            pa.field("symbol", pa.string(), nullable=False),
+            pa.field("opening_quantity", pa.float64(), nullable=False),
+            pa.field("opening_avg_price", pa.float64(), nullable=False),
+            pa.field("trades", pa.int64(), nullable=False),
+            pa.field("bought", pa.float64(), nullable=False),
+            pa.field("sold", pa.float64(), nullable=False),
+            pa.field("buy_notional", pa.float64(), nullable=False),
+            pa.field("sell_notional", pa.float64(), nullable=False),
+            pa.field("fees", pa.float64(), nullable=False),
+            pa.field("realized_pnl", pa.float64(), nullable=False),
+            pa.field("unrealized_pnl", pa.float64(), nullable=False),
+            pa.field("mark_price", pa.float64()),
+            pa.field("closing_quantity", pa.float64(), nullable=False),
+            pa.field("closing_avg_price", pa.float64(), nullable=False),
+            pa.field("pnl_quantity", pa.float64()),  # pnl's position when the report was made (today only)
+            pa.field("reconciled", pa.bool_()),  # None: not checked (a past day)
+            pa.field("generated_at", TIMESTAMP, nullable=False),
+            pa.field("date", pa.string(), nullable=False),
+        ]
+    ),
+    partition_by=("date",),
+)
 # Every Delta table the operator may make, by path.
-ALL_TABLES = (*LAKE_TABLES, AUDIT)
+ALL_TABLES = (*LAKE_TABLES, AUDIT, REPORTS)

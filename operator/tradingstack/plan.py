@@ -30,9 +30,9 @@ DEAD_LETTER_PREFIX = "dlq"
 # Kubernetes Service names are DNS-1035 labels: at most 63 characters.
 MAX_OBJECT_NAME = 63
 # Which services talk to which server, and so get its credentials (least privilege).
-S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT})
+S3_SERVICES = frozenset({ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT, ServiceName.PTRC})
 REDIS_SERVICES = frozenset({ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ, ServiceName.PNL,
-                            ServiceName.COMPLIANCE})  # fmt: skip
+                            ServiceName.COMPLIANCE, ServiceName.PTRC})  # fmt: skip
 QUESTDB_SERVICES = frozenset({ServiceName.NORMALIZER, ServiceName.OMS, ServiceName.PNL, ServiceName.COMPLIANCE,
                               ServiceName.QUALITY})  # fmt: skip
 # The variables a server's secretRef keys become: (user, password, token). Redis's AUTH takes a
@@ -124,6 +124,7 @@ _CONSUMERS: dict[ServiceName, tuple[str, str]] = {
     ServiceName.COMPLIANCE: ("ORDERS", "orders.>"),
     ServiceName.QUALITY: ("ORDERS", "orders.>"),
     ServiceName.AUDIT: ("ORDERS", "orders.>"),
+    ServiceName.PTRC: ("FILLS", "fills.>"),
 }
 # Services that read more than one stream: their further consumers, each made while its stream
 # is planned, named `<durable>_<stream>`.
@@ -131,6 +132,8 @@ _MORE_CONSUMERS: dict[ServiceName, list[tuple[str, str]]] = {
     ServiceName.AUDIT: [("FILLS", "fills.>"), ("POSITIONS", "positions.>"), ("COMPLIANCE", "compliance.alert.>"),
                         ("AUDIT", "audit.>")],
 }  # fmt: skip
+# Delta tables a service writes besides the platform's two, made while it is enabled.
+SERVICE_LAKE_TABLES = {ServiceName.AUDIT: "lake/audit", ServiceName.PTRC: "lake/reports"}
 # The operator's own actions on a stack that runs the audit log: `audit.operator.{namespace}.{name}`.
 AUDIT_SUBJECT_PREFIX = "audit.operator"
 
@@ -633,7 +636,7 @@ def build_plan(stack: StackRef, spec: TradingStackSpec) -> Plan:
         buckets=list(dict.fromkeys(buckets)),
         tables=planned_tables(spec),
         lake_tables=["lake/market_ticks", "lake/alt_data"]
-        + (["lake/audit"] if ServiceName.AUDIT in spec.enabled_services() else []),
+        + [path for service, path in SERVICE_LAKE_TABLES.items() if service in spec.enabled_services()],
     )
 
 

@@ -16,7 +16,7 @@ from tradingstack_services.platform.settings import ServiceSettings
 
 def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
     from tradingstack_services.marketdata import gateway, live, normalizer, sink
-    from tradingstack_services.oversight import audit, compliance, quality
+    from tradingstack_services.oversight import audit, compliance, quality, reports
     from tradingstack_services.trading import exeq, oms, pnl, risk
 
     return {
@@ -32,6 +32,7 @@ def _factories() -> dict[str, Callable[[ServiceSettings], FastAPI]]:
         "execution-quality": quality.create,
         "audit-log": audit.create,
         "live-gateway": live.create,
+        "ptrc": reports.create,
     }
 
 

@@ -1,0 +1,308 @@
+"""ptrc: position tracking, end-of-day reports and compliance records, from every fill (`fills.>`).
+
+Each fill is applied once (Redis keeps each applied fill id per fill day) to the account and
+symbol's running position (average cost, as pnl keeps it) and to that day's ledger, which
+remembers the position the day opened with, the trades, quantities and notionals; position,
+ledger and the applied mark change in one transaction, before the fill is acknowledged. A report
+of a day has one row per account and symbol that traded: opening and closing position, trades,
+bought and sold, realized P&L over the day, unrealized P&L at the mark (today: the last tick; a
+past day: its last fill), fees (none: paper execution). For the latest day, each closing position
+is reconciled against pnl's own position of the account and symbol: a mismatch is an alert
+(`tradingstack_ptrc_reconciliation_mismatches`, the chart's `TradingStackPositionsMismatch`).
+Reports are written to the Delta table `lake/reports` (partitioned by date; writing a day again
+replaces it) when a UTC day ends and on `POST /reports/{date}`; `GET /reports?date=` serves a day
+as JSON or CSV (`format=csv`). One ptrc replica per durable consumer, as for pnl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import logging
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+import redis.asyncio as aioredis
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import Response
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ValidationError
+
+from tradingstack.lake import REPORTS
+from tradingstack_services.marketdata.prices import PriceBook
+from tradingstack_services.marketdata.ticks import InvalidMessageError
+from tradingstack_services.platform import bus, rediskv
+from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading.model import EPSILON, Fill, Position, position_key
+from tradingstack_services.trading.pnl import DETAILS_KEY
+
+log = logging.getLogger(__name__)
+PREFIX = "tradingstack:ptrc:"
+POSITIONS_KEY = PREFIX + "positions"
+# Ledgers and applied fills outlive the FILLS stream's retention (168h) and a month of reports.
+TTL_SECONDS = 40 * 24 * 3600
+CLOSE_CHECK_SECONDS = 60.0
+FILLS = Counter("tradingstack_ptrc_fills_applied_total", "Fills applied to positions and day ledgers")
+DEAD = Counter("tradingstack_ptrc_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
+MISMATCHES = Gauge("tradingstack_ptrc_reconciliation_mismatches",
+                   "Positions whose closing quantity differs from pnl's, at the latest report")  # fmt: skip
+REPORTS_WRITTEN = Counter("tradingstack_ptrc_reports_written_total", "Day reports written to the lake")
+
+
+def ledger_key(day: str) -> str:
+    return f"{PREFIX}day:{day}"
+
+
+def applied_key(day: str) -> str:
+    return f"{PREFIX}applied:{day}"
+
+
+class Ledger(BaseModel):
+    """One account and symbol on one day."""
+
+    opening: Position
+    closing: Position
+    trades: int = 0
+    bought: float = 0.0
+    sold: float = 0.0
+    buy_notional: float = 0.0
+    sell_notional: float = 0.0
+    last_price: float | None = None
+
+
+def apply(ledger: Ledger | None, running: Position, fill: Fill) -> tuple[Ledger, Position]:
+    """The day's ledger and the running position after one fill (pure)."""
+    after = running.apply(fill)
+    ledger = ledger or Ledger(opening=running, closing=running)
+    buy = fill.side == "buy"
+    return ledger.model_copy(update={
+        "closing": after, "trades": ledger.trades + 1, "last_price": fill.price,
+        "bought": ledger.bought + (fill.quantity if buy else 0.0),
+        "sold": ledger.sold + (0.0 if buy else fill.quantity),
+        "buy_notional": ledger.buy_notional + (fill.quantity * fill.price if buy else 0.0),
+        "sell_notional": ledger.sell_notional + (0.0 if buy else fill.quantity * fill.price),
+    }), after  # fmt: skip
+
+
+class ReportRow(BaseModel):
+    date: str
+    account: str | None
+    symbol: str
+    opening_quantity: float
+    opening_avg_price: float
+    trades: int
+    bought: float
+    sold: float
+    buy_notional: float
+    sell_notional: float
+    fees: float = 0.0
+    realized_pnl: float
+    unrealized_pnl: float
+    mark_price: float | None
+    closing_quantity: float
+    closing_avg_price: float
+    pnl_quantity: float | None = None
+    reconciled: bool | None = None
+    generated_at: datetime
+
+
+def report(day: str, ledgers: list[Ledger], marks: dict[str, float], pnl: dict[str, float] | None) -> list[ReportRow]:
+    """A day's rows (pure). `marks` price the open quantity; `pnl` (pnl's quantities by position
+    key, for the latest day only) reconciles each closing position."""
+    now = datetime.now(UTC)
+    rows = []
+    for ledger in sorted(ledgers, key=lambda x: (x.closing.account or "", x.closing.symbol)):
+        close, key = ledger.closing, ledger.closing.key
+        mark = marks.get(close.symbol, ledger.last_price)
+        theirs = None if pnl is None else pnl.get(key, 0.0)
+        rows.append(ReportRow(
+            date=day, account=close.account, symbol=close.symbol, opening_quantity=ledger.opening.quantity,
+            opening_avg_price=ledger.opening.avg_price, trades=ledger.trades, bought=ledger.bought, sold=ledger.sold,
+            buy_notional=ledger.buy_notional, sell_notional=ledger.sell_notional,
+            realized_pnl=close.realized_pnl - ledger.opening.realized_pnl, unrealized_pnl=close.unrealized(mark),
+            mark_price=mark, closing_quantity=close.quantity, closing_avg_price=close.avg_price,
+            pnl_quantity=theirs, reconciled=None if theirs is None else abs(theirs - close.quantity) <= EPSILON,
+            generated_at=now,
+        ))  # fmt: skip
+    return rows
+
+
+def as_csv(rows: list[ReportRow]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(ReportRow.model_fields))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row.model_dump(mode="json"))
+    return out.getvalue()
+
+
+def day_of(text: str) -> str:
+    """A report date as YYYY-MM-DD, or ValueError."""
+    return date.fromisoformat(text).isoformat()
+
+
+class Ptrc:
+    def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.prices = PriceBook(settings.symbols)
+
+    async def run(self, nc: Any, stop: asyncio.Event) -> None:
+        await bus.consume(nc, stop, self.settings, self.process, 500, 1.0)
+
+    async def process(self, js: Any, messages: list[Msg]) -> None:
+        fills: dict[str, Fill] = {}
+        good = []
+        for msg in messages:
+            try:
+                fill = Fill.model_validate_json(msg.data)
+            except ValidationError as exc:
+                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_fill", str(exc)))
+                DEAD.labels("invalid_fill").inc()
+                continue
+            fills.setdefault(fill.fill_id, fill)
+            good.append(msg)
+        await self.apply(list(fills.values()))
+        for msg in good:  # only now: Redis holds them
+            await msg.ack()
+
+    async def apply(self, fills: list[Fill]) -> None:
+        if not fills:
+            return
+        days = sorted({f"{f.ts:%Y-%m-%d}" for f in fills})
+        keys = sorted({position_key(f.account, f.symbol) for f in fills})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(POSITIONS_KEY, keys)
+            for day in days:
+                pipe.hmget(ledger_key(day), keys)
+                pipe.hmget(applied_key(day), [f.fill_id for f in fills])
+            positions_raw, *per_day = await pipe.execute()
+        running = {k: Position.model_validate_json(v) for k, v in zip(keys, positions_raw, strict=True) if v}
+        ledgers: dict[tuple[str, str], Ledger] = {}
+        applied: set[str] = set()
+        for day, ledger_raw, applied_raw in zip(days, per_day[0::2], per_day[1::2], strict=True):
+            ledgers |= {(day, k): Ledger.model_validate_json(v) for k, v in zip(keys, ledger_raw, strict=True) if v}
+            applied |= {f.fill_id for f, v in zip(fills, applied_raw, strict=True) if v and f"{f.ts:%Y-%m-%d}" == day}
+        new = [f for f in fills if f.fill_id not in applied]
+        if not new:
+            return
+        for fill in sorted(new, key=lambda f: f.ts):
+            key, day = position_key(fill.account, fill.symbol), f"{fill.ts:%Y-%m-%d}"
+            position = running.get(key) or Position(symbol=fill.symbol, account=fill.account)
+            ledgers[(day, key)], running[key] = apply(ledgers.get((day, key)), position, fill)
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.hset(POSITIONS_KEY, mapping={k: running[k].model_dump_json() for k in keys if k in running})
+            for day in days:
+                touched: dict[Any, Any] = {k: v.model_dump_json() for (d, k), v in ledgers.items() if d == day}
+                if touched:
+                    tx.hset(ledger_key(day), mapping=touched)
+                    tx.expire(ledger_key(day), TTL_SECONDS)
+                marks: dict[Any, Any] = {f.fill_id: 1 for f in new if f"{f.ts:%Y-%m-%d}" == day}
+                if marks:
+                    tx.hset(applied_key(day), mapping=marks)
+                    tx.expire(applied_key(day), TTL_SECONDS)
+            await tx.execute()
+        FILLS.inc(len(new))
+
+    async def rows(self, day: str) -> list[ReportRow] | None:
+        """The day's report from the ledgers, or None when Redis holds no ledger of that day."""
+        raw = await self.redis.hgetall(ledger_key(day))
+        if not raw:
+            return None
+        ledgers = [Ledger.model_validate_json(v) for v in raw.values()]
+        latest = await self.latest_day()
+        pnl = None
+        if day == latest:  # pnl keeps current positions only: the latest day's closing must match them
+            pnl = {k.decode() if isinstance(k, bytes) else k: Position.model_validate_json(v).quantity
+                   for k, v in (await self.redis.hgetall(DETAILS_KEY)).items()}  # fmt: skip
+        marks = {s: q.last for s in self.settings.symbols if (q := self.prices.get(s))} if day == today() else {}
+        found = report(day, ledgers, marks, pnl)
+        if pnl is not None:
+            mismatched = [r for r in found if r.reconciled is False]
+            MISMATCHES.set(len(mismatched))
+            for row in mismatched:
+                log.warning("reconciliation: %s/%s closes at %s, pnl holds %s", row.account, row.symbol,
+                            row.closing_quantity, row.pnl_quantity)  # fmt: skip
+        return found
+
+    async def latest_day(self) -> str | None:
+        days = [k.decode() if isinstance(k, bytes) else k async for k in self.redis.scan_iter(ledger_key("*"))]
+        return max((d.rsplit(":", 1)[1] for d in days), default=None)
+
+    def uri(self) -> str:
+        return REPORTS.uri(self.settings.S3_BUCKET)
+
+    def write(self, day: str, rows: list[ReportRow]) -> None:
+        """The day's rows in place of any written before (one Delta commit)."""
+        table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=REPORTS.schema)
+        write_deltalake(self.uri(), table, mode="overwrite", predicate=f"date = '{day}'",
+                        partition_by=list(REPORTS.partition_by),
+                        storage_options=self.settings.storage_options())  # fmt: skip
+        REPORTS_WRITTEN.inc()
+
+    def read(self, day: str) -> list[ReportRow]:
+        try:
+            table = DeltaTable(self.uri(), storage_options=self.settings.storage_options())
+        except TableNotFoundError:
+            return []
+        found = table.to_pyarrow_table(partitions=[("date", "=", day)]).to_pylist()
+        return [ReportRow.model_validate(r) for r in found]
+
+    async def close_days(self, nc: Any, stop: asyncio.Event) -> None:
+        """Worker: once a UTC day has ended, write its report (once; again after a restart is harmless)."""
+        while not stop.is_set():
+            yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+            done = PREFIX + "written:" + yesterday
+            if not await self.redis.exists(done):
+                rows = await self.rows(yesterday)
+                if rows is not None:
+                    await asyncio.to_thread(self.write, yesterday, rows)
+                    log.info("report of %s written: %d rows", yesterday, len(rows))
+                await self.redis.set(done, "1", ex=TTL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CLOSE_CHECK_SECONDS)
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def create(settings: ServiceSettings) -> FastAPI:
+    redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
+    ptrc = Ptrc(settings, redis)
+    app = bus.worker_app(settings, [ptrc.prices.follow, ptrc.run, ptrc.close_days], {"redis": redis_check})
+
+    def parsed(day: str) -> str:
+        try:
+            return day_of(day)
+        except ValueError:
+            raise HTTPException(422, "date: expected YYYY-MM-DD") from None
+
+    @app.get("/reports", response_model=None)
+    async def get_report(day: str = Query(alias="date"), format: str = Query("json", pattern="^(json|csv)$")) -> Any:
+        """A day's report: from the ledgers while Redis has them, else as written to the lake."""
+        wanted = parsed(day)
+        rows = await ptrc.rows(wanted)
+        if rows is None:
+            rows = await asyncio.to_thread(ptrc.read, wanted)
+        if format == "csv":
+            return Response(as_csv(rows), media_type="text/csv")
+        return rows
+
+    @app.post("/reports/{day}")
+    async def write_report(day: str) -> list[ReportRow]:
+        """Write a day's report to the lake now (replacing one written before) and return it."""
+        wanted = parsed(day)
+        rows = await ptrc.rows(wanted)
+        if rows is None:
+            raise HTTPException(404, f"no fills recorded for {wanted}")
+        await asyncio.to_thread(ptrc.write, wanted, rows)
+        return rows
+
+    return app
