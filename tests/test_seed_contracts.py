@@ -36,6 +36,7 @@ from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading import risk
 
 from conftest import LiveServer, NatsServer, RedisServer, free_port, http_json, wait_for
+from test_live import VenueServer
 from test_trading_e2e import Platform, platform  # noqa: F401 (a fixture)
 
 SEEDS_RISK_EXAMPLE = {"symbol": "BTCUSDT", "quantity": 0.1, "side": "buy"}
@@ -293,11 +294,17 @@ def test_every_service_runs_by_hand_with_only_the_infrastructure_addresses_set(b
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "LOG_FORMAT": "text",
     }  # fmt: skip
     names = sorted(runner._factories())
-    # PORT only because the seed ports may be taken on a test machine; nothing else is set.
+    # PORT only because the seed ports may be taken on a test machine; nothing else is set, but for
+    # the live gateway the venue's address (a local server speaking Binance's format).
     ports = {name: free_port() for name in names}
+    quotes = [json.dumps({"stream": f"{s.lower()}@bookTicker", "data": {"u": 1, "s": s, "b": "1.0", "B": "1",
+                                                                         "a": "1.1", "A": "1"}})
+              for s in ServiceSettings(SERVICE_NAME="gateway").symbols]  # type: ignore[call-arg]  # fmt: skip
     with contextlib.ExitStack() as stack:
+        venue = stack.enter_context(VenueServer([quotes] * 10))
         for name in names:
-            env = _bare_env(**infrastructure, PORT=str(ports[name]))
+            extra = {"LIVE_WS_URL": venue.url} if name == ServiceName.LIVE.value else {}
+            env = _bare_env(**infrastructure, **extra, PORT=str(ports[name]))
             process = subprocess.Popen([*_cli(), "service", name], env=env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)  # fmt: skip
             stack.callback(process.wait, 30)
