@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from tradingstack.api import ComplianceRules, RiskLimit, ServiceName
 from tradingstack_services.oversight import compliance
@@ -217,3 +218,16 @@ def test_alerts_survive_questdb_away_and_a_restart_judges_on_from_the_state_in_r
             "limit_breach:b2-1", "wash_trade:b2-1", "wash_trade:s1-1", "limit_near_breach:b1-1"
         ]  # newest first; within one event in the order raised  # fmt: skip
     assert sorted(a["alert_id"] for a in alerts_in_stream(platform)) == ids  # each once, though redelivered
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_an_order_event_with_a_non_finite_number_is_refused_before_it_reaches_the_rules(value: str) -> None:
+    # A position made NaN by one hostile event would stay NaN: every later limit check silently false.
+    event = (
+        order("o", fills=[(0, 1, 100)], status=FILLED)
+        .model_dump_json()
+        .replace('"quantity":1.0', f'"quantity":{value}', 1)
+    )
+    assert value in event
+    with pytest.raises(ValidationError):
+        Order.model_validate_json(event)

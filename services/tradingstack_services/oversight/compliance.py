@@ -28,7 +28,6 @@ from pydantic import TypeAdapter, ValidationError
 
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
-from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
 from tradingstack_services.platform import bus, ilp, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
@@ -78,13 +77,8 @@ class Scanner:
         await bus.consume(nc, stop, self.settings, self.process, 200, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
-        for msg in messages:  # in stream order: an account's events build on each other
-            try:
-                order = Order.model_validate_json(msg.data)
-            except ValidationError as exc:
-                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_order", str(exc)))
-                DEAD.labels("invalid_order").inc()
-                continue
+        # In stream order: an account's events build on each other.
+        for msg, order in await bus.parse_each(js, messages, self.settings, Order, "invalid_order", DEAD):
             alerts = await self.judged(event_id(msg), order)
             for alert in alerts:
                 headers = {"Nats-Msg-Id": alert.alert_id}

@@ -20,10 +20,9 @@ from typing import Any
 from fastapi import FastAPI, Query
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform import bus, ilp
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Fill, Order, OrderStatus
@@ -145,13 +144,7 @@ class ExecutionQuality:
         await bus.consume(nc, stop, self.settings, self.process, 500, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
-        orders: list[tuple[Msg, Order]] = []
-        for msg in messages:
-            try:
-                orders.append((msg, Order.model_validate_json(msg.data)))
-            except ValidationError as exc:
-                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_order", str(exc)))
-                DEAD.labels("invalid_order").inc()
+        orders = await bus.parse_each(js, messages, self.settings, Order, "invalid_order", DEAD)
         measured = [(msg, order, measure(order, fill)) for msg, order in orders if (fill := reported_fill(order))]
         if measured:  # the rows first: an event is acknowledged once QuestDB has its row
             await asyncio.to_thread(self.questdb.write_ilp, [row(m) for _, _, m in measured])

@@ -32,11 +32,10 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import Response
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tradingstack.lake import REPORTS
 from tradingstack_services.marketdata.prices import PriceBook
-from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform import bus, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import EPSILON, Fill, Position, position_key
@@ -157,19 +156,12 @@ class Ptrc:
         await bus.consume(nc, stop, self.settings, self.process, 500, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
+        good = await bus.parse_each(js, messages, self.settings, Fill, "invalid_fill", DEAD)
         fills: dict[str, Fill] = {}
-        good = []
-        for msg in messages:
-            try:
-                fill = Fill.model_validate_json(msg.data)
-            except ValidationError as exc:
-                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_fill", str(exc)))
-                DEAD.labels("invalid_fill").inc()
-                continue
-            fills.setdefault(fill.fill_id, fill)
-            good.append(msg)
+        for _, fill in good:
+            fills.setdefault(fill.fill_id, fill)  # the same fill twice in one batch counts once
         await self.apply(list(fills.values()))
-        for msg in good:  # only now: Redis holds them
+        for msg, _ in good:  # only now: Redis holds them
             await msg.ack()
 
     async def apply(self, fills: list[Fill]) -> None:

@@ -8,18 +8,21 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ValidationError
 
 from tradingstack.credentials import ServerCredentials
 from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform.app import Check, create_app
 from tradingstack_services.platform.settings import ServiceSettings
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,20 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
     log.warning("dead-lettered seq %d: %s", meta.sequence.stream, error,
                 extra={"reason": error.reason, "subject": msg.subject})  # fmt: skip
     await msg.ack()
+
+
+async def parse_each(js: Any, messages: list[Msg], settings: ServiceSettings, model: type[ModelT], reason: str,
+                     dead: Counter) -> list[tuple[Msg, ModelT]]:  # fmt: skip
+    """Each message as `model`, in order; one that does not validate is dead-lettered with `reason`
+    (and counted in `dead`, labelled by reason) instead of stopping the others."""
+    parsed = []
+    for msg in messages:
+        try:
+            parsed.append((msg, model.model_validate_json(msg.data)))
+        except ValidationError as exc:
+            await dead_letter(js, msg, settings, InvalidMessageError(reason, str(exc)))
+            dead.labels(reason).inc()
+    return parsed
 
 
 def unprocessable(exc: BaseException) -> InvalidMessageError:

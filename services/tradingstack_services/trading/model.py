@@ -58,7 +58,9 @@ class TransitionError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused everywhere: one in a position or an order would make every
+    # later comparison with it false, silently (JSON's NaN, Infinity, and 1e999 all parse to them).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OrderRequest(Strict):

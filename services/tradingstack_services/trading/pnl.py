@@ -22,11 +22,10 @@ from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
-from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform import bus, ilp, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Fill, Position, PositionView, position_key
@@ -94,19 +93,12 @@ class Pnl:
         await bus.consume(nc, stop, self.settings, self.process, 1_000, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
+        good = await bus.parse_each(js, messages, self.settings, Fill, "invalid_fill", DEAD)
         fills: dict[str, Fill] = {}
-        good: list[Msg] = []
-        for msg in messages:
-            try:
-                fill = Fill.model_validate_json(msg.data)
-            except ValidationError as exc:
-                await bus.dead_letter(js, msg, self.settings, InvalidMessageError("invalid_fill", str(exc)))
-                DEAD.labels("invalid_fill").inc()
-                continue
+        for _, fill in good:
             fills.setdefault(fill.fill_id, fill)  # the same fill twice in one batch counts once
-            good.append(msg)
         await self.apply(list(fills.values()))
-        for msg in good:  # only now: QuestDB and Redis hold them
+        for msg, _ in good:  # only now: QuestDB and Redis hold them
             await msg.ack()
 
     async def apply(self, fills: list[Fill]) -> None:
