@@ -358,7 +358,9 @@ def test_a_sink_readiness_probe_costs_one_request_however_long_its_log(platform:
         for _ in range(40):  # forty commits later
             write_deltalake(MARKET_TICKS.uri(env["S3_BUCKET"]), pa.Table.from_pylist([], schema=MARKET_TICKS.schema),
                             mode="append", storage_options=options)  # fmt: skip
-        assert probe_cost() == short_log <= 2
+        # At most two requests either way (the sink's own worker shares the proxy, so one reading may
+        # catch one of its requests): reading the log would cost one per commit, forty more here.
+        assert max(short_log, probe_cost()) <= 2
 
 
 def test_a_sink_whose_commit_hangs_fails_liveness_so_the_kubelet_restarts_it(platform: Any, s3_url: str) -> None:
