@@ -188,7 +188,7 @@ class ServiceSpec(Model):
     enabled: bool | None = Field(
         None,
         description="Run this service; a disabled service's objects are removed. Unset: on for the first eight "
-        "services, off for the opt-in ones (" + ", ".join(s.value for s in OPT_IN_SERVICES) + ").",
+        "services, off for the opt-in ones (" + ", ".join(s.value for s in ServiceName if s in OPT_IN_SERVICES) + ").",
     )
     replicas: int = Field(1, ge=0, le=100, description="Number of pods.")
     image: str | None = Field(

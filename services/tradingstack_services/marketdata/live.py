@@ -206,10 +206,10 @@ class LiveGateway:
                     self.connected[url] = True
                     log.info("%s: connected (%d streams)", self.adapter.venue, url.count("/") - 2)
                     while not stop.is_set():
-                        try:
-                            frame = await asyncio.wait_for(ws.recv(), silent_after)
-                        except TimeoutError:
-                            log.warning("%s: no frame for %.0f s, reconnecting", self.adapter.venue, silent_after)
+                        frame = await self.next_frame(ws, stop, silent_after)
+                        if frame is None:
+                            if not stop.is_set():
+                                log.warning("%s: no frame for %.0f s, reconnecting", self.adapter.venue, silent_after)
                             break
                         await self.handle(js, frame, stop)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
@@ -223,6 +223,24 @@ class LiveGateway:
             delay = min(RECONNECT_BASE_SECONDS * 2 ** (failures - 1), self.settings.LIVE_RECONNECT_MAX_SECONDS)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))
+
+    @staticmethod
+    async def next_frame(ws: Any, stop: asyncio.Event, silent_after: float) -> str | bytes | None:
+        """The next frame; None when the connection stayed silent for `silent_after` s or the gateway is
+        stopping (a silent feed must not hold up a shutdown: recv is cancelled, which is safe)."""
+        receiving = asyncio.ensure_future(ws.recv())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({receiving, stopping}, timeout=silent_after, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not receiving.done():
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+            return None
+        frame: str | bytes = receiving.result()  # a closed connection raises here, as recv would
+        return frame
 
     async def handle(self, js: Any, frame: str | bytes, stop: asyncio.Event) -> None:
         venue = self.adapter.venue
