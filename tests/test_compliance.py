@@ -195,11 +195,13 @@ def test_a_wash_trade_through_the_trading_path_is_alerted_once_on_the_stream_in_
 
 
 def test_alerts_survive_questdb_away_and_a_restart_judges_on_from_the_state_in_redis(platform: Platform) -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
     def publish(event: Order) -> None:
-        msg_id = f"{event.order_id}:{event.status.value}:{event.filled_quantity}"
+        headers = {"Nats-Msg-Id": f"{event.order_id}:{event.status.value}:{event.filled_quantity}",
+                   "traceparent": trace}  # fmt: skip
         platform.run(lambda nc: nc.jetstream().publish(f"orders.{event.status.value}.BTCUSDT",
-                                                       event.model_dump_json().encode(),
-                                                       headers={"Nats-Msg-Id": msg_id}))  # fmt: skip
+                                                       event.model_dump_json().encode(), headers=headers))  # fmt: skip
 
     with scanner(platform) as first:
         wait_for(lambda: first.get("/readyz")[0] == 200, 20, "the scanner ready")
@@ -218,6 +220,11 @@ def test_alerts_survive_questdb_away_and_a_restart_judges_on_from_the_state_in_r
             "limit_breach:b2-1", "wash_trade:b2-1", "wash_trade:s1-1", "limit_near_breach:b1-1"
         ]  # newest first; within one event in the order raised  # fmt: skip
     assert sorted(a["alert_id"] for a in alerts_in_stream(platform)) == ids  # each once, though redelivered
+
+    async def first_alert_headers(nc: Any) -> dict[str, str]:
+        return dict((await nc.jetstream().get_msg("COMPLIANCE", 1)).headers or {})
+
+    assert platform.run(first_alert_headers)["traceparent"] == trace  # the event's trace goes on with its alert
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])

@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from prometheus_client import Counter, Gauge
 
 from tradingstack_services.marketdata.ticks import InvalidMessageError, Tick, tick_json
-from tradingstack_services.platform import bus
+from tradingstack_services.platform import bus, tracing
 from tradingstack_services.platform.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class LiveGateway:
         for tick in parsed.ticks:
             if self.in_sequence(tick):
                 await self.publish(js, f"market.tick.{tick.symbol}", tick_json(tick),
-                                   {"Nats-Msg-Id": tick.tick_id}, stop)  # fmt: skip
+                                   tracing.inject({"Nats-Msg-Id": tick.tick_id}), stop)  # fmt: skip
                 PUBLISHED.labels(venue).inc()
 
     def in_sequence(self, tick: Tick) -> bool:

@@ -29,7 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
-from tradingstack_services.platform import bus, ilp, rediskv
+from tradingstack_services.platform import bus, ilp, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Order, mid
 from tradingstack_services.trading.risk import Limits
@@ -80,8 +80,8 @@ class Scanner:
         # In stream order: an account's events build on each other.
         for msg, order in await bus.parse_each(js, messages, self.settings, Order, "invalid_order", DEAD):
             alerts = await self.judged(event_id(msg), order)
-            for alert in alerts:
-                headers = {"Nats-Msg-Id": alert.alert_id}
+            for alert in alerts:  # each carries on the trace of the event that raised it
+                headers = {**tracing.passthrough(msg.headers), "Nats-Msg-Id": alert.alert_id}
                 await js.publish(f"compliance.alert.{alert.rule}.{alert.symbol}", alert.model_dump_json().encode(),
                                  headers=headers)  # fmt: skip
             if alerts:
