@@ -122,6 +122,12 @@ def test_the_days_report_is_served_reconciled_and_written_to_the_lake_once(platf
             status, written = ptrc.post(f"/reports/{DAY}", {})
             assert status == 200, written
         assert ptrc.post("/reports/2025-06-01", {})[0] == 404
+        # The lake away: 503 to try again, and what was written before stays as it was.
+        away = settings.model_copy(update={"S3_ENDPOINT_URL": "http://127.0.0.1:9", "S3_MAX_RETRIES": 0,
+                                           "S3_RETRY_TIMEOUT_SECONDS": 1.0})  # fmt: skip
+        with LiveServer(reports.create(away)) as cut_off:
+            status, body = cut_off.post(f"/reports/{DAY}", {})
+        assert (status, body["detail"]) == (503, "the lake did not take the report; try again")
     table = DeltaTable(REPORTS.uri(settings.S3_BUCKET), storage_options=settings.storage_options())
     stored = table.to_pyarrow_table().to_pylist()
     assert [(r["date"], r["symbol"], r["closing_quantity"], r["reconciled"]) for r in stored] == [

@@ -294,7 +294,11 @@ def create(settings: ServiceSettings) -> FastAPI:
         rows = await ptrc.rows(wanted)
         if rows is None:
             raise HTTPException(404, f"no fills recorded for {wanted}")
-        await asyncio.to_thread(ptrc.write, wanted, rows)
+        try:
+            await asyncio.to_thread(ptrc.write, wanted, rows)
+        except Exception as exc:  # S3 away or refusing: nothing half-written (one Delta commit), try again
+            log.warning("report of %s not written: %s", wanted, exc)
+            raise HTTPException(503, "the lake did not take the report; try again", {"Retry-After": "5"}) from None
         return rows
 
     return app
