@@ -240,3 +240,25 @@ def test_live_trades_reach_bars_and_delta_through_disconnects_bad_frames_and_sil
         delta = wait_for(stored, 20, "five rows in lake/market_ticks")
         assert sorted(r["trade_id"] for r in delta) == ["100", "101", "102", "105", "106"]
         assert all(r["receive_ts"] is not None for r in delta)
+
+
+def test_a_trade_read_while_nats_is_away_is_published_once_nats_answers_again() -> None:
+    class NatsComingBack:
+        """JetStream refusing the first two publishes, as while the server restarts."""
+
+        def __init__(self) -> None:
+            self.attempts = 0
+            self.stored: list[tuple[str, bytes]] = []
+
+        async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+            self.attempts += 1
+            if self.attempts <= 2:
+                raise ConnectionError("nats: connection closed")
+            self.stored.append((subject, data))
+
+    gateway = LiveGateway(ServiceSettings(SERVICE_NAME="live-gateway", SYMBOLS="BTCUSDT"), BinanceSpot())  # type: ignore[call-arg]
+    js = NatsComingBack()
+    frame = trade(7, 100.0, 1_767_346_200_000)
+    asyncio.run(gateway.handle(js, frame, asyncio.Event()))
+    assert js.attempts == 3
+    assert [(s, json.loads(d)["trade_id"]) for s, d in js.stored] == [("market.tick.BTCUSDT", "7")]
