@@ -156,13 +156,8 @@ class Ptrc:
         await bus.consume(nc, stop, self.settings, self.process, 500, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
-        good = await bus.parse_each(js, messages, self.settings, Fill, "invalid_fill", DEAD)
-        fills: dict[str, Fill] = {}
-        for _, fill in good:
-            fills.setdefault(fill.fill_id, fill)  # the same fill twice in one batch counts once
-        await self.apply(list(fills.values()))
-        for msg, _ in good:  # only now: Redis holds them
-            await msg.ack()
+        await bus.apply_then_ack(js, messages, self.settings, Fill, "invalid_fill", DEAD, lambda f: f.fill_id,
+                                 self.apply)  # fmt: skip
 
     async def apply(self, fills: list[Fill]) -> None:
         if not fills:

@@ -94,6 +94,20 @@ async def parse_each(js: Any, messages: list[Msg], settings: ServiceSettings, mo
     return parsed
 
 
+async def apply_then_ack(js: Any, messages: list[Msg], settings: ServiceSettings, model: type[ModelT], reason: str,
+                         dead: Counter, key: Callable[[ModelT], str],
+                         apply: Callable[[list[ModelT]], Awaitable[Any]]) -> None:  # fmt: skip
+    """A batch of records: the valid ones (the rest dead-lettered) applied together, each distinct
+    `key` once (a record sent twice in one batch counts once), and only then acknowledged."""
+    good = await parse_each(js, messages, settings, model, reason, dead)
+    distinct: dict[str, ModelT] = {}
+    for _, item in good:
+        distinct.setdefault(key(item), item)
+    await apply(list(distinct.values()))
+    for msg, _ in good:  # only now: what apply wrote is durable
+        await msg.ack()
+
+
 def unprocessable(exc: BaseException) -> InvalidMessageError:
     """A message whose handling raised something unexpected: dead-letter it with what was raised."""
     return InvalidMessageError("unprocessable", f"{type(exc).__name__}: {exc}")

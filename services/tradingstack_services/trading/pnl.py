@@ -93,13 +93,8 @@ class Pnl:
         await bus.consume(nc, stop, self.settings, self.process, 1_000, 1.0)
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
-        good = await bus.parse_each(js, messages, self.settings, Fill, "invalid_fill", DEAD)
-        fills: dict[str, Fill] = {}
-        for _, fill in good:
-            fills.setdefault(fill.fill_id, fill)  # the same fill twice in one batch counts once
-        await self.apply(list(fills.values()))
-        for msg, _ in good:  # only now: QuestDB and Redis hold them
-            await msg.ack()
+        await bus.apply_then_ack(js, messages, self.settings, Fill, "invalid_fill", DEAD, lambda f: f.fill_id,
+                                 self.apply)  # fmt: skip
 
     async def apply(self, fills: list[Fill]) -> None:
         """Apply the fills not applied yet, announce the positions, then write every fill's history."""
