@@ -19,7 +19,7 @@ from tradingstack import upkeep
 from tradingstack.api import LAKE_TABLE_NAMES
 from tradingstack.backends import S3Credentials
 from tradingstack.backends.s3 import S3Provisioner
-from tradingstack.lake import ALT_DATA, LAKE_TABLES, MARKET_TICKS, storage_options
+from tradingstack.lake import ALL_TABLES, ALT_DATA, MARKET_TICKS, storage_options
 from tradingstack.plan import StackRef, build_plan, parse_spec
 
 COMMITS, ROWS_PER_COMMIT, CONCURRENT_COMMITS = 40, 5, 10
@@ -167,7 +167,7 @@ def test_a_refused_compaction_runs_again_on_the_newest_version_then_gives_up(tab
 
 
 def test_each_lake_table_has_its_policy_by_name() -> None:
-    assert tuple(t.path.removeprefix("lake/") for t in LAKE_TABLES) == LAKE_TABLE_NAMES
+    assert tuple(t.path.removeprefix("lake/") for t in ALL_TABLES) == LAKE_TABLE_NAMES
     lake = parse_spec({"lake": {"upkeep": {"intervalSeconds": 600}, "tables": {"alt_data": {"enabled": False}}}}).lake
     assert lake is not None
     assert lake.upkeep_for(MARKET_TICKS.path).interval_seconds == 600

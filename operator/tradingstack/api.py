@@ -715,7 +715,8 @@ MIN_VACUUM_RETENTION_HOURS = 1
 
 class LakeUpkeep(Model):
     """Compaction, checkpoints and vacuum of the Delta tables the platform writes (lake/market_ticks,
-    lake/alt_data), run by the operator, never twice at once for one table."""
+    lake/alt_data, and lake/audit and lake/reports while their services run), run by the operator,
+    never twice at once for one table."""
 
     enabled: bool = Field(True, description="Run upkeep on the schedule below.")
     interval_seconds: int = Field(
@@ -733,8 +734,9 @@ class LakeUpkeep(Model):
     )
 
 
-# The Delta tables of tradingstack.lake.LAKE_TABLES by their short names (a test keeps the two in step).
-LAKE_TABLE_NAMES = ("market_ticks", "alt_data")
+# The Delta tables of tradingstack.lake.ALL_TABLES by their short names (a test keeps the two in step):
+# the platform's two, and those of the audit log and ptrc while they run.
+LAKE_TABLE_NAMES = ("market_ticks", "alt_data", "audit", "reports")
 
 
 class Lake(Model):

@@ -31,7 +31,7 @@ from tradingstack.changes import BackendResult, Change
 from tradingstack.credentials import ServerCredentials
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
-from tradingstack.lake import LAKE_TABLES
+from tradingstack.lake import ALL_TABLES
 from tradingstack.plan import AUDIT_SUBJECT_PREFIX, InvalidSpecError, Plan, child_selector, plan_from_body
 from tradingstack.status import DeploymentState, Observation, Reason, build_status, parse_rfc3339, rfc3339
 from tradingstack.workloads import WorkloadProvisioner, diff_object
@@ -385,8 +385,9 @@ class Reconciler:
             last = parse_rfc3339(known.get(path, {}).get("lastUpkeep"))
             return policy.enabled and (last is None or (now - last).total_seconds() >= policy.interval_seconds)
 
+        tables = [t for t in ALL_TABLES if t.path in plan.lake_tables]  # the platform's, and the enabled services'
         # Most ticks find nothing due: then no Secret is read and no status is written.
-        if not any(due(table.path) for table in LAKE_TABLES):
+        if not any(due(table.path) for table in tables):
             return []
         creds = stack_credentials(self.kube, plan)
         if "s3" in creds.missing:
@@ -394,7 +395,7 @@ class Reconciler:
         s3 = S3Provisioner(plan.spec.infrastructure.s3, creds.s3)
         entries = []
         options = s3.storage_options(UPKEEP_MAX_RETRIES, UPKEEP_RETRY_TIMEOUT_SECONDS)
-        for table in LAKE_TABLES:
+        for table in tables:
             if not due(table.path):
                 if table.path in known:
                     entries.append(known[table.path])
