@@ -25,6 +25,7 @@ from tradingstack.reconciler import Reconciler
 from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.oversight import audit, compliance
 from tradingstack_services.oversight.audit import audit_row
+from tradingstack_services.platform import bus
 from tradingstack_services.platform.settings import ServiceSettings
 
 from conftest import LiveServer, wait_for
@@ -123,6 +124,8 @@ def test_every_event_of_the_trading_path_is_in_the_audit_table_exactly_once(plat
         log = stack.enter_context(LiveServer(audit.create(settings)))
         for server in (watcher, log):
             wait_for(lambda server=server: server.get("/readyz")[0] == 200, 30, "ready")
+        workers = [bus._worker_name(sink.run, i) for i, sink in enumerate(audit.sinks(settings))]
+        assert workers == [f"LakeSink.run[{s}]" for s in ("ORDERS", "FILLS", "POSITIONS", "COMPLIANCE", "AUDIT")]
         oms = servers[ServiceName.OMS]
         ids = []
         for client_id, side in (("a-buy", "buy"), ("a-sell", "sell")):

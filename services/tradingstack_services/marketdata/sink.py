@@ -185,6 +185,11 @@ class LakeSink:
         self.durable = self.durable or self.settings.NATS_DURABLE or ""
 
     @property
+    def worker_label(self) -> str:
+        """How `/readyz` and the restart counter name this sink's worker: by the stream it reads."""
+        return f"LakeSink.run[{self.stream}]"
+
+    @property
     def uri(self) -> str:
         return self.table.uri(self.settings.S3_BUCKET)
 

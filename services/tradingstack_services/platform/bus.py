@@ -261,6 +261,10 @@ class Supervised:
 
 
 def _worker_name(work: Worker, index: int) -> str:
+    # Several workers of one method (the audit log's sinks) tell themselves apart by `worker_label`.
+    label = getattr(getattr(work, "__self__", None), "worker_label", None)
+    if isinstance(label, str):
+        return label
     name = getattr(work, "__qualname__", "") or getattr(work, "__name__", "")
     return name if name and "<lambda>" not in name else f"worker-{index}"
 
