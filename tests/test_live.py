@@ -238,6 +238,9 @@ def test_live_trades_reach_bars_and_delta_through_disconnects_bad_frames_and_sil
             return None
 
         delta = wait_for(stored, 20, "five rows in lake/market_ticks")
+        # The sink's own fetch loop exports its consumer's lag, as every other consumer does.
+        sink_lag = {"stream": "MARKET_TICKS", "durable": lake_settings.NATS_DURABLE}
+        assert REGISTRY.get_sample_value("tradingstack_consumer_pending_messages", sink_lag) == 0
         assert sorted(r["trade_id"] for r in delta) == ["100", "101", "102", "105", "106"]
         assert all(r["receive_ts"] is not None for r in delta)
 

@@ -357,6 +357,7 @@ class LakeSink:
         log.info("sink %s (%s) starts; recent commits hold sequences %s", self.name, self.stream,
                  self.committed.ranges[-3:])  # fmt: skip
         sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        lag = bus.ConsumerLag(self.stream or "", self.durable or "")
         while not stop.is_set():
             try:
                 messages = await sub.fetch(self.settings.SINK_FETCH_BATCH, timeout=self.settings.SINK_MAX_AGE_SECONDS)
@@ -366,6 +367,7 @@ class LakeSink:
                 log.warning("fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            lag.fetched(messages)
             for msg in messages:
                 await self.handle(js, msg)
             if self.due():

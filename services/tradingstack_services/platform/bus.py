@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -78,6 +79,12 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
     log.warning("dead-lettered seq %d: %s", meta.sequence.stream, error,
                 extra={"reason": error.reason, "subject": msg.subject})  # fmt: skip
     await msg.ack()
+
+
+def event_id(msg: Msg) -> str:
+    """A message's identity for deduplication: its `Nats-Msg-Id`, else a digest of its bytes."""
+    header = (msg.headers or {}).get("Nats-Msg-Id")
+    return header or hashlib.sha256(msg.data).hexdigest()[:32]
 
 
 async def parse_each(js: Any, messages: list[Msg], settings: ServiceSettings, model: type[ModelT], reason: str,
@@ -155,6 +162,17 @@ PENDING = Gauge("tradingstack_consumer_pending_messages",
                 ["stream", "durable"])  # fmt: skip
 
 
+class ConsumerLag:
+    """A durable consumer's lag, exported after every fetch by whichever loop fetches (consume, the sinks)."""
+
+    def __init__(self, stream: str, durable: str) -> None:
+        self.gauge = PENDING.labels(stream, durable)
+
+    def fetched(self, messages: list[Msg]) -> None:
+        # What the server still holds after this batch; an empty fetch found nothing pending.
+        self.gauge.set(messages[-1].metadata.num_pending if messages else 0)
+
+
 async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, process: Batch, batch: int,
                   wait: float) -> None:  # fmt: skip
     """Fetch from the service's durable pull consumer (NATS_STREAM/NATS_DURABLE) and process each batch.
@@ -165,19 +183,18 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
     """
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
-    lag = PENDING.labels(settings.NATS_STREAM or "", settings.NATS_DURABLE or "")
+    lag = ConsumerLag(settings.NATS_STREAM or "", settings.NATS_DURABLE or "")
     while not stop.is_set():
         try:
             messages = await sub.fetch(batch, timeout=wait)
         except TimeoutError:  # an empty fetch: nothing new
-            lag.set(0)
+            lag.fetched([])
             continue
         except Exception as exc:  # NATS is away: wait for the reconnect
             log.warning("fetch failed: %s", exc)
             await asyncio.sleep(0.5)
             continue
-        if messages:  # a fetch can come back empty without a timeout
-            lag.set(messages[-1].metadata.num_pending)  # what the server still holds after this batch
+        lag.fetched(messages)
         try:
             await process(js, messages)
         except Exception as exc:
