@@ -23,10 +23,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.bars import Bar, minute_of
 from tradingstack_services.marketdata.ticks import InvalidMessageError, Tick, parse_tick, require_known_symbol
-from tradingstack_services.platform import bus, ilp
+from tradingstack_services.platform import bus, ilp, questdb
 from tradingstack_services.platform.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Normalizer:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.known_symbols = frozenset(settings.symbols)
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
+        self.questdb, self.questdb_check = questdb.connect(settings)
 
     def rebuild(self, symbol: str, minute: datetime) -> Bar | None:
         sql = (
@@ -135,7 +134,4 @@ class Normalizer:
 def create(settings: ServiceSettings) -> FastAPI:
     normalizer = Normalizer(settings)
 
-    async def questdb_check() -> None:
-        await asyncio.to_thread(normalizer.questdb.query, "SELECT table_name FROM tables()")
-
-    return bus.worker_app(settings, [normalizer.run], {"questdb": questdb_check})
+    return bus.worker_app(settings, [normalizer.run], {"questdb": normalizer.questdb_check})

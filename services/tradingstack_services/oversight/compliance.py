@@ -13,7 +13,6 @@ for pnl. `GET /alerts` serves the newest alerts from the COMPLIANCE stream.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -26,10 +25,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 from pydantic import TypeAdapter, ValidationError
 
-from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
-from tradingstack_services.platform import bus, ilp, rediskv, tracing
+from tradingstack_services.platform import bus, ilp, questdb, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Order, mid
 from tradingstack_services.trading.risk import Limits
@@ -54,18 +52,13 @@ def alert_line(alert: Alert) -> str:
     return ilp.line("compliance_alerts", tags, fields, alert.ts)
 
 
-def event_id(msg: Msg) -> str:
-    header = (msg.headers or {}).get("Nats-Msg-Id")
-    return header or hashlib.sha256(msg.data).hexdigest()[:32]
-
-
 class Scanner:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
         self.rules = settings.compliance_rules()
         self.limits = Limits(settings)
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
+        self.questdb, self.questdb_check = questdb.connect(settings)
         self.prices = PriceBook(settings.symbols)
         self.recent: OrderedDict[str, Alert] = OrderedDict()
 
@@ -79,7 +72,7 @@ class Scanner:
     async def process(self, js: Any, messages: list[Msg]) -> None:
         # In stream order: an account's events build on each other.
         for msg, order in await bus.parse_each(js, messages, self.settings, Order, "invalid_order", DEAD):
-            alerts = await self.judged(event_id(msg), order)
+            alerts = await self.judged(bus.event_id(msg), order)
             for alert in alerts:  # each carries on the trace of the event that raised it
                 headers = {**tracing.passthrough(msg.headers), "Nats-Msg-Id": alert.alert_id}
                 await js.publish(f"compliance.alert.{alert.rule}.{alert.symbol}", alert.model_dump_json().encode(),
@@ -139,11 +132,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     scanner = Scanner(settings, redis)
 
-    async def questdb_check() -> None:
-        await asyncio.to_thread(scanner.questdb.query, "SELECT table_name FROM tables()")
-
     # An alert is acknowledged only once QuestDB has its row: without QuestDB the scanner stops.
-    checks = {"redis": redis_check, "questdb": questdb_check}
+    checks = {"redis": redis_check, "questdb": scanner.questdb_check}
     app = bus.worker_app(settings, [scanner.prices.follow, scanner.run, scanner.follow_alerts], checks)
 
     @app.get("/alerts")

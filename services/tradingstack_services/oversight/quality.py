@@ -22,8 +22,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel
 
-from tradingstack.backends.questdb import QuestDBProvisioner
-from tradingstack_services.platform import bus, ilp
+from tradingstack_services.platform import bus, ilp, questdb
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Fill, Order, OrderStatus
 
@@ -136,7 +135,7 @@ class Rolling:
 class ExecutionQuality:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
+        self.questdb, self.questdb_check = questdb.connect(settings)
         self.rolling: dict[tuple[str, str, str], Rolling] = {}
         self.seen: OrderedDict[str, None] = OrderedDict()
 
@@ -145,15 +144,17 @@ class ExecutionQuality:
 
     async def process(self, js: Any, messages: list[Msg]) -> None:
         orders = await bus.parse_each(js, messages, self.settings, Order, "invalid_order", DEAD)
-        measured = [(msg, order, measure(order, fill)) for msg, order in orders if (fill := reported_fill(order))]
-        if measured:  # the rows first: an event is acknowledged once QuestDB has its row
-            await asyncio.to_thread(self.questdb.write_ilp, [row(m) for _, _, m in measured])
-        for msg, order in orders:
-            self.count(msg, order)
+        measured = [(msg, order, measure(order, fill) if (fill := reported_fill(order)) else None)
+                    for msg, order in orders]  # fmt: skip
+        lines = [row(m) for _, _, m in measured if m is not None]
+        if lines:  # the rows first: an event is acknowledged once QuestDB has its row
+            await asyncio.to_thread(self.questdb.write_ilp, lines)
+        for msg, order, m in measured:
+            self.count(bus.event_id(msg), order, m)
             await msg.ack()
 
-    def count(self, msg: Msg, order: Order) -> None:
-        event = (msg.headers or {}).get("Nats-Msg-Id") or f"{msg.metadata.stream}:{msg.metadata.sequence.stream}"
+    def count(self, event: str, order: Order, m: Measured | None) -> None:
+        """The event's fill (`m`, measured) and fill ratio into the rolling windows and histograms, once."""
         if event in self.seen:
             return
         self.seen[event] = None
@@ -161,8 +162,7 @@ class ExecutionQuality:
             self.seen.popitem(last=False)
         key = (order.symbol, order.side, order.order_type)
         rolling = self.rolling.setdefault(key, Rolling())
-        if (fill := reported_fill(order)) is not None:
-            m = measure(order, fill)
+        if m is not None:
             if m.slippage_bps is not None:
                 rolling.slippage.append(m.slippage_bps)
                 SLIPPAGE.labels(*key).observe(m.slippage_bps)
@@ -185,10 +185,7 @@ class ExecutionQuality:
 def create(settings: ServiceSettings) -> FastAPI:
     quality = ExecutionQuality(settings)
 
-    async def questdb_check() -> None:
-        await asyncio.to_thread(quality.questdb.query, "SELECT table_name FROM tables()")
-
-    app = bus.worker_app(settings, [quality.run], {"questdb": questdb_check})
+    app = bus.worker_app(settings, [quality.run], {"questdb": quality.questdb_check})
 
     @app.get("/quality")
     async def report(

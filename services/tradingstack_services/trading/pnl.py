@@ -24,9 +24,8 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 from pydantic import BaseModel
 
-from tradingstack.backends.questdb import QuestDBProvisioner
 from tradingstack_services.marketdata.prices import PriceBook
-from tradingstack_services.platform import bus, ilp, rediskv
+from tradingstack_services.platform import bus, ilp, questdb, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Fill, Position, PositionView, position_key
 from tradingstack_services.trading.risk import POSITIONS_KEY
@@ -84,7 +83,7 @@ class Pnl:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.questdb = QuestDBProvisioner(settings.QUESTDB_URL, credentials=settings.questdb_credentials())
+        self.questdb, self.questdb_check = questdb.connect(settings)
         self.prices = PriceBook(settings.symbols)
         self.nc: Client | None = None
 
@@ -174,11 +173,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     pnl = Pnl(settings, redis)
 
-    async def questdb_check() -> None:
-        await asyncio.to_thread(pnl.questdb.query, "SELECT table_name FROM tables()")
-
     # Positions and P&L need Redis only; QuestDB away delays history, so it does not take pnl out of service.
-    app = bus.worker_app(settings, [pnl.prices.follow, pnl.run], {"redis": redis_check}, {"questdb": questdb_check})
+    app = bus.worker_app(settings, [pnl.prices.follow, pnl.run], {"redis": redis_check}, {"questdb": pnl.questdb_check})
 
     @app.get("/positions")
     async def positions() -> list[PositionView]:
