@@ -153,3 +153,8 @@ REPORTS = LakeTable(
 )
 # Every Delta table the operator may make, by path.
 ALL_TABLES = (*LAKE_TABLES, AUDIT, REPORTS)
+
+
+def tables_at(paths: list[str]) -> list[LakeTable]:
+    """The tables a plan names (`Plan.lake_tables`, paths: the plan itself never loads pyarrow)."""
+    return [table for table in ALL_TABLES if table.path in paths]

@@ -31,7 +31,7 @@ from tradingstack.changes import BackendResult, Change
 from tradingstack.credentials import ServerCredentials
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
-from tradingstack.lake import ALL_TABLES
+from tradingstack.lake import tables_at
 from tradingstack.plan import AUDIT_SUBJECT_PREFIX, InvalidSpecError, Plan, child_selector, plan_from_body
 from tradingstack.status import DeploymentState, Observation, Reason, build_status, parse_rfc3339, rfc3339
 from tradingstack.workloads import WorkloadProvisioner, diff_object
@@ -385,7 +385,7 @@ class Reconciler:
             last = parse_rfc3339(known.get(path, {}).get("lastUpkeep"))
             return policy.enabled and (last is None or (now - last).total_seconds() >= policy.interval_seconds)
 
-        tables = [t for t in ALL_TABLES if t.path in plan.lake_tables]  # the platform's, and the enabled services'
+        tables = tables_at(plan.lake_tables)  # the platform's, and the enabled services'
         # Most ticks find nothing due: then no Secret is read and no status is written.
         if not any(due(table.path) for table in tables):
             return []

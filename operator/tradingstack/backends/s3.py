@@ -18,7 +18,7 @@ from deltalake.exceptions import TableNotFoundError
 from tradingstack import lake
 from tradingstack.api import S3Endpoint
 from tradingstack.changes import BackendResult, Change, ItemStatus, UnreachableError
-from tradingstack.lake import ALL_TABLES, LakeTable
+from tradingstack.lake import ALL_TABLES, LakeTable, tables_at
 from tradingstack.plan import Plan
 
 # Written into a bucket the operator creates, holding the creating stack's owner mark.
@@ -91,7 +91,7 @@ class S3Provisioner:
             else:
                 result.items.append(ItemStatus(bucket, True, "InSync"))
         lake_ready = any(i.name == self.endpoint.bucket and i.ready for i in result.items)
-        for table in (t for t in ALL_TABLES if t.path in plan.lake_tables):
+        for table in tables_at(plan.lake_tables):
             if lake_ready:
                 try:
                     self._delta_table(table, result, plan.stack.owner)

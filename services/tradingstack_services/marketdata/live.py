@@ -298,8 +298,7 @@ class LiveGateway:
 
     async def park(self, js: Any, frame: str | bytes, error: InvalidMessageError, stop: asyncio.Event) -> None:
         data = frame.encode() if isinstance(frame, str) else frame
-        headers = {"Tradingstack-Reason": error.reason, "Tradingstack-Detail": error.detail[:512],
-                   "Tradingstack-Service": self.settings.SERVICE_NAME, "Tradingstack-Venue": self.adapter.venue,
+        headers = {**bus.reason_headers(error, self.settings), "Tradingstack-Venue": self.adapter.venue,
                    "Nats-Msg-Id": "dlq:live:" + hashlib.sha256(data).hexdigest()[:32]}  # fmt: skip
         subject = f"{self.settings.DEAD_LETTER_PREFIX}.{self.adapter.venue.upper()}.{error.reason}"
         log.warning("%s: frame dead-lettered: %s", self.adapter.venue, error)

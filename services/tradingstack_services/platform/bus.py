@@ -56,6 +56,12 @@ async def connect(
     return nc
 
 
+def reason_headers(error: InvalidMessageError, settings: ServiceSettings) -> dict[str, str]:
+    """What every dead letter says about itself: why, in detail, and which service parked it."""
+    return {"Tradingstack-Reason": error.reason, "Tradingstack-Detail": error.detail[:512],
+            "Tradingstack-Service": settings.SERVICE_NAME}  # fmt: skip
+
+
 async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: InvalidMessageError) -> None:
     """Park a message that cannot be used on `{prefix}.{stream}.{reason}`, then acknowledge it.
 
@@ -65,13 +71,11 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
     meta = msg.metadata
     stream = meta.stream or settings.NATS_STREAM or "unknown"
     headers = {
-        "Tradingstack-Reason": error.reason,
-        "Tradingstack-Detail": error.detail[:512],
+        **reason_headers(error, settings),
         "Tradingstack-Subject": msg.subject,
         "Tradingstack-Stream": stream,
         "Tradingstack-Stream-Seq": str(meta.sequence.stream),
         "Tradingstack-Deliveries": str(meta.num_delivered),
-        "Tradingstack-Service": settings.SERVICE_NAME,
         # Parked again after a crash before the ack below: the stream's duplicate window keeps one.
         "Nats-Msg-Id": f"dlq:{settings.SERVICE_NAME}:{stream}:{meta.sequence.stream}",
     }
