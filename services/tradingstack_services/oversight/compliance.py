@@ -2,12 +2,14 @@
 
 Per event (its `Nats-Msg-Id`, else a digest of it, is its identity): the account's state is read
 from Redis, the event judged, and the new state stored in one transaction with the alerts it
-raised under the event's identity. The alerts are published on
+raised under the event's identity, committed only if no other scanner changed the account's state
+meanwhile (WATCH), so replicas may share the durable consumer (events of one account may then be
+judged out of stream order across them: each is still counted once). The alerts are published on
 `compliance.alert.{RULE}.{SYMBOL}` (JetStream ack, `Nats-Msg-Id` = alert id) and written to
 QuestDB `compliance_alerts`, and only then is the event acknowledged. A redelivery finds the
 event judged and publishes and writes the same alerts again (deduplicated by id), so a crash
-at any point loses no alert and counts no event twice. One replica per durable consumer, as
-for pnl. `GET /alerts` serves the newest alerts from the COMPLIANCE stream.
+at any point loses no alert and counts no event twice. `GET /alerts` serves the newest alerts
+from the COMPLIANCE stream.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 from pydantic import TypeAdapter, ValidationError
+from redis.asyncio.client import Pipeline
 
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
@@ -85,19 +88,24 @@ class Scanner:
         """The alerts of one event: judged now, or as judged before (a redelivery)."""
         state_key = STATE_PREFIX + (order.account or "-")
         judged_key = JUDGED_PREFIX + event
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(judged_key)
-            pipe.get(state_key)
-            before, raw_state = await pipe.execute()
-        if before is not None:
-            EVENTS.labels("redelivered").inc()
-            return _ALERT_LIST.validate_json(before)
-        state = AccountState.model_validate_json(raw_state) if raw_state else AccountState()
-        alerts = judge(state, order, self.rules, self.limits.of(order.symbol, order.account), self.mid(order.symbol))
-        async with self.redis.pipeline(transaction=True) as tx:
+
+        async def step(tx: Pipeline) -> tuple[bool, list[Alert]]:
+            # Under WATCH: another scanner (a rollout's second pod) that commits first makes this run again.
+            before, raw_state = await tx.get(judged_key), await tx.get(state_key)
+            rediskv.begin_writes(tx)
+            if before is not None:
+                return True, _ALERT_LIST.validate_json(before)
+            state = AccountState.model_validate_json(raw_state) if raw_state else AccountState()
+            found = judge(state, order, self.rules, self.limits.of(order.symbol, order.account),
+                          self.mid(order.symbol))  # fmt: skip
             tx.set(state_key, state.model_dump_json())
-            tx.set(judged_key, _ALERT_LIST.dump_json(alerts), ex=JUDGED_TTL_SECONDS)
-            await tx.execute()
+            tx.set(judged_key, _ALERT_LIST.dump_json(found), ex=JUDGED_TTL_SECONDS)
+            return False, found
+
+        redelivered, alerts = await rediskv.compare_and_set(self.redis, [state_key, judged_key], step)
+        if redelivered:
+            EVENTS.labels("redelivered").inc()
+            return alerts
         EVENTS.labels("judged").inc()
         for alert in alerts:
             ALERTS.labels(alert.rule, alert.severity).inc()

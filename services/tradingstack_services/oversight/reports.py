@@ -3,7 +3,8 @@
 Each fill is applied once (Redis keeps each applied fill id per fill day) to the account and
 symbol's running position (average cost, as pnl keeps it) and to that day's ledger, which
 remembers the position the day opened with, the trades, quantities and notionals; position,
-ledger and the applied mark change in one transaction, before the fill is acknowledged. A report
+ledger and the applied mark change in one transaction (WATCHed: another replica's commit in
+between makes it run again on the newer state), before the fill is acknowledged. A report
 of a day has one row per account and symbol that traded: opening and closing position, trades,
 bought and sold, realized P&L over the day, unrealized P&L at the mark (today: the last tick; a
 past day: its last fill), fees (none: paper execution). For the latest day, each closing position
@@ -11,7 +12,7 @@ is reconciled against pnl's own position of the account and symbol: a mismatch i
 (`tradingstack_ptrc_reconciliation_mismatches`, the chart's `TradingStackPositionsMismatch`).
 Reports are written to the Delta table `lake/reports` (partitioned by date; writing a day again
 replaces it) when a UTC day ends and on `POST /reports/{date}`; `GET /reports?date=` serves a day
-as JSON or CSV (`format=csv`). One ptrc replica per durable consumer, as for pnl.
+as JSON or CSV (`format=csv`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fastapi.responses import Response
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel
+from redis.asyncio.client import Pipeline
 
 from tradingstack.lake import REPORTS
 from tradingstack_services.marketdata.prices import PriceBook
@@ -164,26 +166,26 @@ class Ptrc:
             return
         days = sorted({f"{f.ts:%Y-%m-%d}" for f in fills})
         keys = sorted({position_key(f.account, f.symbol) for f in fills})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(POSITIONS_KEY, keys)
+
+        async def step(tx: Pipeline) -> int:
+            # Under WATCH: another ptrc (a rollout's second pod) that commits first makes this run again.
+            running = {k: Position.model_validate_json(v)
+                       for k, v in zip(keys, await tx.hmget(POSITIONS_KEY, keys), strict=True) if v}  # fmt: skip
+            ledgers: dict[tuple[str, str], Ledger] = {}
+            applied: set[str] = set()
             for day in days:
-                pipe.hmget(ledger_key(day), keys)
-                pipe.hmget(applied_key(day), [f.fill_id for f in fills])
-            positions_raw, *per_day = await pipe.execute()
-        running = {k: Position.model_validate_json(v) for k, v in zip(keys, positions_raw, strict=True) if v}
-        ledgers: dict[tuple[str, str], Ledger] = {}
-        applied: set[str] = set()
-        for day, ledger_raw, applied_raw in zip(days, per_day[0::2], per_day[1::2], strict=True):
-            ledgers |= {(day, k): Ledger.model_validate_json(v) for k, v in zip(keys, ledger_raw, strict=True) if v}
-            applied |= {f.fill_id for f, v in zip(fills, applied_raw, strict=True) if v and f"{f.ts:%Y-%m-%d}" == day}
-        new = [f for f in fills if f.fill_id not in applied]
-        if not new:
-            return
-        for fill in sorted(new, key=lambda f: f.ts):
-            key, day = position_key(fill.account, fill.symbol), f"{fill.ts:%Y-%m-%d}"
-            position = running.get(key) or Position(symbol=fill.symbol, account=fill.account)
-            ledgers[(day, key)], running[key] = apply(ledgers.get((day, key)), position, fill)
-        async with self.redis.pipeline(transaction=True) as tx:
+                ledger_raw = await tx.hmget(ledger_key(day), keys)
+                ledgers |= {(day, k): Ledger.model_validate_json(v) for k, v in zip(keys, ledger_raw, strict=True) if v}
+                ids = [f.fill_id for f in fills if f"{f.ts:%Y-%m-%d}" == day]
+                applied |= {i for i, v in zip(ids, await tx.hmget(applied_key(day), ids), strict=True) if v}
+            new = [f for f in fills if f.fill_id not in applied]
+            for fill in sorted(new, key=lambda f: f.ts):
+                key, day = position_key(fill.account, fill.symbol), f"{fill.ts:%Y-%m-%d}"
+                position = running.get(key) or Position(symbol=fill.symbol, account=fill.account)
+                ledgers[(day, key)], running[key] = apply(ledgers.get((day, key)), position, fill)
+            rediskv.begin_writes(tx)
+            if not new:
+                return 0
             tx.hset(POSITIONS_KEY, mapping={k: running[k].model_dump_json() for k in keys if k in running})
             for day in days:
                 touched: dict[Any, Any] = {k: v.model_dump_json() for (d, k), v in ledgers.items() if d == day}
@@ -194,8 +196,10 @@ class Ptrc:
                 if marks:
                     tx.hset(applied_key(day), mapping=marks)
                     tx.expire(applied_key(day), TTL_SECONDS)
-            await tx.execute()
-        FILLS.inc(len(new))
+            return len(new)
+
+        watched = [POSITIONS_KEY, *(ledger_key(d) for d in days), *(applied_key(d) for d in days)]
+        FILLS.inc(await rediskv.compare_and_set(self.redis, watched, step))
 
     async def rows(self, day: str) -> list[ReportRow] | None:
         """The day's report from the ledgers, or None when Redis holds no ledger of that day."""

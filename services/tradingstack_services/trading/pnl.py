@@ -4,11 +4,13 @@ Per batch of fills: the fills not applied yet (Redis keeps each applied fill id 
 position right after it, in one hash per fill day that outlives the FILLS stream's
 retention) are applied in order to the symbols' positions (average cost); the positions,
 the quantities risk reads (`tradingstack:positions`) and the applied fills go to Redis in
-one transaction; the positions are announced on `positions.{SYMBOL}`; then every fill of
+one transaction, committed only if no other pnl changed them meanwhile (WATCH: two replicas,
+as a rolling update runs them, never lose each other's fills); the positions are announced on
+`positions.{SYMBOL}`; then every fill of
 the batch and the position after it go to QuestDB (`fills`, `positions`, both deduplicated
 on their keys), and only then are the fills acknowledged. A redelivery (crash, QuestDB
 away) finds its fills applied and rewrites the same history rows from what Redis kept.
-One pnl replica per durable consumer (the default), as for the sinks.
+Any number of replicas may share the durable consumer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 from pydantic import BaseModel
+from redis.asyncio.client import Pipeline
 
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.platform import bus, ilp, questdb, rediskv
@@ -33,6 +36,7 @@ from tradingstack_services.trading.risk import POSITIONS_KEY
 log = logging.getLogger(__name__)
 DETAILS_KEY = "tradingstack:position-details"
 APPLIED_PREFIX = "tradingstack:pnl:applied:"
+ANNOUNCED_PREFIX = "tradingstack:pnl:announced:"
 # Applied fills are remembered per fill day, each day's hash for longer than the FILLS stream
 # keeps messages (168h by default): a redelivery always finds its fill, and the memory is bounded.
 APPLIED_TTL_SECONDS = 8 * 24 * 3600
@@ -40,6 +44,11 @@ APPLIED_TTL_SECONDS = 8 * 24 * 3600
 
 def applied_key(fill: Fill) -> str:
     return f"{APPLIED_PREFIX}{fill.ts:%Y-%m-%d}"
+
+
+def announced_key(applied: str) -> str:
+    """The fills of one day whose position the POSITIONS stream has stored (audit log on)."""
+    return applied.replace(APPLIED_PREFIX, ANNOUNCED_PREFIX, 1)
 
 
 FILLS = Counter("tradingstack_pnl_fills_applied_total", "Fills applied to positions")
@@ -103,41 +112,34 @@ class Pnl:
         days: dict[str, list[str]] = {}
         for fill in fills:
             days.setdefault(applied_key(fill), []).append(fill.fill_id)
-        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for all reads
-            pipe.hmget(DETAILS_KEY, keys)
+
+        async def step(tx: Pipeline) -> tuple[list[PositionEvent], list[PositionEvent], set[str]]:
+            # Under WATCH: another pnl (a rollout's second pod) that commits first makes this run again.
+            details = await tx.hmget(DETAILS_KEY, keys)
+            found: dict[str, Any] = {}
+            announced: set[str] = set()
             for key, ids in days.items():
-                pipe.hmget(key, ids)
-            details, *per_day = await pipe.execute()
-        found: dict[str, Any] = {}
-        for ids, values in zip(days.values(), per_day, strict=True):
-            found.update(zip(ids, values, strict=True))
-        applied = [found[f.fill_id] for f in fills]
-        positions = {k: Position.model_validate_json(v) for k, v in zip(keys, details, strict=True) if v}
-        history: list[PositionEvent] = []
-        new: list[PositionEvent] = []
-        for fill, snapshot in zip(fills, applied, strict=True):
-            if snapshot is not None:  # applied before (its history may not have been written): same rows again
-                history.append(PositionEvent.model_validate_json(snapshot))
-                continue
-            key = position_key(fill.account, fill.symbol)
-            position = (positions.get(key) or Position(symbol=fill.symbol, account=fill.account)).apply(fill)
-            positions[key] = position
-            mark = self.prices.mark(fill.symbol) or fill.price
-            event = PositionEvent(**position.model_dump(), fill=fill, unrealized_pnl=position.unrealized(mark))
-            new.append(event)
-            history.append(event)
-        SKIPPED.inc(len(fills) - len(new))
-        durable = self.settings.POSITIONS_JETSTREAM and self.nc is not None
-        if new and durable and self.nc is not None:
-            # For the audit log: stored by the POSITIONS stream before Redis moves on, so a crash
-            # in between publishes the very same position again, which the stream drops (message id).
-            js = self.nc.jetstream()
-            await asyncio.gather(*(js.publish(f"positions.{e.symbol}", e.model_dump_json().encode(),
-                                              headers={"Nats-Msg-Id": f"position:{e.fill.fill_id}"})
-                                   for e in new))  # fmt: skip
-        if new:
-            touched = {e.key: positions[e.key] for e in new}
-            async with self.redis.pipeline(transaction=True) as tx:
+                found.update(zip(ids, await tx.hmget(key, ids), strict=True))
+                marks = await tx.hmget(announced_key(key), ids)
+                announced |= {i for i, mark in zip(ids, marks, strict=True) if mark is not None}
+            positions = {k: Position.model_validate_json(v) for k, v in zip(keys, details, strict=True) if v}
+            history: list[PositionEvent] = []
+            new: list[PositionEvent] = []
+            for fill in fills:
+                snapshot = found[fill.fill_id]
+                if snapshot is not None:  # applied before (its history may not have been written): same rows again
+                    history.append(PositionEvent.model_validate_json(snapshot))
+                    continue
+                key = position_key(fill.account, fill.symbol)
+                position = (positions.get(key) or Position(symbol=fill.symbol, account=fill.account)).apply(fill)
+                positions[key] = position
+                mark = self.prices.mark(fill.symbol) or fill.price
+                event = PositionEvent(**position.model_dump(), fill=fill, unrealized_pnl=position.unrealized(mark))
+                new.append(event)
+                history.append(event)
+            rediskv.begin_writes(tx)
+            if new:
+                touched = {e.key: positions[e.key] for e in new}
                 tx.hset(DETAILS_KEY, mapping={s: p.model_dump_json() for s, p in touched.items()})
                 tx.hset(POSITIONS_KEY, mapping={s: repr(p.quantity) for s, p in touched.items()})
                 by_day: dict[str, dict[Any, Any]] = {}
@@ -146,15 +148,42 @@ class Pnl:
                 for key, snapshots in by_day.items():
                     tx.hset(key, mapping=snapshots)
                     tx.expire(key, APPLIED_TTL_SECONDS)
-                await tx.execute()
-            FILLS.inc(len(new))
-            if self.nc is not None and not durable:  # news for risk and dashboards: the position after each fill
-                for event in new:
-                    await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
+            return history, new, announced
+
+        history, new, announced = await rediskv.compare_and_set(self.redis, [DETAILS_KEY, *days], step)
+        SKIPPED.inc(len(fills) - len(new))
+        FILLS.inc(len(new))
+        if self.nc is not None and self.settings.POSITIONS_JETSTREAM:
+            await self.announce_durably([e for e in history if e.fill.fill_id not in announced])
+        elif self.nc is not None:  # news for risk and dashboards: the position after each fill
+            for event in new:
+                await self.nc.publish(f"positions.{event.symbol}", event.model_dump_json().encode())
         # History last, off the path to a visible position; if QuestDB is away the batch is not
         # acknowledged, and its redelivery finds the fills applied and rewrites the same rows.
         lines = [line for e in history for line in (fill_line(e.fill), position_line(e))]
         await asyncio.to_thread(self.questdb.write_ilp, lines)
+
+    async def announce_durably(self, events: list[PositionEvent]) -> None:
+        """For the audit log: each position as committed, stored by the POSITIONS stream, then marked.
+
+        Published only after the commit (a position computed by a run that lost the compare-and-set
+        is never announced); a crash before the mark publishes the same snapshot again on the
+        redelivery, which the stream drops by its message id.
+        """
+        if not events or self.nc is None:
+            return
+        js = self.nc.jetstream()
+        await asyncio.gather(*(js.publish(f"positions.{e.symbol}", e.model_dump_json().encode(),
+                                          headers={"Nats-Msg-Id": f"position:{e.fill.fill_id}"})
+                               for e in events))  # fmt: skip
+        async with self.redis.pipeline(transaction=False) as pipe:
+            by_day: dict[str, dict[Any, Any]] = {}
+            for event in events:
+                by_day.setdefault(announced_key(applied_key(event.fill)), {})[event.fill.fill_id] = 1
+            for key, marks in by_day.items():
+                pipe.hset(key, mapping=marks)
+                pipe.expire(key, APPLIED_TTL_SECONDS)
+            await pipe.execute()
 
     async def positions(self) -> dict[str, Position]:
         raw = await self.redis.hgetall(DETAILS_KEY)
