@@ -263,8 +263,8 @@ def test_alt_data_lands_in_its_own_table(platform: Any) -> None:
     assert rows == [("AAPL", 50)]
 
 
-def _ticks(first: int, count: int) -> list[bytes]:
-    return [json.dumps({"tick_id": f"t-{i}", "symbol": "BTCUSDT", "price": 100 + i % 7, "size": 1,
+def _ticks(first: int, count: int, symbol: str = "BTCUSDT") -> list[bytes]:
+    return [json.dumps({"tick_id": f"t-{i}", "symbol": symbol, "price": 100 + i % 7, "size": 1,
                         "timestamp": 1767346200000 + i}).encode() for i in range(first, first + count)]  # fmt: skip
 
 
@@ -408,3 +408,52 @@ def test_a_recreated_consumer_replaying_the_stream_writes_nothing_twice(platform
     assert again.rows_committed == 0
     assert len(rows) == 300
     assert len({r["stream_seq"] for r in rows}) == 300
+
+
+def test_a_stream_made_again_is_written_whole_though_its_sequences_repeat(platform: Any) -> None:
+    """The stream is deleted and the operator makes it again (a lost volume, drift repair): its
+    sequences start at 1 again, and the sink, restarted, must write every new message, not take
+    them for the old incarnation's committed ones."""
+    server, plan, env = platform
+    settings = settings_from(env, SINK_MAX_ROWS="50", SINK_FETCH_BATCH="50", SINK_MAX_AGE_SECONDS="0.2")
+
+    async def first_incarnation() -> None:
+        await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(0, 100))
+        first = await run_sink(server.url, LakeSink(settings, MARKET_TICKS, tick_row), rows=100, within=30)
+        assert first.rows_committed == 100
+        nc = await nats.connect(server.url)
+        await nc.jsm().delete_stream("MARKET_TICKS")
+        await nc.close()
+
+    asyncio.run(first_incarnation())
+    assert JetStreamProvisioner(server.url).reconcile(plan).ok  # the stream and its durable again, empty
+    asyncio.run(publish_raw(server.url, "market.tick.BTCUSDT", _ticks(100, 60)))
+    again = asyncio.run(run_sink(server.url, LakeSink(settings, MARKET_TICKS, tick_row), rows=60, within=20))
+    rows = lake_rows(settings_from(env))
+    assert again.rows_committed == 60
+    assert len(rows) == 160
+    assert len({r["tick_id"] for r in rows}) == 160
+
+
+def test_two_stacks_writing_one_table_never_skip_each_others_sequences(platform: Any) -> None:
+    """Another stack's sink (its own NATS, the same bucket) commits sequences 1..80 to the table
+    first; this stack's sink must still write its own 1..80."""
+    server, plan, env = platform
+    other = NatsServer(server.root.parent / "other-js")
+    other.start()
+    try:
+        other_plan = build_plan(StackRef("other", "ns2"), plan.spec)
+        assert JetStreamProvisioner(other.url).reconcile(other_plan).ok
+        other_env = {**env, "NATS_URL": other.url, "STACK_NAME": "other", "STACK_NAMESPACE": "ns2",
+                     "NATS_DURABLE": durable_name(other_plan.stack, ServiceName.SINK_TICKS)}  # fmt: skip
+        quick = {"SINK_MAX_ROWS": "40", "SINK_FETCH_BATCH": "40", "SINK_MAX_AGE_SECONDS": "0.2"}
+        theirs, ours = settings_from(other_env, **quick), settings_from(env, **quick)
+        asyncio.run(publish_raw(other.url, "market.tick.BTCUSDT", _ticks(0, 80)))
+        asyncio.run(run_sink(other.url, LakeSink(theirs, MARKET_TICKS, tick_row), rows=80, within=30))
+        asyncio.run(publish_raw(server.url, "market.tick.ETHUSDT", _ticks(1000, 80, "ETHUSDT")))
+        mine = asyncio.run(run_sink(server.url, LakeSink(ours, MARKET_TICKS, tick_row), rows=80, within=20))
+    finally:
+        other.stop()
+    rows = lake_rows(settings_from(env))
+    assert mine.rows_committed == 80
+    assert len({r["tick_id"] for r in rows}) == 160

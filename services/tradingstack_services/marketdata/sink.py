@@ -1,7 +1,12 @@
 """sink-ticks and sink-alt: a durable pull consumer into a Delta table, at least once, without duplicates.
 
 - Messages are acknowledged only after the Delta commit that holds them succeeded.
-- Each commit records the stream sequences it holds, as ranges, in its commit metadata.
+- Each commit records the stream sequences it holds, as ranges, in its commit metadata, with
+  the stream they are of: stack, stream name and the stream's creation time. Sequences of another
+  stack writing the same table, or of an earlier incarnation of the stream (deleted and made
+  again, so numbered from 1 again), are never taken for this one's. Commits made before the
+  identity was recorded are not trusted either: a restart just after an upgrade may write the
+  messages of its last uncommitted window twice, never skip one.
   After a crash between commit and ack, a redelivered message whose sequence a recent
   commit already holds is acknowledged and skipped: nothing lost, nothing written twice.
   A single high-water mark would not do: redeliveries of a dead sink's uncommitted
@@ -168,6 +173,9 @@ class LakeSink:
     durable: str | None = None
     seq_key: str = SEQ_KEY
     committed: SequenceRanges = field(default_factory=SequenceRanges)
+    # Which stream the sequences are of: this stack's stream, and which incarnation of it (its
+    # creation time), known once `run` has asked the server. Commits of any other are not ours.
+    source: str = ""
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by stream sequence
     pending: dict[int, Msg] = field(default_factory=dict)  # the latest delivery of each
     oldest: float | None = None
@@ -211,7 +219,9 @@ class LakeSink:
         window = LOOKBACK_COMMITS
         while True:
             read = table.history(window)
-            history = [c for c in read if self.seq_key in c]  # other writers' commits (compaction) lack the key
+            # Other writers' commits (compaction) lack the key; another stack's, or an earlier
+            # incarnation of this stream's, hold sequences that say nothing of this one's messages.
+            history = [c for c in read if self.seq_key in c and c.get(self.source_key) == self.source]
             oldest = SequenceRanges()
             if history:
                 oldest.add_encoded(str(history[-1][self.seq_key]))
@@ -223,11 +233,22 @@ class LakeSink:
         ranges.drop_through(ack_floor)
         return ranges
 
+    @property
+    def source_key(self) -> str:
+        return f"{self.seq_key}.source"
+
     async def ack_floor(self, js: Any) -> int:
-        """The highest stream sequence the consumer will never deliver again (acknowledged, or gone)."""
+        """The highest stream sequence the consumer will never deliver again (acknowledged, or gone).
+
+        Also learns the stream's identity (`source`): a stream deleted and made again starts its
+        sequences at 1 again under a new creation time.
+        """
         stream = self.stream
         consumer = await js.consumer_info(stream, self.durable)
-        first = (await js.stream_info(stream)).state.first_seq or 1
+        info = await js.stream_info(stream)
+        created = info.created.isoformat() if info.created else "unknown"
+        self.source = f"{self.settings.STACK_NAMESPACE}/{self.settings.STACK_NAME}/{stream}@{created}"
+        first = info.state.first_seq or 1
         return max(consumer.ack_floor.stream_seq if consumer.ack_floor else 0, first - 1)
 
     def _commit(self, batch: pa.Table, seqs: str) -> None:
@@ -239,7 +260,9 @@ class LakeSink:
                     mode="append",
                     partition_by=list(self.table.partition_by),
                     storage_options=self.settings.storage_options(),
-                    commit_properties=CommitProperties(custom_metadata={self.seq_key: seqs}),
+                    commit_properties=CommitProperties(
+                        custom_metadata={self.seq_key: seqs, self.source_key: self.source}
+                    ),
                 )
                 return
             except CommitFailedError:
@@ -272,7 +295,8 @@ class LakeSink:
     def _holds(self, seqs: str) -> bool:
         """Whether one of the table's latest commits is the one recording exactly these sequences."""
         table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
-        return any(commit.get(self.seq_key) == seqs for commit in table.history(20))
+        return any(commit.get(self.seq_key) == seqs and commit.get(self.source_key) == self.source
+                   for commit in table.history(20))  # fmt: skip
 
     async def flush(self) -> None:
         """Commit what is buffered and wait for it (and for a commit already running)."""
