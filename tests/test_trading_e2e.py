@@ -355,6 +355,40 @@ def test_exeq_restarts_keep_resting_orders_and_finish_half_done_fills(platform: 
         assert len(fills) == 3
 
 
+def test_an_exeq_restart_republishes_no_fill_it_had_published(platform: Platform) -> None:
+    """Outside the FILLS stream's duplicate window a republished fill is a new message (the audit log
+    and the live stream would show it twice): a restart publishes only what was never confirmed."""
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+
+    async def short_duplicate_window(nc: Any) -> None:
+        jsm = nc.jsm()
+        config = (await jsm.stream_info("FILLS")).config
+        config.duplicate_window = 0.5
+        await jsm.update_stream(config)
+
+    with contextlib.ExitStack() as stack:
+        servers = platform.serve_all(stack, (ServiceName.RISK, ServiceName.OMS, ServiceName.PNL))
+        oms_server, pnl_server = servers[ServiceName.OMS], servers[ServiceName.PNL]
+        with platform.serve(ServiceName.EXEQ) as exeq_server:
+            wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready")
+            _, resting = oms_server.post("/orders", order("parts", "buy", 3, order_type="limit", limit_price=95.0))
+            wait_for(lambda: len(exeq_server.get("/resting")[1]) == 1, 10, "resting")
+            platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=1)
+            position(pnl_server, 1)
+            platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=1)
+            position(pnl_server, 2)
+        platform.run(short_duplicate_window)
+        time.sleep(1.0)  # past the window: the stream would keep a republished fill as a new message
+        with platform.serve(ServiceName.EXEQ) as exeq_server:
+            wait_for(lambda: exeq_server.get("/readyz")[0] == 200, 20, "exeq ready again")
+            assert [o["order_id"] for o in exeq_server.get("/resting")[1]] == [resting["order_id"]]
+            platform.tick("BTCUSDT", 94.9, 94.8, 94.9, size=5)
+            final(oms_server, resting["order_id"], "filled")
+            position(pnl_server, 3)
+        fills = [json.loads(data)["fill_id"] for _, data in platform.messages("FILLS")]
+        assert len(fills) == 3, fills
+
+
 def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> None:
     platform, oms_server, _, pnl_server = trading
     platform.questdb.state.unavailable = True

@@ -6,9 +6,10 @@
 - A limit order fills when the touch is at or better than its limit, up to the size the tick
   shows, so it can fill in parts; until then it rests (kept in Redis, so a restart keeps it).
 - Each fill first moves the order in Redis (compare-and-set: a cancel that got there first
-  wins and nothing fills), then goes durably to `fills.{SYMBOL}` with `Nats-Msg-Id` = fill id.
-  A crash in between is repaired by republishing the order's recorded fills, which the
-  stream deduplicates; the routed message is acknowledged only after that.
+  wins and nothing fills), then goes durably to `fills.{SYMBOL}` with `Nats-Msg-Id` = fill id,
+  and is marked published. A crash in between is repaired by publishing the order's recorded
+  fills that are not marked (the stream drops one it got just before the crash); the routed
+  message is acknowledged only after that.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from tradingstack_services.marketdata.prices import PriceBook, Quote
 from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform import bus, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
-from tradingstack_services.trading.model import EPSILON, Order, OrderStatus, TransitionError, execution_price
+from tradingstack_services.trading.model import EPSILON, Fill, Order, OrderStatus, TransitionError, execution_price
 from tradingstack_services.trading.orderstore import OrderStore, Stored, UnknownOrderError
 
 log = logging.getLogger(__name__)
 RESTING_KEY = "tradingstack:exeq:resting"
+# Per order, the fill ids FILLS has stored (publish acknowledged): what a restart need not send again.
+PUBLISHED_PREFIX = "tradingstack:exeq:published:"
 FILLS = Counter("tradingstack_exeq_fills_total", "Fills published", ["order_type"])
 DEAD = Counter("tradingstack_exeq_dead_lettered_total", "Routed messages sent to the dead-letter stream", ["reason"])
 RESTING = Gauge("tradingstack_exeq_resting_orders", "Limit orders waiting for a price")
@@ -83,7 +86,8 @@ class Exeq:
         swapped = await self.store.replace_many([(current, new) for _, current, new in fast]) if fast else []
         done = [(msg, new) for (msg, _, new), ok in zip(fast, swapped, strict=True) if ok]
         careful += [msg for (msg, _, _), ok in zip(fast, swapped, strict=True) if not ok]
-        await asyncio.gather(*(self.publish_fills(new, only_last=True, trace=msg.headers) for msg, new in done))
+        await asyncio.gather(*(self._publish(new.fills[-1:], msg.headers) for _, new in done))
+        await self._confirm([new.fills[-1] for _, new in done], [new for _, new in done])
         for _, new in done:
             FILLS.labels(new.order_type).inc()
             if new.status in LIVE:
@@ -188,14 +192,38 @@ class Exeq:
         return filled
 
     async def publish_fills(self, order: Order, only_last: bool = False, trace: dict[str, str] | None = None) -> None:
-        """Fills to `fills.{SYMBOL}`, each awaited until stored; the stream drops ids it already has.
+        """Fills to `fills.{SYMBOL}`, each awaited until stored, then marked as published.
 
+        `only_last`: the fill just made. Otherwise every fill of the order not yet marked (what an
+        exeq that died between recording a fill and publishing it left undone). The stream drops
+        ids it already has within its duplicate window; the marks keep a restart from sending
+        fills again long after it, where the stream would store them twice.
         A fill carries the trace context of the order it fills (`trace`: the routed message's headers).
         """
-        for fill in order.fills[-1:] if only_last else order.fills:
+        if only_last or not order.fills:
+            fills = order.fills[-1:]
+        else:
+            marks = await self.redis.smismember(PUBLISHED_PREFIX + order.order_id, [f.fill_id for f in order.fills])
+            fills = [f for f, marked in zip(order.fills, marks, strict=True) if not marked]
+        await self._publish(fills, trace)
+        await self._confirm(fills, [order])
+        # The order's new status is recorded with the move itself and published by the event worker.
+
+    async def _publish(self, fills: list[Fill], trace: dict[str, str] | None) -> None:
+        for fill in fills:
             headers = {"Nats-Msg-Id": fill.fill_id, **tracing.passthrough(trace)}
             await self.js.publish(f"fills.{fill.symbol}", fill.model_dump_json().encode(), headers=headers)
-        # The order's new status is recorded with the move itself and published by the event worker.
+
+    async def _confirm(self, fills: list[Fill], orders: list[Order]) -> None:
+        """Mark fills as stored by FILLS (one round trip); the marks live as long as their orders."""
+        if not fills:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fill in fills:
+                pipe.sadd(PUBLISHED_PREFIX + fill.order_id, fill.fill_id)
+            for order_id in {o.order_id for o in orders}:
+                pipe.expire(PUBLISHED_PREFIX + order_id, self.settings.ORDER_RETENTION_SECONDS)
+            await pipe.execute()
 
     # --- resting limit orders
 
