@@ -323,6 +323,10 @@ def test_a_sink_rides_out_s3_errors_and_stalls_without_loss_or_duplicates(platfo
         (b'{"symbol": "BTC", "source": "x"}', "KeyError"),
         (b"[1, 2]", "TypeError"),
         (b"\xff", "UnicodeDecodeError"),
+        # The symbol becomes a partition directory: a long one fails every commit, a slash nests one.
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "' + b"A" * 300 + b'", "source": "x"}', "symbol"),
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "../BTC", "source": "x"}', "symbol"),
+        (b'{"event_ts": "2026-01-02T00:00:00Z", "symbol": "BTC", "source": "' + b"s" * 300 + b'"}', "source"),
     ],
 )
 def test_bad_alt_records_are_invalid_messages_never_crashes(body: bytes, detail: str) -> None:
@@ -457,3 +461,36 @@ def test_two_stacks_writing_one_table_never_skip_each_others_sequences(platform:
     rows = lake_rows(settings_from(env))
     assert mine.rows_committed == 80
     assert len({r["tick_id"] for r in rows}) == 160
+
+
+def test_a_record_no_commit_can_take_is_found_by_splitting_and_dead_lettered(platform: Any) -> None:
+    """A row that passed its row maker but makes every commit of its batch fail (here a value the
+    table's float column cannot take, which this row maker lets through): the batch is split until
+    that row is found; it is dead-lettered with the commit's error, and every other row is written."""
+    server, plan, env = platform
+    settings = settings_from(env, SERVICE_NAME="sink-alt", NATS_STREAM="ALT_DATA",
+                             NATS_DURABLE=durable_name(plan.stack, ServiceName.SINK_ALT),
+                             NATS_FILTER_SUBJECT="alt.norm.>", SINK_MAX_AGE_SECONDS="0.3")  # fmt: skip
+
+    def unchecked_row(msg: Msg, seq: int) -> dict[str, Any]:
+        data = json.loads(msg.data)
+        clean = Msg(_client=None, subject=msg.subject, data=json.dumps({**data, "value": 0}).encode())  # type: ignore[arg-type]
+        return {**alt_row(clean, seq), "value": data["value"]}
+
+    records = [json.dumps({"record_id": f"r{i}", "event_ts": "2026-01-02T09:30:00Z", "source": "news",
+                           "symbol": "AAPL", "value": "many" if i == 17 else i}).encode()
+               for i in range(40)]  # fmt: skip
+    asyncio.run(publish_raw(server.url, "alt.norm.news", records))
+    before = _dead_count("alt_data", "uncommittable")
+    sink = asyncio.run(run_sink(server.url, LakeSink(settings, ALT_DATA, unchecked_row), rows=39, within=90))
+    assert sink.rows_committed == 39
+    assert _dead_count("alt_data", "uncommittable") == before + 1
+    table = DeltaTable(f"s3://{settings.S3_BUCKET}/{ALT_DATA.path}", storage_options=settings.storage_options())
+    result = QueryBuilder().register("alt", table).execute("SELECT record_id FROM alt")
+    ids = sorted(v for batch in result for v in batch.column(0).to_pylist())
+    assert ids == sorted(f"r{i}" for i in range(40) if i != 17)
+
+
+def _dead_count(table: str, reason: str) -> float:
+    return sum(s.value for m in DEAD.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels == {"table": table, "reason": reason})  # fmt: skip

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,13 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
 from tradingstack.lake import ALT_DATA, MARKET_TICKS, LakeTable
-from tradingstack_services.marketdata.ticks import InvalidMessageError, parse_tick, require_known_symbol, to_datetime
+from tradingstack_services.marketdata.ticks import (
+    SYMBOL_PATTERN,
+    InvalidMessageError,
+    parse_tick,
+    require_known_symbol,
+    to_datetime,
+)
 from tradingstack_services.platform import bus
 from tradingstack_services.platform.settings import ServiceSettings
 
@@ -68,6 +75,10 @@ COMMIT_RETRY_DELAY_MAX = 15.0
 COMMIT_SECONDS = Histogram("tradingstack_sink_commit_seconds", "Time to commit one batch to Delta", ["table"])
 
 RowMaker = Callable[[Msg, int], dict[str, Any]]
+MAX_SOURCE_LENGTH = 128
+# A batch whose commit fails this many times in a row with the same error while the table answers
+# reads is split in two; a single row that does so is dead-lettered ("uncommittable").
+SAME_FAILURES_BEFORE_SPLIT = 2
 
 
 class SequenceRanges:
@@ -144,6 +155,11 @@ def alt_row(msg: Msg, seq: int) -> dict[str, Any]:
             raise TypeError("an alt-data record is a JSON object")
         event_ts = to_datetime(data["event_ts"])
         symbol, source = str(data["symbol"]).upper(), str(data["source"])
+        # The symbol names a partition directory: bounded and plain, as a tick's symbol is.
+        if not re.fullmatch(SYMBOL_PATTERN, symbol):
+            raise ValueError(f"symbol {symbol[:40]!r} does not match {SYMBOL_PATTERN} (at most 32 characters)")
+        if not 0 < len(source) <= MAX_SOURCE_LENGTH:
+            raise ValueError(f"source must be 1 to {MAX_SOURCE_LENGTH} characters, not {len(source)}")
         value = _finite_or_none(data.get("value"))
         payload = json.dumps(data.get("payload")) if data.get("payload") is not None else None
     except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 and number errors are ValueErrors
@@ -270,27 +286,67 @@ class LakeSink:
                     raise
                 time.sleep(0.2 * (attempt + 1))  # another writer committed first: try again
 
-    async def _commit_until_done(self, batch: pa.Table, seqs: str) -> None:
-        """Commit, trying again with backoff while S3 fails or stalls: the batch is never given up.
+    async def _commit_until_done(self, rows: dict[int, dict[str, Any]]) -> dict[int, str]:
+        """Commit the rows, trying again with backoff while S3 fails or stalls: never given up.
 
         Its messages stay unacknowledged meanwhile (redeliveries only replace the message to ack),
         and fetching pauses at the next flush, so memory stays bounded by one batch in flight.
+        A batch that fails the same way again and again while the table answers reads holds a row
+        no commit can take: it is split in halves, each committed alone, until that row is alone.
+        Returns those rows (sequence -> the error), committed by no one, for the dead-letter stream.
         """
+        parts: list[dict[int, dict[str, Any]]] = [rows]
+        poison: dict[int, str] = {}
+        while parts:
+            part = parts.pop()
+            error = await self._commit_part(part)
+            if error is None:
+                continue
+            if len(part) == 1:
+                poison |= dict.fromkeys(part, error)
+            else:
+                seqs = list(part)
+                half = len(seqs) // 2
+                log.warning("commit of %d rows to %s fails the same way while the table reads fine: "
+                            "splitting to find the row at fault (%s)", len(seqs), self.name, error)  # fmt: skip
+                parts += [{q: part[q] for q in seqs[half:]}, {q: part[q] for q in seqs[:half]}]
+        return poison
+
+    async def _commit_part(self, rows: dict[int, dict[str, Any]]) -> str | None:
+        """Commit until done (None), or the error once it came SAME_FAILURES_BEFORE_SPLIT times in a row
+        while the table itself could be read (the rows are at fault, not S3)."""
+        seqs = SequenceRanges.encode(list(rows))
         delay = COMMIT_RETRY_DELAY
-        retry = False
+        retry, last_error, same = False, "", 0
         while True:
             try:
                 # A failed attempt may have committed all the same (the answer was lost): look first.
                 if not (retry and await asyncio.to_thread(self._holds, seqs)):
+                    batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
                     await asyncio.to_thread(self._commit, batch, seqs)
-                return
-            except Exception as exc:  # S3 away, 5xx, stalled: the same rows again after a delay
+                return None
+            except Exception as exc:  # S3 away, 5xx, stalled, or a row it cannot take
                 COMMIT_FAILURES.labels(self.name).inc()
+                error = f"{type(exc).__name__}: {exc}"[:512]
+                same = same + 1 if error == last_error else 1
+                last_error = error
+                if same >= SAME_FAILURES_BEFORE_SPLIT and await asyncio.to_thread(self._readable):
+                    return error
                 log.warning("commit of %d rows to %s failed, trying again in %.1f s: %s",
-                            batch.num_rows, self.name, delay, f"{type(exc).__name__}: {exc}")  # fmt: skip
+                            len(rows), self.name, delay, error)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, COMMIT_RETRY_DELAY_MAX)
                 retry = True
+
+    def _readable(self) -> bool:
+        """Whether S3 answers for the table now (its log can be read): then a failing commit is the rows' fault."""
+        try:
+            DeltaTable(self.uri, storage_options=self.settings.storage_options()).version()
+        except TableNotFoundError:
+            return True  # S3 answered: there is no table yet (the first commit makes it)
+        except Exception:
+            return False
+        return True
 
     def _holds(self, seqs: str) -> bool:
         """Whether one of the table's latest commits is the one recording exactly these sequences."""
@@ -298,40 +354,43 @@ class LakeSink:
         return any(commit.get(self.seq_key) == seqs and commit.get(self.source_key) == self.source
                    for commit in table.history(20))  # fmt: skip
 
-    async def flush(self) -> None:
+    async def flush(self, js: Any) -> None:
         """Commit what is buffered and wait for it (and for a commit already running)."""
-        await self.start_flush()
+        await self.start_flush(js)
         await self.wait_flush()
 
-    async def start_flush(self) -> None:
+    async def start_flush(self, js: Any) -> None:
         """Hand the buffered rows to a background commit, after the previous commit ended (commits stay in order)."""
         if not self.rows:
             return
         await self.wait_flush()
         rows, self.committing = self.rows, self.pending
         self.rows, self.pending, self.oldest = {}, {}, None
-        self.commit_task = asyncio.create_task(self._commit_and_ack(rows, self.committing))
+        self.commit_task = asyncio.create_task(self._commit_and_ack(js, rows, self.committing))
 
     async def wait_flush(self) -> None:
         if self.commit_task is not None:
             task, self.commit_task = self.commit_task, None
             await task  # a failed commit raises here: its messages stay unacknowledged and come back
 
-    async def _commit_and_ack(self, rows: dict[int, dict[str, Any]], messages: dict[int, Msg]) -> None:
-        seqs = list(rows)
+    async def _commit_and_ack(self, js: Any, rows: dict[int, dict[str, Any]], messages: dict[int, Msg]) -> None:
         started = self.commit_started = time.monotonic()
         try:
-            batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
-            await self._commit_until_done(batch, SequenceRanges.encode(seqs))
+            poison = await self._commit_until_done(rows)
         finally:
             self.commit_started = None
+        seqs = [q for q in rows if q not in poison]
         COMMIT_SECONDS.labels(self.name).observe(time.monotonic() - started)
         COMMITS.labels(self.name).inc()
         ROWS.labels(self.name).inc(len(seqs))
         self.rows_committed += len(seqs)
         self.committed.add_encoded(SequenceRanges.encode(seqs))
-        for msg in messages.values():  # only now: the rows are durable
-            await msg.ack()
+        for seq, error in poison.items():  # parked durably before the ack, like any message that cannot be used
+            await bus.dead_letter(js, messages[seq], self.settings, InvalidMessageError("uncommittable", error))
+            DEAD.labels(self.name, "uncommittable").inc()
+        for seq, msg in messages.items():  # only now: the rows are durable
+            if seq not in poison:
+                await msg.ack()
         self.committing = {}
 
     async def handle(self, js: Any, msg: Msg) -> None:
@@ -395,8 +454,8 @@ class LakeSink:
             for msg in messages:
                 await self.handle(js, msg)
             if self.due():
-                await self.start_flush()
-        await self.flush()
+                await self.start_flush(js)
+        await self.flush(js)
 
 
 def _filesystem(settings: ServiceSettings) -> pafs.S3FileSystem:
