@@ -203,7 +203,7 @@ def create(settings: ServiceSettings) -> FastAPI:
         workers.append(lambda nc, _stop: gateway.replay(nc, replay_file))
     app = bus.worker_app(settings, workers)
 
-    webproxy.add_routes(app, settings.TRADING_API_URL)
+    webproxy.add_routes(app, settings.TRADING_API_URL, settings.STREAM_MAX_CLIENTS)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
 
     @app.get("/", include_in_schema=False)

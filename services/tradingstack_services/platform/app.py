@@ -5,12 +5,54 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_body_bytes: int = 1_048_576
+    body_timeout_seconds: float = 10.0
+
+
+class BodyTimeout:
+    """ASGI middleware: a request body that is still arriving after `seconds` is answered 408.
+
+    A client that declares a body and sends it slowly (or never) would otherwise hold a connection
+    and a handler for as long as it likes. Once the body is complete, reading on (a live stream
+    waiting for the client to leave) is not timed.
+    """
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.seconds:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
 
 # A readiness check raises (or times out) when its dependency is not usable right now.
 Check = Callable[[], Awaitable[None]]
@@ -37,14 +79,21 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     degraded: dict[str, Check] | None = None,
     live: dict[str, Check] | None = None,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """`checks` decide readiness; `degraded` ones (a dependency the service can serve without, like
     QuestDB for history) are reported under "degraded" in /readyz without making it 503; `live` ones
-    fail /healthz, the liveness probe, when the process is stuck in a way only a restart ends."""
+    fail /healthz, the liveness probe, when the process is stuck in a way only a restart ends.
+    `limits` bound every request body before it is read."""
     # Request spans carry trace context; per-operation spans and OTel metrics (Prometheus has them) cost
     # more than they tell on a hot path.
     telemetry: Any = {"operation_spans": False, "metrics": False, "logs": False}
-    app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan, telemetry=telemetry)
+    limits = limits or RequestLimits()
+    # FastAPI's own cap (Starlette's RequestBodyLimitMiddleware): a declared Content-Length over it is
+    # refused at the first read, a streamed body as soon as it passes it, both with 413.
+    app = FastAPI(title=f"tradingstack {name}", lifespan=lifespan, telemetry=telemetry,
+                  max_body_size=limits.max_body_bytes)  # fmt: skip
+    app.add_middleware(BodyTimeout, seconds=limits.body_timeout_seconds)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tradingstack.credentials import ServerCredentials
 from tradingstack_services.marketdata.ticks import InvalidMessageError
-from tradingstack_services.platform.app import Check, create_app
+from tradingstack_services.platform.app import Check, RequestLimits, create_app
 from tradingstack_services.platform.settings import ServiceSettings
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -358,4 +358,6 @@ def worker_app(
             raise RuntimeError("; ".join(problems))
 
     all_checks = {"nats": nats_check, "workers": workers_check, **(checks or {})}
-    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan, degraded=degraded, live=live)
+    limits = RequestLimits(settings.HTTP_MAX_BODY_BYTES, settings.HTTP_BODY_TIMEOUT_SECONDS)
+    return create_app(settings.SERVICE_NAME, all_checks, lifespan=lifespan, degraded=degraded, live=live,
+                      limits=limits)  # fmt: skip

@@ -116,5 +116,8 @@ def serve(name: str) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    # limit_concurrency: past that many open connections a new request gets 503 at once, instead of
+    # every client slowing down together until the pod runs out of memory or file descriptors.
     uvicorn.run(app, host="0.0.0.0", port=settings.PORT, log_config=None, access_log=False,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                limit_concurrency=settings.HTTP_MAX_CONNECTIONS)  # fmt: skip

@@ -118,7 +118,16 @@ class ServiceSettings(BaseSettings):
     AUTHZ_URL: str | None = Field(None, description="an OPA-compatible policy server asked before orders and cancels")
     AUTHZ_DECISION_PATH: str = "tradingstack/orders/allow"
     AUTHZ_TIMEOUT_SECONDS: float = Field(1.0, gt=0)
-    STREAM_MAX_CLIENTS: int = Field(200, ge=1, description="live streams (GET /stream) the OMS serves at once")
+    STREAM_MAX_CLIENTS: int = Field(200, ge=1, description="live streams (GET /stream) the OMS, or the gateway's "
+                                    "/api/trading/stream, serves at once")  # fmt: skip
+    # every HTTP service
+    HTTP_MAX_BODY_BYTES: int = Field(1_048_576, ge=1, description="request bodies over this are refused (413), "
+                                     "declared or streamed, before they are read")  # fmt: skip
+    HTTP_BODY_TIMEOUT_SECONDS: float = Field(
+        10.0, gt=0, description="a body still arriving after this is refused (408)"
+    )
+    HTTP_MAX_CONNECTIONS: int = Field(2_000, ge=1, description="open connections (live streams included) "
+                                      "beyond which new requests get 503")  # fmt: skip
     RISK_TIMEOUT_SECONDS: float = Field(1.0, gt=0, description="how long the OMS waits for risk before answering 503")
     # exeq
     EXEQ_PRICE_ATTEMPTS: int = Field(

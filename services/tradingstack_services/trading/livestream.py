@@ -30,6 +30,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import Gauge
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tradingstack_services.marketdata.prices import PriceBook, Quote
 from tradingstack_services.trading.pnl import DETAILS_KEY
@@ -89,6 +91,41 @@ class Follower:
             self.overflowed = True
 
 
+class StreamsFullError(Exception):
+    """Every stream slot is taken."""
+
+
+class Slot:
+    """One client's place among STREAM_MAX_CLIENTS; `release` gives it back (once, however often called)."""
+
+    def __init__(self, stream: LiveStream) -> None:
+        self.stream = stream
+        self.held = True
+        stream.clients += 1
+        CLIENTS.inc()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.stream.clients -= 1
+            CLIENTS.dec()
+
+
+class SlotResponse(StreamingResponse):
+    """A live stream's response: its slot is given back when the response ends, even one whose
+    events never started (the client left before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot, **options: Any) -> None:
+        super().__init__(content, **options)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
 class LiveStream:
     def __init__(self, nats: Callable[[], Client], redis: aioredis.Redis, prices: PriceBook, max_clients: int) -> None:
         self.nats = nats  # raises when not connected: the endpoint answers 503
@@ -98,26 +135,29 @@ class LiveStream:
         self.max_clients = max_clients
         self.clients = 0
 
-    def full(self) -> bool:
-        return self.clients >= self.max_clients
+    def reserve(self) -> Slot:
+        """A client's slot, taken at once (before anything is awaited, so concurrent connects cannot
+        all pass the check); StreamsFullError when every slot is taken."""
+        if self.clients >= self.max_clients:
+            raise StreamsFullError(f"{self.max_clients} streams are open already (STREAM_MAX_CLIENTS)")
+        return Slot(self)
 
     async def start_positions(self, nc: Client) -> dict[str, int]:
         """Where each source's stream stands now (its last sequence)."""
         js = nc.jetstream()
         return {name: (await js.stream_info(stream)).state.last_seq for name, stream, _ in SOURCES}
 
-    async def events(self, account: str | None, last_event_id: str | None) -> AsyncIterator[bytes]:
-        resume = parse_event_id(last_event_id)
-        nc = self.nats()
-        js = nc.jetstream()
-        follower = Follower(account, asyncio.Queue(MAX_BACKLOG), {})
-        now = await self.start_positions(nc)
-        follower.last = dict(zip((s[0] for s in SOURCES), resume, strict=True)) if resume else dict(now)
-        begins = dict(follower.last)  # the sources' callbacks move `last` on from here
+    async def events(self, account: str | None, last_event_id: str | None, slot: Slot) -> AsyncIterator[bytes]:
+        """The client's events; `slot` (from `reserve`) is given back when the stream ends."""
         subscriptions: list[Any] = []
-        CLIENTS.inc()
-        self.clients += 1
         try:
+            resume = parse_event_id(last_event_id)
+            nc = self.nats()
+            js = nc.jetstream()
+            follower = Follower(account, asyncio.Queue(MAX_BACKLOG), {})
+            now = await self.start_positions(nc)
+            follower.last = dict(zip((s[0] for s in SOURCES), resume, strict=True)) if resume else dict(now)
+            begins = dict(follower.last)  # the sources' callbacks move `last` on from here
             for name, stream, subject in SOURCES:
                 first = (await js.stream_info(stream)).state.first_seq
                 start = follower.last[name] + 1
@@ -146,8 +186,7 @@ class LiveStream:
             async for chunk in self._drain(follower):
                 yield chunk
         finally:
-            CLIENTS.dec()
-            self.clients -= 1
+            slot.release()
             for sub in subscriptions:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

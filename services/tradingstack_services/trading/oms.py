@@ -295,11 +295,13 @@ def create(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(422, str(exc)) from exc
         except UnavailableError as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
-        if live.full():
-            raise HTTPException(503, f"{live.max_clients} streams are open already (STREAM_MAX_CLIENTS)",
-                                headers={"Retry-After": "5"})  # fmt: skip
-        return StreamingResponse(live.events(account, last_event_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        try:
+            slot = live.reserve()
+        except livestream.StreamsFullError as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
+        return livestream.SlotResponse(live.events(account, last_event_id, slot), slot,
+                                       media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: str, account: str | None = caller) -> Order:
