@@ -578,6 +578,12 @@ class Account(Model):
         "one get spec.riskLimits.",
         json_schema_extra=keyed_list("symbol"),
     )
+    role: Literal["trader", "oversight"] = Field(
+        "trader",
+        description="trader: sees its own orders, fills, positions, alerts, reports and resting orders. "
+        "oversight: also reads every account's alerts, day reports, execution quality and resting orders, "
+        "and may write a day's report (compliance and risk staff).",
+    )
 
 
 class ComplianceRules(Model):

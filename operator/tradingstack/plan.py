@@ -313,8 +313,10 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
     config |= {f"{server.upper()}_CA_FILE": ca_file(server) for server in tls_servers(spec, service)}
     if service == ServiceName.GATEWAY and (oms := trading_api(stack, spec)) is not None:
         config["TRADING_API_URL"] = oms  # the dashboard's calls to the OMS go through the gateway
-    if service == ServiceName.OMS and spec.accounts:
+    if service in KEYED_SERVICES and spec.accounts:
         config["AUTH_ACCOUNTS"] = ",".join(account.name for account in spec.accounts)
+        if oversight := [a.name for a in spec.accounts if a.role == "oversight"]:
+            config["AUTH_OVERSIGHT"] = ",".join(oversight)
     if service == ServiceName.OMS and (policy := spec.order_authorization) is not None:
         config |= {"AUTHZ_URL": policy.url, "AUTHZ_DECISION_PATH": policy.decision_path,
                    "AUTHZ_TIMEOUT_SECONDS": str(policy.timeout_seconds)}  # fmt: skip
@@ -413,7 +415,7 @@ def secret_env(spec: TradingStackSpec, service: ServiceName) -> dict[str, dict[s
     if s3 and service in S3_SERVICES:
         env |= {"AWS_ACCESS_KEY_ID": _from_secret(s3.name, s3.access_key_id_key),
                 "AWS_SECRET_ACCESS_KEY": _from_secret(s3.name, s3.secret_access_key_key)}  # fmt: skip
-    if service == ServiceName.OMS:
+    if service in KEYED_SERVICES:
         env |= {account_keys_variable(a.name): _from_secret(a.secret_ref.name, a.secret_ref.key) for a in spec.accounts}
     for var in spec.service(service).env:
         if var.value_from is not None:
@@ -481,6 +483,10 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
 
 # Services clients call: their HTTP port is open to spec.networkPolicy.apiFrom.
 API_SERVICES = frozenset({ServiceName.GATEWAY, ServiceName.OMS})
+# Services whose endpoints take the accounts' API keys when spec.accounts lists any: order entry,
+# and what shows one account's orders, alerts, reports or fills (execution quality, resting orders).
+KEYED_SERVICES = frozenset({ServiceName.OMS, ServiceName.EXEQ, ServiceName.COMPLIANCE, ServiceName.QUALITY,
+                            ServiceName.PTRC})  # fmt: skip
 DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "redis": 6379, "rediss": 6379, "http": 80, "https": 443, "ws": 80,
                  "wss": 443}  # fmt: skip
 

@@ -30,7 +30,7 @@ from redis.asyncio.client import Pipeline
 
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.oversight.rules import RULES, AccountState, Alert, judge
-from tradingstack_services.platform import bus, ilp, questdb, rediskv, tracing
+from tradingstack_services.platform import auth, bus, ilp, questdb, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Order, mid
 from tradingstack_services.trading.risk import Limits
@@ -143,6 +143,7 @@ def create(settings: ServiceSettings) -> FastAPI:
     # An alert is acknowledged only once QuestDB has its row: without QuestDB the scanner stops.
     checks = {"redis": redis_check, "questdb": scanner.questdb_check}
     app = bus.worker_app(settings, [scanner.prices.follow, scanner.run, scanner.follow_alerts], checks)
+    readers = auth.readers(settings)
 
     @app.get("/alerts")
     async def alerts(
@@ -150,9 +151,12 @@ def create(settings: ServiceSettings) -> FastAPI:
         account: str | None = Query(None, max_length=63),
         symbol: str | None = Query(None, max_length=32),
         limit: int = Query(100, ge=1, le=RECENT_ALERTS),
+        reader: auth.Reader = readers,
     ) -> list[Alert]:
-        """The newest alerts first, optionally of one rule, account or symbol."""
-        found = [a for a in reversed(scanner.recent.values()) if (rule is None or a.rule == rule)
+        """The newest alerts first, optionally of one rule, account or symbol; the caller's account's
+        only, unless it has role oversight."""
+        found = [a for a in reversed(scanner.recent.values())
+                 if reader.sees(a.account) and (rule is None or a.rule == rule)
                  and (account is None or a.account == account) and (symbol is None or a.symbol == symbol)]  # fmt: skip
         return found[:limit]
 

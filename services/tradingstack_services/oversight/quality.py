@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel
 
-from tradingstack_services.platform import bus, ilp, questdb
+from tradingstack_services.platform import auth, bus, ilp, questdb
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import Fill, Order, OrderStatus
 
@@ -186,14 +186,18 @@ def create(settings: ServiceSettings) -> FastAPI:
     quality = ExecutionQuality(settings)
 
     app = bus.worker_app(settings, [quality.run], {"questdb": quality.questdb_check})
+    readers = auth.readers(settings)
 
     @app.get("/quality")
     async def report(
         symbol: str | None = Query(None, max_length=32),
         side: str | None = Query(None, pattern="^(buy|sell)$"),
         order_type: str | None = Query(None, pattern="^(market|limit)$"),
+        reader: auth.Reader = readers,
     ) -> list[Quality]:
-        """Rolling slippage (bps), fill latency (ms) and fill ratio per symbol, side and order type."""
+        """Rolling slippage (bps), fill latency (ms) and fill ratio per symbol, side and order type, over
+        every account's fills (so for role oversight only, when accounts are configured)."""
+        reader.require_everything("execution quality across accounts")
         return quality.report(symbol, side, order_type)
 
     return app

@@ -38,7 +38,7 @@ from redis.asyncio.client import Pipeline
 
 from tradingstack.lake import REPORTS
 from tradingstack_services.marketdata.prices import PriceBook
-from tradingstack_services.platform import bus, rediskv
+from tradingstack_services.platform import auth, bus, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import EPSILON, Fill, Position, position_key
 from tradingstack_services.trading.pnl import DETAILS_KEY
@@ -269,6 +269,8 @@ def create(settings: ServiceSettings) -> FastAPI:
     ptrc = Ptrc(settings, redis)
     app = bus.worker_app(settings, [ptrc.prices.follow, ptrc.run, ptrc.close_days], {"redis": redis_check})
 
+    readers = auth.readers(settings)
+
     def parsed(day: str) -> str:
         try:
             return day_of(day)
@@ -276,19 +278,24 @@ def create(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(422, "date: expected YYYY-MM-DD") from None
 
     @app.get("/reports", response_model=None)
-    async def get_report(day: str = Query(alias="date"), format: str = Query("json", pattern="^(json|csv)$")) -> Any:
-        """A day's report: from the ledgers while Redis has them, else as written to the lake."""
+    async def get_report(day: str = Query(alias="date"), format: str = Query("json", pattern="^(json|csv)$"),
+                         reader: auth.Reader = readers) -> Any:  # fmt: skip
+        """A day's report: from the ledgers while Redis has them, else as written to the lake; the
+        caller's account's rows only, unless it has role oversight."""
         wanted = parsed(day)
         rows = await ptrc.rows(wanted)
         if rows is None:
             rows = await asyncio.to_thread(ptrc.read, wanted)
+        rows = [r for r in rows if reader.sees(r.account)]
         if format == "csv":
             return Response(as_csv(rows), media_type="text/csv")
         return rows
 
     @app.post("/reports/{day}")
-    async def write_report(day: str) -> list[ReportRow]:
-        """Write a day's report to the lake now (replacing one written before) and return it."""
+    async def write_report(day: str, reader: auth.Reader = readers) -> list[ReportRow]:
+        """Write a day's report to the lake now (replacing one written before) and return it: every
+        account's rows, so for role oversight only when accounts are configured."""
+        reader.require_everything("writing a day's report")
         wanted = parsed(day)
         rows = await ptrc.rows(wanted)
         if rows is None:

@@ -115,6 +115,8 @@ class ServiceSettings(BaseSettings):
     AUTH_ACCOUNTS: str | None = Field(
         None, description="accounts whose API keys (AUTH_KEYS_<ACCOUNT>, SHA-256 digests) may place orders"
     )
+    AUTH_OVERSIGHT: str | None = Field(None, description="accounts (role oversight) that read every account's "
+                                       "alerts, reports, execution quality and resting orders")  # fmt: skip
     AUTHZ_URL: str | None = Field(None, description="an OPA-compatible policy server asked before orders and cancels")
     AUTHZ_DECISION_PATH: str = "tradingstack/orders/allow"
     AUTHZ_TIMEOUT_SECONDS: float = Field(1.0, gt=0)

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from tradingstack_services.marketdata.prices import PriceBook, Quote
 from tradingstack_services.marketdata.ticks import InvalidMessageError
-from tradingstack_services.platform import bus, rediskv, tracing
+from tradingstack_services.platform import auth, bus, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading.model import EPSILON, Fill, Order, OrderStatus, TransitionError, execution_price
 from tradingstack_services.trading.orderstore import OrderStore, Stored, UnknownOrderError
@@ -298,9 +298,11 @@ def create(settings: ServiceSettings) -> FastAPI:
         """The latest quote per symbol: what an order would execute against now."""
         return [asdict(q) for q in exeq.prices.quotes.values()]
 
+    readers = auth.readers(settings)
+
     @app.get("/resting")
-    async def resting() -> list[Order]:
-        """Limit orders waiting for their price."""
-        return [order for orders in exeq.resting.values() for order in orders.values()]
+    async def resting(reader: auth.Reader = readers) -> list[Order]:
+        """Limit orders waiting for their price: the caller's account's, unless it has role oversight."""
+        return [order for orders in exeq.resting.values() for order in orders.values() if reader.sees(order.account)]
 
     return app
