@@ -5,6 +5,7 @@ dependency that is away for a while costs retries, not messages."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,42 @@ def test_a_dead_letter_names_its_service_and_is_stored_once_when_sent_again(serv
     (letter,) = asyncio.run(dead_letters(server.url))
     assert letter.headers["Tradingstack-Service"] == "worker"
     assert letter.headers["Tradingstack-Stream-Seq"] == "1"
+
+
+def test_a_service_whose_durable_is_missing_says_so_once_and_on_readyz(
+    server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started by hand before its consumer exists: one log line naming the consumer and how it is made,
+    /readyz naming it too, no traceback loop; once the consumer is made, the service works."""
+    probe = ServiceSettings(SERVICE_NAME="probe", NATS_URL=server.url, NATS_STREAM="WORK", NATS_DURABLE="nobody")
+
+    async def scenario() -> None:
+        nc = await nats.connect(server.url)
+        await nc.jsm().add_stream(name="WORK", subjects=["work.>"])
+        worker = bus.Supervised("probe", lambda nc, stop: bus.consume(nc, stop, probe, _ack_all, 10, 0.2))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(nc, stop))
+        await asyncio.sleep(3.2)  # three or four tries with the restart backoff
+        problem = worker.problem(asyncio.get_running_loop().time()) or ""
+        assert "'nobody'" in problem, problem
+        assert "tradingstack provision" in problem
+        await nc.jsm().add_consumer("WORK", js_api.ConsumerConfig(durable_name="nobody", ack_policy="explicit"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not (worker.running_since is not None and loop.time() - worker.running_since > 1):  # the next try binds
+            assert loop.time() < deadline, worker.last_error
+            await asyncio.sleep(0.2)
+        stop.set()
+        await task
+        await nc.close()
+
+    with caplog.at_level(logging.WARNING, logger="tradingstack_services.platform.bus"):
+        asyncio.run(scenario())
+    said = [r for r in caplog.records if "nobody" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert said[0].exc_info is None
+
+
+async def _ack_all(_: Any, messages: list[Any]) -> None:
+    for msg in messages:
+        await msg.ack()

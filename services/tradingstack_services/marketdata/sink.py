@@ -259,8 +259,8 @@ class LakeSink:
         Also learns the stream's identity (`source`): a stream deleted and made again starts its
         sequences at 1 again under a new creation time.
         """
-        stream = self.stream
-        consumer = await js.consumer_info(stream, self.durable)
+        stream = self.stream or ""
+        consumer = await bus.require_consumer(js, stream, self.durable or "")
         info = await js.stream_info(stream)
         created = info.created.isoformat() if info.created else "unknown"
         self.source = f"{self.settings.STACK_NAMESPACE}/{self.settings.STACK_NAME}/{stream}@{created}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
+import nats.js.errors
 from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -186,6 +187,7 @@ async def consume(nc: Client, stop: asyncio.Event, settings: ServiceSettings, pr
     Nothing here raises for a message: the loop goes on until stopped.
     """
     js = nc.jetstream()
+    await require_consumer(js, settings.NATS_STREAM or "", settings.NATS_DURABLE or "")
     sub = await js.pull_subscribe_bind(durable=settings.NATS_DURABLE or "", stream=settings.NATS_STREAM)
     lag = ConsumerLag(settings.NATS_STREAM or "", settings.NATS_DURABLE or "")
     while not stop.is_set():
@@ -238,6 +240,22 @@ STABLE_AFTER = 10.0
 RESTARTS = Counter("tradingstack_worker_restarts_total", "Workers started again after they failed", ["worker"])
 
 
+class MissingConsumerError(RuntimeError):
+    """The durable consumer a service reads does not exist (yet): nothing to fix in the service."""
+
+
+async def require_consumer(js: Any, stream: str, durable: str) -> Any:
+    """The durable's info; MissingConsumerError naming it, and how it is made, when the server has none."""
+    try:
+        return await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        raise MissingConsumerError(
+            f"durable consumer {durable!r} on stream {stream!r} does not exist: the operator makes it for the "
+            f"TradingStack this service belongs to (kubectl get tradingstack; its StreamsReady condition), or "
+            f"by hand: `tradingstack provision -f STACK.yaml`"
+        ) from None
+
+
 @dataclass
 class Supervised:
     """One worker of a service, started again with backoff whenever it fails."""
@@ -262,10 +280,15 @@ class Supervised:
                     self.failures = 0
                 self.failures += 1
                 self.running_since = None
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
                 delay = min(RESTART_DELAY * 2 ** (self.failures - 1), RESTART_DELAY_MAX)
-                log.error("worker %s failed (%d in a row), starting it again in %.1f s: %s",
-                          self.name, self.failures, delay, self.last_error, exc_info=exc)  # fmt: skip
+                if isinstance(exc, MissingConsumerError):  # said once, without a traceback: /readyz repeats it
+                    if error != self.last_error:
+                        log.warning("worker %s waits: %s", self.name, exc)
+                else:
+                    log.error("worker %s failed (%d in a row), starting it again in %.1f s: %s",
+                              self.name, self.failures, delay, error, exc_info=exc)  # fmt: skip
+                self.last_error = error
                 RESTARTS.labels(self.name).inc()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
