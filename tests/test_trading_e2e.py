@@ -389,6 +389,54 @@ def test_an_exeq_restart_republishes_no_fill_it_had_published(platform: Platform
         assert len(fills) == 3, fills
 
 
+def test_open_orders_count_against_the_position_limit_and_are_released_as_they_end(trading: Trading) -> None:
+    """maxPosition 10: resting buys of 1 are approved until ten are open, concurrent or not; a cancel
+    gives its quantity back, a fill moves it to the position, and a sell is judged on its own side."""
+    platform, oms_server, _, pnl_server = trading
+    status, batch = oms_server.post("/orders/batch", {"orders": [
+        order(f"rest-{i}", "buy", 1, order_type="limit", limit_price=50.0) for i in range(30)]})  # fmt: skip
+    assert status == 200, batch
+    decided = [r["order"]["status"] for r in batch["results"]]
+    assert decided.count("routed") == 10, decided
+    assert decided.count("rejected") == 20
+    refused = next(r["order"] for r in batch["results"] if r["order"]["status"] == "rejected")
+    assert "open orders" in refused["reason"]
+    routed = [r["order"]["order_id"] for r in batch["results"] if r["order"]["status"] == "routed"]
+
+    assert oms_server.post(f"/orders/{routed[0]}/cancel", {})[0] == 200
+    status, again = oms_server.post("/orders", order("rest-again", "buy", 1, order_type="limit", limit_price=50.0))
+    assert again["status"] == "routed", again  # the cancel gave one back
+    assert oms_server.post("/orders", order("rest-more", "buy", 1, order_type="limit",
+                                            limit_price=50.0))[1]["status"] == "rejected"  # fmt: skip
+    status, sell = oms_server.post("/orders", order("sell-side", "sell", 5, order_type="limit", limit_price=500.0))
+    assert sell["status"] == "routed", sell  # short 5 at worst: its own side is open
+
+    platform.tick("BTCUSDT", 49.0, 48.9, 49.0, size=100)  # every resting buy fills: a position of 10
+    position(pnl_server, 10)
+    status, over = oms_server.post("/orders", order("after-fill", "buy", 1, order_type="limit", limit_price=50.0))
+    assert over["status"] == "rejected", over  # the fills moved into the position, nothing released twice
+    status, cut = oms_server.post("/orders", order("cut", "sell", 5, order_type="limit", limit_price=500.0))
+    assert cut["status"] == "routed", cut  # 10 - 5 open - 5 = 0
+
+
+def test_risks_sweep_releases_what_no_live_order_holds(platform: Platform) -> None:
+    """An approval whose order was never stored (an OMS that died in between) holds nothing for ever."""
+    from tradingstack_services.trading import exposure
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(platform.redis.url)
+        service = risk.RiskService(platform.settings(ServiceName.RISK), client)
+        assert (await exposure.reserve(client, risk.POSITIONS_KEY, "BTCUSDT", "buy", 4.0, 10.0, "ghost"))[0]
+        assert await exposure.open_quantities(client, "BTCUSDT") == (4.0, 0.0)
+        await service._sweep(before=time.time() - 60)  # too young to judge
+        assert await exposure.open_quantities(client, "BTCUSDT") == (4.0, 0.0)
+        await service._sweep(before=time.time() + 1)
+        assert await exposure.open_quantities(client, "BTCUSDT") == (0.0, 0.0)
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> None:
     platform, oms_server, _, pnl_server = trading
     platform.questdb.state.unavailable = True

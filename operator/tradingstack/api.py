@@ -557,7 +557,11 @@ class RiskLimit(Model):
     min_quantity: float = Field(0.0, ge=0, description="Smallest order quantity accepted.")
     max_quantity: float = Field(1000.0, gt=0, description="Largest order quantity accepted.")
     max_notional: float = Field(1_000_000.0, gt=0, description="Largest order notional (quantity x price).")
-    max_position: float = Field(10_000.0, gt=0, description="Largest absolute position after the order.")
+    max_position: float = Field(
+        10_000.0,
+        gt=0,
+        description="Largest absolute position after the order, counting every open order of the account on its side (an order may fill up to it, never past it).",
+    )
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> RiskLimit:

@@ -31,6 +31,7 @@ from tradingstack_services.marketdata.prices import PriceBook, Quote
 from tradingstack_services.marketdata.ticks import InvalidMessageError
 from tradingstack_services.platform import auth, bus, rediskv, tracing
 from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import exposure
 from tradingstack_services.trading.model import EPSILON, Fill, Order, OrderStatus, TransitionError, execution_price
 from tradingstack_services.trading.orderstore import OrderStore, Stored, UnknownOrderError
 
@@ -155,6 +156,7 @@ class Exeq:
             stored = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
         except TransitionError:
             return
+        await exposure.release(self.redis, order.order_id)  # its unfilled rest is open no more
         log.warning("order %s cancelled: %s (%s)", order.order_id, reason, stored.order.status.value)
 
     async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:

@@ -33,7 +33,7 @@ from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.platform import auth, bus, ilp, rediskv, tracing
 from tradingstack_services.platform.history import History
 from tradingstack_services.platform.settings import ServiceSettings
-from tradingstack_services.trading import blotter, livestream
+from tradingstack_services.trading import blotter, exposure, livestream
 from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus, TransitionError, mid, touch
 from tradingstack_services.trading.orderstore import ConflictError, OrderStore, Stored, UnknownOrderError
 from tradingstack_services.trading.risk import CheckRequest, CheckResult
@@ -99,9 +99,10 @@ class Oms:
         quote = self.prices.get(request.symbol)
         return touch(request.side, quote.bid, quote.ask, quote.last) if quote else None
 
-    async def risk_check(self, request: OrderRequest, account: str | None = None) -> CheckResult:
+    async def risk_check(self, request: OrderRequest, account: str | None = None,
+                         order_id: str | None = None) -> CheckResult:  # fmt: skip
         check = CheckRequest(symbol=request.symbol, quantity=request.quantity, side=request.side,
-                             price=self.price_for(request), account=account)  # fmt: skip
+                             price=self.price_for(request), account=account, order_id=order_id)  # fmt: skip
         try:
             reply = await self._nats().request(
                 "risk.check", check.model_dump_json().encode(), timeout=self.settings.RISK_TIMEOUT_SECONDS,
@@ -127,7 +128,7 @@ class Oms:
         arrival = mid(quote.bid, quote.ask, quote.last) if quote else None
         order = Order.new(uuid.uuid4().hex, request, account, arrival)
         try:
-            result = await self.risk_check(request, account)
+            result = await self.risk_check(request, account, order.order_id)
         except UnavailableError:
             known = await self.store.find(request.client_order_id, account)  # a retry needs no new decision
             if known is None:
@@ -138,13 +139,26 @@ class Oms:
         else:
             decided = order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
         routed = decided.status is OrderStatus.ROUTED
-        stored, created = await self.store.claim(decided, unrouted=routed)
+        try:
+            stored, created = await self.store.claim(decided, unrouted=routed)
+        except Exception:
+            await self._release_quietly(order.order_id)  # nothing stored: its approval holds nothing open
+            raise
         if not created:
+            if routed:  # this request's approval was for an order that is not stored: a retry's
+                await self._release_quietly(order.order_id)
             return await self._known(stored, request), False
         await self._event(decided)
         if routed:
             await self._route(stored)
         return stored, True
+
+    async def _release_quietly(self, order_id: str) -> None:
+        """Give back an approval's open quantity; if Redis is away, risk's sweep does it later."""
+        try:
+            await exposure.release(self.store.redis, order_id)
+        except aioredis.RedisError as exc:
+            log.warning("open quantity of %s not released now (the sweep will): %s", order_id, exc)
 
     async def _known(self, stored: Stored, request: OrderRequest) -> Stored:
         """A retry: the same terms get the order (routed now if its first routing did not finish)."""
@@ -194,6 +208,7 @@ class Oms:
             return order.moved(OrderStatus.CANCELLED, reason="cancelled by client")
 
         stored = await self.store.move(order_id, cancelled)
+        await self._release_quietly(order_id)  # the unfilled rest; fills still on their way pnl releases
         await self._event(stored.order)
         return stored.order
 

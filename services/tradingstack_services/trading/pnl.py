@@ -30,6 +30,7 @@ from redis.asyncio.client import Pipeline
 from tradingstack_services.marketdata.prices import PriceBook
 from tradingstack_services.platform import bus, ilp, questdb, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
+from tradingstack_services.trading import exposure
 from tradingstack_services.trading.model import Fill, Position, PositionView, position_key
 from tradingstack_services.trading.risk import POSITIONS_KEY
 
@@ -148,6 +149,8 @@ class Pnl:
                 for key, snapshots in by_day.items():
                     tx.hset(key, mapping=snapshots)
                     tx.expire(key, APPLIED_TTL_SECONDS)
+                for event in new:  # the fill's quantity moves from open exposure to the position at once
+                    exposure.release_command(tx, event.fill.order_id, event.fill.quantity)
             return history, new, announced
 
         history, new, announced = await rediskv.compare_and_set(self.redis, [DETAILS_KEY, *days], step)

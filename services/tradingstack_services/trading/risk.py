@@ -4,9 +4,12 @@ A request without `price` is valued at the market: the touch for its side (a buy
 sell at the bid, the last trade when that side is unknown), from the ticks risk follows on
 `market.tick.>`; the OMS values its orders the same way (`trading.touch`).
 
-The check itself is a pure function (microseconds) and needs no I/O: positions are kept in
-memory, loaded from Redis (hash `tradingstack:positions`, which pnl maintains) on start and
-every POSITIONS_RESYNC_SECONDS, and updated between loads from pnl's `positions.>` events.
+The check itself is a pure function (microseconds): positions are kept in memory, loaded from
+Redis (hash `tradingstack:positions`, which pnl maintains) on start and every
+POSITIONS_RESYNC_SECONDS, and updated between loads from pnl's `positions.>` events. An order
+being placed (`order_id` given) is then held to its position limit once more on the server,
+counting every open order of its account on its side, and its quantity reserved in the same
+step (module `exposure`): one Redis call per order.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -30,7 +34,9 @@ from tradingstack.api import RiskLimit
 from tradingstack_services.marketdata.prices import PriceBook, Quote
 from tradingstack_services.platform import bus, rediskv
 from tradingstack_services.platform.settings import ServiceSettings
-from tradingstack_services.trading.model import position_key, touch
+from tradingstack_services.trading import exposure
+from tradingstack_services.trading.model import Order, position_key, touch
+from tradingstack_services.trading.orderstore import ORDER_KEY
 
 log = logging.getLogger(__name__)
 POSITIONS_KEY = "tradingstack:positions"
@@ -38,6 +44,8 @@ CHECKS = Counter("tradingstack_risk_checks_total", "Risk checks", ["approved", "
 # Above this share of a limit an approved order is reported HIGH, so humans notice the trend.
 WARN_SHARE = 0.8
 POSITIONS_RESYNC_SECONDS = 5.0
+RESERVATION_SWEEP_SECONDS = 10.0
+RESERVATION_GRACE_SECONDS = 30.0
 # How long a check waits for the first load of positions before it answers "not ready".
 POSITIONS_WAIT_SECONDS = 2.0
 
@@ -63,6 +71,12 @@ class CheckRequest(BaseModel):
         None, gt=0, description="limit price; without it the order is valued at the market (the touch for its side)"
     )
     account: str | None = Field(None, max_length=63, description="whose position and limits apply")
+    order_id: str | None = Field(
+        None,
+        max_length=64,
+        description="the order being placed: approved, its quantity is reserved as open "
+        "exposure until it fills or ends; without it the check only reads the open orders",
+    )
 
 
 class CheckResult(BaseModel):
@@ -96,7 +110,8 @@ class Limits:
 
 
 def check(request: CheckRequest, limit: RiskLimit, position: float) -> CheckResult:
-    """The decision, pure: same inputs, same answer."""
+    """The decision, pure: same inputs, same answer. `position`: the worst case before this order, the
+    position plus the open quantity of the account's live orders on the order's side."""
 
     def reject(level: RiskLevel, reason: str) -> CheckResult:
         return CheckResult(approved=False, risk_level=level, reason=reason)
@@ -149,14 +164,52 @@ class RiskService:
                 await asyncio.wait_for(self.loaded.wait(), POSITIONS_WAIT_SECONDS)
             except TimeoutError:
                 raise NotReadyError("positions not loaded yet (Redis unreachable?); no decision made") from None
-        position = self.positions.get(position_key(request.account, request.symbol), 0.0)
+        key = position_key(request.account, request.symbol)
+        position = self.positions.get(key, 0.0)
+        if request.order_id is None:  # a question only: judged with the open orders as they stand
+            buys, sells = await exposure.open_quantities(self.redis, key)
+            position += buys if request.side == "buy" else -sells
+        limit = self.limits.of(request.symbol, request.account)
         valued = at_market(request, self.prices.get(request.symbol))
         if valued is None and math.isfinite(request.quantity) and request.quantity > 0:
             result = no_market_price(request.symbol)
         else:  # a quantity that is refused anyway is refused for that, priced or not
-            result = check(valued or request, self.limits.of(request.symbol, request.account), position)
+            result = check(valued or request, limit, position)
+        if result.approved and request.order_id is not None:
+            # The position limit again, on the server, with every open order on the order's side: the
+            # reservation and the check are one step, so concurrent approvals cannot pass it together.
+            reserved, worst = await exposure.reserve(self.redis, POSITIONS_KEY, key, request.side, request.quantity,
+                                                     limit.max_position, request.order_id)  # fmt: skip
+            if not reserved:
+                result = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL,
+                                     reason=f"position would be {worst:g} with the open orders on its side, beyond "
+                                     f"the maximum {limit.max_position:g}")  # fmt: skip
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
+
+    async def sweep_reservations(self, _: Client, stop: asyncio.Event) -> None:
+        """Worker: release what no live order holds any more (an approval whose order was never stored,
+        an order that ended without its release, as after a crash in between). Only reservations older
+        than RESERVATION_GRACE_SECONDS: an order is stored, and a fill applied, within milliseconds."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESERVATION_SWEEP_SECONDS)
+            try:
+                await self._sweep(time.time() - RESERVATION_GRACE_SECONDS)
+            except Exception as exc:  # Redis away: the next sweep tries again
+                log.warning("reservation sweep: %s", exc)
+
+    async def _sweep(self, before: float) -> None:
+        old = {order_id: r for order_id, r in (await exposure.reservations(self.redis)).items() if r[2] < before}
+        if not old:
+            return
+        raws = await self.redis.mget([ORDER_KEY + order_id for order_id in old])
+        for order_id, raw in zip(old, raws, strict=True):
+            order = Order.model_validate_json(raw) if raw else None
+            if order is None or order.terminal:
+                await exposure.release(self.redis, order_id)
+                log.info("released the open quantity of order %s (%s)", order_id,
+                         "never stored" if order is None else order.status.value)  # fmt: skip
 
     async def load_positions(self) -> None:
         raw = await self.redis.hgetall(POSITIONS_KEY)
@@ -203,8 +256,13 @@ def create(settings: ServiceSettings) -> FastAPI:
     redis, redis_check = rediskv.connect(settings.REDIS_URL, settings.redis_credentials())
     service = RiskService(settings, redis)
 
-    app = bus.worker_app(settings, [service.prices.follow, service.follow_positions, service.serve_nats],
-                         {"redis": redis_check})  # fmt: skip
+    workers: list[bus.Worker] = [
+        service.prices.follow,
+        service.follow_positions,
+        service.serve_nats,
+        service.sweep_reservations,
+    ]
+    app = bus.worker_app(settings, workers, {"redis": redis_check})
 
     @app.post("/check", responses={503: {"description": "positions not loaded yet; retry after Retry-After"}})
     async def check_order(request: CheckRequest) -> CheckResult:
