@@ -560,7 +560,8 @@ class RiskLimit(Model):
     max_position: float = Field(
         10_000.0,
         gt=0,
-        description="Largest absolute position after the order, counting every open order of the account on its side (an order may fill up to it, never past it).",
+        description="Largest absolute position after the order, counting every open order of the account on "
+        "its side (they may fill up to it, never past it).",
     )
 
     @model_validator(mode="after")
