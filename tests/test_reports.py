@@ -10,7 +10,7 @@ import io
 import json
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +133,42 @@ def test_the_days_report_is_served_reconciled_and_written_to_the_lake_once(platf
     assert [(r["date"], r["symbol"], r["closing_quantity"], r["reconciled"]) for r in stored] == [
         (DAY, "BTCUSDT", 2.0, True)
     ]
+
+
+def test_a_day_closes_once_its_fills_are_all_applied() -> None:
+    ended = datetime.fromisoformat("2026-01-03T00:00:00+00:00") + timedelta(seconds=reports.CLOSE_GRACE_SECONDS)
+    early = ended - timedelta(seconds=1)
+    assert not reports.closable(DAY, early, None, caught_up=True)  # a fill of its last instant may be on its way
+    assert reports.closable(DAY, ended, None, caught_up=True)
+    assert not reports.closable(DAY, ended, None, caught_up=False)  # fills still pending may be the day's
+    assert not reports.closable(DAY, ended, ended.timestamp() - 1, caught_up=False)
+    assert reports.closable(DAY, ended, ended.timestamp(), caught_up=False)  # a later fill is applied already
+
+
+def test_every_ended_day_an_outage_skipped_is_written_once_its_fills_are_applied(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three past days of fills, none reported (ptrc was away over them): each is written to the lake."""
+    monkeypatch.setattr(reports, "CLOSE_CHECK_SECONDS", 0.5)
+    days = ["2026-01-05", "2026-01-06", "2026-01-07"]
+    fills = [fill(day, f"d{i}", "buy", 1.0, 100.0 + i, i) for i, day in enumerate(days)]
+    platform.run(lambda nc: _publish_all(nc, fills))
+    settings = lake_settings(platform)
+    table_uri = REPORTS.uri(settings.S3_BUCKET)
+
+    def reported_days() -> list[str] | None:
+        try:
+            table = DeltaTable(table_uri, storage_options=settings.storage_options())
+        except Exception:
+            return None
+        found = sorted({r["date"] for r in table.to_pyarrow_table().to_pylist()})
+        return found if found == days else None
+
+    with LiveServer(reports.create(settings)):
+        wait_for(reported_days, 30, f"reports of {days}")
+
+
+async def _publish_all(nc: Any, fills: list[Fill]) -> None:
+    js = nc.jetstream()
+    for f in fills:
+        await js.publish(f"fills.{f.symbol}", f.model_dump_json().encode())

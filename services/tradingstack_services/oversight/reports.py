@@ -11,7 +11,8 @@ past day: its last fill), fees (none: paper execution). For the latest day, each
 is reconciled against pnl's own position of the account and symbol: a mismatch is an alert
 (`tradingstack_ptrc_reconciliation_mismatches`, the chart's `TradingStackPositionsMismatch`).
 Reports are written to the Delta table `lake/reports` (partitioned by date; writing a day again
-replaces it) when a UTC day ends and on `POST /reports/{date}`; `GET /reports?date=` serves a day
+replaces it) for every ended UTC day once the FILLS consumer has passed its end (after an outage,
+each day it missed), and on `POST /reports/{date}`; `GET /reports?date=` serves a day
 as JSON or CSV (`format=csv`).
 """
 
@@ -49,6 +50,8 @@ POSITIONS_KEY = PREFIX + "positions"
 # Ledgers and applied fills outlive the FILLS stream's retention (168h) and a month of reports.
 TTL_SECONDS = 40 * 24 * 3600
 CLOSE_CHECK_SECONDS = 60.0
+CLOSE_GRACE_SECONDS = 60.0
+WATERMARK_KEY = PREFIX + "watermark"  # sorted set: "fills" -> epoch seconds of the latest fill applied
 FILLS = Counter("tradingstack_ptrc_fills_applied_total", "Fills applied to positions and day ledgers")
 DEAD = Counter("tradingstack_ptrc_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
 MISMATCHES = Gauge("tradingstack_ptrc_reconciliation_mismatches",
@@ -58,6 +61,19 @@ REPORTS_WRITTEN = Counter("tradingstack_ptrc_reports_written_total", "Day report
 
 def ledger_key(day: str) -> str:
     return f"{PREFIX}day:{day}"
+
+
+def written_key(day: str) -> str:
+    return f"{PREFIX}written:{day}"
+
+
+def closable(day: str, now: datetime, watermark: float | None, caught_up: bool) -> bool:
+    """Whether a day's report can be written: the day ended CLOSE_GRACE_SECONDS ago (a fill made at
+    its last instant has reached the stream by then), and the FILLS consumer has passed its end:
+    nothing pending for it now, or a fill stamped after that moment already applied (`watermark`,
+    epoch seconds of the latest fill applied, for a stream too busy ever to be caught up)."""
+    closed = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=1, seconds=CLOSE_GRACE_SECONDS)
+    return now >= closed and (caught_up or (watermark is not None and watermark >= closed.timestamp()))
 
 
 def applied_key(day: str) -> str:
@@ -196,6 +212,7 @@ class Ptrc:
                 if marks:
                     tx.hset(applied_key(day), mapping=marks)
                     tx.expire(applied_key(day), TTL_SECONDS)
+            tx.zadd(WATERMARK_KEY, {"fills": max(f.ts.timestamp() for f in new)}, gt=True)  # only ever forward
             return len(new)
 
         watched = [POSITIONS_KEY, *(ledger_key(d) for d in days), *(applied_key(d) for d in days)]
@@ -222,9 +239,12 @@ class Ptrc:
                             row.closing_quantity, row.pnl_quantity)  # fmt: skip
         return found
 
+    async def ledger_days(self) -> list[str]:
+        keys = [k.decode() if isinstance(k, bytes) else k async for k in self.redis.scan_iter(ledger_key("*"))]
+        return [k.rsplit(":", 1)[1] for k in keys]
+
     async def latest_day(self) -> str | None:
-        days = [k.decode() if isinstance(k, bytes) else k async for k in self.redis.scan_iter(ledger_key("*"))]
-        return max((d.rsplit(":", 1)[1] for d in days), default=None)
+        return max(await self.ledger_days(), default=None)
 
     def uri(self) -> str:
         return REPORTS.uri(self.settings.S3_BUCKET)
@@ -246,18 +266,39 @@ class Ptrc:
         return [ReportRow.model_validate(r) for r in found]
 
     async def close_days(self, nc: Any, stop: asyncio.Event) -> None:
-        """Worker: once a UTC day has ended, write its report (once; again after a restart is harmless)."""
+        """Worker: every CLOSE_CHECK_SECONDS, reconcile the latest day against pnl (the mismatch gauge
+        stays current without anyone asking), and write the report of every ended day not written yet
+        (however many an outage skipped) once its fills are all applied (`closable`)."""
+        js = nc.jetstream()
         while not stop.is_set():
-            yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
-            done = PREFIX + "written:" + yesterday
-            if not await self.redis.exists(done):
-                rows = await self.rows(yesterday)
-                if rows is not None:
-                    await asyncio.to_thread(self.write, yesterday, rows)
-                    log.info("report of %s written: %d rows", yesterday, len(rows))
-                await self.redis.set(done, "1", ex=TTL_SECONDS)
+            try:
+                if (latest := await self.latest_day()) is not None:
+                    await self.rows(latest)  # sets the reconciliation gauge
+                for day in await self.closable_days(js):
+                    rows = await self.rows(day)
+                    if rows is not None:
+                        await asyncio.to_thread(self.write, day, rows)
+                        log.info("report of %s written: %d rows", day, len(rows))
+                    await self.redis.set(written_key(day), "1", ex=TTL_SECONDS)
+            except Exception as exc:  # Redis, NATS or the lake away: the next check tries again
+                log.warning("end-of-day check: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CLOSE_CHECK_SECONDS)
+
+    async def closable_days(self, js: Any) -> list[str]:
+        """Ended days with ledgers and no written report whose fills have all been applied."""
+        days = sorted(d for d in await self.ledger_days() if d < today())
+        if not days:
+            return []
+        marks = await self.redis.mget([written_key(d) for d in days])
+        unwritten = [d for d, mark in zip(days, marks, strict=True) if mark is None]
+        if not unwritten:
+            return []
+        consumer = await js.consumer_info(self.settings.NATS_STREAM, self.settings.NATS_DURABLE)
+        caught_up = consumer.num_pending == 0 and consumer.num_ack_pending == 0
+        watermark = await self.redis.zscore(WATERMARK_KEY, "fills")
+        now = datetime.now(UTC)
+        return [d for d in unwritten if closable(d, now, watermark, caught_up)]
 
 
 def today() -> str:
