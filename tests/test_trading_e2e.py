@@ -40,7 +40,7 @@ from tradingstack.plan import Plan, StackRef, build_plan, parse_spec, secret_env
 from tradingstack_services.platform.settings import ServiceSettings
 from tradingstack_services.trading import exeq, oms, pnl, risk
 from tradingstack_services.trading.model import Order, OrderRequest, OrderStatus
-from tradingstack_services.trading.orderstore import ORDER_KEY, UNROUTED_KEY, OrderStore
+from tradingstack_services.trading.orderstore import EVENTS_KEY, ORDER_KEY, UNROUTED_KEY, OrderStore, Stored
 
 from conftest import LiveServer, NatsServer, RedisServer, wait_for
 
@@ -435,6 +435,44 @@ def test_risks_sweep_releases_what_no_live_order_holds(platform: Platform) -> No
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_an_order_with_thousands_of_fills_has_bounded_events_and_a_bad_event_blocks_none(platform: Platform) -> None:
+    """6,000 partial fills: the stored order keeps them, each event carries the count and the newest
+    only (the whole order passed NATS's 1 MiB and stopped every order event of the stack). An event
+    that cannot be read is dead-lettered, and the events after it are published."""
+    request = OrderRequest(client_order_id="many", symbol="BTCUSDT", side="buy", quantity=10_000.0,
+                           order_type="limit", limit_price=100.0)  # fmt: skip
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(platform.redis.url)
+        store = OrderStore(client)
+        placed = Order.new("many-1", request).moved(OrderStatus.RISK_CHECKED).moved(OrderStatus.ROUTED)
+        await store.claim(placed)
+        order = placed
+        for _ in range(6_000):
+            order = order.filled_by(1.0, 100.0)[0]
+        # The last of those moves, recorded as one change (6,000 round trips would show nothing more).
+        assert await store.replace_many([(Stored.of(placed), order)]) == [True]
+        await client.xadd(EVENTS_KEY, {"order": b"{not an order"})
+        later = Order.new("later-1", request.model_copy(update={"client_order_id": "later"}))
+        await store.claim(later.moved(OrderStatus.REJECTED, reason="test"))
+        nc = await nats.connect(platform.nats.url)
+        try:
+            for recover in (True, False):  # the group made, then every entry since the first
+                await store.publish_events(nc.jetstream(), "test", recover=recover)
+        finally:
+            await nc.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
+    events = {subject: json.loads(data) for subject, data in platform.messages("ORDERS")}
+    big = events["orders.partially_filled.BTCUSDT"]
+    assert (big["fill_count"], big["filled_quantity"], big["last_fill"]["fill_id"]) == (6_000, 6_000.0, "many-1-6000")
+    assert "fills" not in big
+    assert len(json.dumps(big)) < 2_000
+    assert events["orders.rejected.BTCUSDT"]["order_id"] == "later-1"  # the bad entry held nothing back
+    assert [s for s, _ in platform.messages("DEAD_LETTER")] == ["dlq.ORDERS.invalid_order_event"]
 
 
 def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> None:

@@ -77,8 +77,8 @@ def measure(order: Order, fill: Fill) -> Measured:
 
 def reported_fill(order: Order) -> Fill | None:
     """The fill an event announces: each fill moves the order, and its event lists it last."""
-    if order.status in (OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED) and order.fills:
-        return order.fills[-1]
+    if order.status in (OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED):
+        return order.new_fill
     return None
 
 

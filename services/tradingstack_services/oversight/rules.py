@@ -91,10 +91,12 @@ def judge(
         _count(state, order.created_at, 0)
         _fat_finger(order, rules, mid, alert)
         _ratios(state, order, rules, order.created_at, alert)
-    for fill in order.fills[seen.fills :]:
+    # An event carries its newest fill only (every fill has an event of its own); a stored order all.
+    unseen = order.fills[seen.fills :] if order.fills else [order.last_fill] if order.last_fill else []
+    for fill in unseen if order.fill_total > seen.fills else []:
         _count(state, fill.ts, 1)
         _fill(state.symbols.setdefault(order.symbol, SymbolState()), fill, rules, limit, alert)
-    seen.fills = max(seen.fills, len(order.fills))
+    seen.fills = max(seen.fills, order.fill_total)
     if order.status in (OrderStatus.FILLED, OrderStatus.REJECTED, OrderStatus.CANCELLED) and seen.finished is None:
         seen.finished = order.updated_at
         if order.status == OrderStatus.CANCELLED:

@@ -56,7 +56,7 @@ class Exeq:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS)
+        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS, settings.DEAD_LETTER_PREFIX)
         self.prices = PriceBook(settings.symbols, on_quote=self.on_quote)
         self.resting: dict[str, dict[str, Order]] = {}  # symbol -> order id -> order
         self.nc: Client | None = None

@@ -113,6 +113,9 @@ class Order(Strict):
     reason: str | None = None
     risk_level: str | None = None
     fills: list[Fill] = Field(default_factory=list)
+    # What an order event carries instead of the list (`event`): how many fills, and the newest.
+    fill_count: int = Field(0, ge=0)
+    last_fill: Fill | None = None
     # The mid (else the last trade) when the OMS accepted the order: execution-quality's benchmark.
     arrival_price: float | None = None
     created_at: datetime
@@ -150,7 +153,7 @@ class Order(Strict):
         if quantity <= EPSILON:
             raise TransitionError(f"order {self.order_id} has nothing left to fill")
         fill = Fill(
-            fill_id=f"{self.order_id}-{len(self.fills) + 1}", order_id=self.order_id, account=self.account,
+            fill_id=f"{self.order_id}-{self.fill_total + 1}", order_id=self.order_id, account=self.account,
             symbol=self.symbol, side=self.side, quantity=quantity, price=price, ts=ts or now(),
         )  # fmt: skip
         filled = self.filled_quantity + quantity
@@ -159,9 +162,29 @@ class Order(Strict):
         status = OrderStatus.FILLED if done else OrderStatus.PARTIALLY_FILLED
         order = self.moved(
             status, filled_quantity=self.quantity if done else filled, avg_fill_price=average,
-            fills=[*self.fills, fill],
+            fills=[*self.fills, fill], fill_count=self.fill_total + 1, last_fill=fill,
         )  # fmt: skip
         return order, fill
+
+    @property
+    def fill_total(self) -> int:
+        """How many fills the order has had (an event's `fill_count`; a stored order's list, for orders
+        stored before the count was kept)."""
+        return max(self.fill_count, len(self.fills))
+
+    @property
+    def new_fill(self) -> Fill | None:
+        """The newest fill: the list's last, or an event's `last_fill`."""
+        return self.fills[-1] if self.fills else self.last_fill
+
+    def event(self) -> bytes:
+        """The order as its status events carry it: bounded, whatever its fills (the list stays with
+        the stored order; `fill_count`, `filled_quantity`, `avg_fill_price` and `last_fill` go)."""
+        return (
+            self.model_copy(update={"fill_count": self.fill_total, "last_fill": self.new_fill})
+            .model_dump_json(exclude={"fills"})
+            .encode()
+        )
 
 
 def touch(side: Side, bid: float | None, ask: float | None, last: float | None) -> float | None:

@@ -72,7 +72,7 @@ def history_line(order: Order) -> str:
 class Oms:
     def __init__(self, settings: ServiceSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
-        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS)
+        self.store = OrderStore(redis, settings.ORDER_RETENTION_SECONDS, settings.DEAD_LETTER_PREFIX)
         self.prices = PriceBook(settings.symbols)
         self.history = History(settings.QUESTDB_URL, settings.questdb_credentials())
         self.nc: Client | None = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import nats.errors
 import redis.asyncio as aioredis
 
 from tradingstack_services.trading.model import Order, OrderStatus
@@ -128,6 +129,10 @@ class ConflictError(RuntimeError):
     """The order kept changing under us: the move was not made."""
 
 
+class EventsNotPublishedError(RuntimeError):
+    """Some recorded order events could not be published now (NATS away); they stay in Redis."""
+
+
 class UnknownOrderError(LookupError):
     """No order has that id."""
 
@@ -149,8 +154,10 @@ class Stored:
 
 
 class OrderStore:
-    def __init__(self, redis: aioredis.Redis, retention_seconds: int = 7 * 24 * 3600) -> None:
+    def __init__(self, redis: aioredis.Redis, retention_seconds: int = 7 * 24 * 3600,
+                 dead_letter_prefix: str = "dlq") -> None:  # fmt: skip
         self.redis = redis
+        self.dead_letter_prefix = dead_letter_prefix
         self.retention = retention_seconds
         self._claim = redis.register_script(_CLAIM)
         self._cas = redis.register_script(_CAS)
@@ -256,21 +263,47 @@ class OrderStore:
         entries = list({entry[0]: entry for entry in entries}.values())  # an id may come twice
         if not entries:
             return 0
-        publishes = []
-        for _, fields in entries:
-            raw = fields.get(b"order") or fields.get("order") or b"{}"
-            data = raw if isinstance(raw, bytes) else str(raw).encode()
+        outcomes = await asyncio.gather(*(self._publish_event(js, fields) for _, fields in entries),
+                                        return_exceptions=True)  # fmt: skip
+        # Published, or parked in the dead-letter stream: done. Anything else (NATS away) stays pending
+        # and comes back with the next recovery, without holding back the events after it.
+        done = [entry_id for (entry_id, _), outcome in zip(entries, outcomes, strict=True) if outcome is None]
+        failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if done:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(EVENTS_KEY, EVENTS_GROUP, *done)
+                pipe.xdel(EVENTS_KEY, *done)
+                await pipe.execute()
+        if failed:
+            raise EventsNotPublishedError(f"{len(failed)} of {len(entries)} order events not published yet: "
+                                          f"{type(failed[0]).__name__}: {failed[0]}")  # fmt: skip
+        return len(done)
+
+    async def _publish_event(self, js: Any, fields: Any) -> None:
+        """One recorded status change to `orders.{status}.{SYMBOL}` as a bounded event (`Order.event`).
+
+        One that cannot be an event (unreadable, or over the server's max_payload) goes to
+        `{dead letter prefix}.ORDERS.{reason}` with the reason, instead of blocking every event behind it.
+        """
+        raw = fields.get(b"order") or fields.get("order") or b"{}"
+        data = raw if isinstance(raw, bytes) else str(raw).encode()
+        try:
             order = Order.model_validate_json(data)
-            msg_id = f"{order.order_id}:{order.status.value}:{order.filled_quantity}"
-            subject = f"orders.{order.status.value}.{order.symbol}"
-            publishes.append(js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}))
-        await asyncio.gather(*publishes)  # any failure: none is acknowledged, all come back
-        ids = [entry_id for entry_id, _ in entries]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(EVENTS_KEY, EVENTS_GROUP, *ids)
-            pipe.xdel(EVENTS_KEY, *ids)
-            await pipe.execute()
-        return len(entries)
+        except ValueError as exc:
+            await self._dead_letter(js, "invalid_order_event", str(exc), data[:4096])
+            return
+        event = order.event()
+        msg_id = f"{order.order_id}:{order.status.value}:{order.filled_quantity}"
+        try:
+            await js.publish(f"orders.{order.status.value}.{order.symbol}", event, headers={"Nats-Msg-Id": msg_id})
+        except nats.errors.MaxPayloadError as exc:
+            await self._dead_letter(js, "too_large", f"{len(event)} bytes: {exc}", event[:4096], msg_id)
+
+    async def _dead_letter(self, js: Any, reason: str, detail: str, data: bytes, msg_id: str | None = None) -> None:
+        headers = {"Tradingstack-Reason": reason, "Tradingstack-Detail": detail[:512],
+                   "Tradingstack-Stream": "ORDERS", **({"Nats-Msg-Id": f"dlq:{msg_id}"} if msg_id else {})}  # fmt: skip
+        await js.publish(f"{self.dead_letter_prefix}.ORDERS.{reason}", data, headers=headers)
+        log.warning("order event dead-lettered (%s): %s", reason, detail[:200])
 
     async def publish_events_forever(self, nc: Any, stop: asyncio.Event) -> None:
         """Worker: publish recorded status changes as they come until stopped."""
@@ -280,12 +313,11 @@ class OrderStore:
         while not stop.is_set():
             recover = time.monotonic() - recovered_at >= EVENT_RECOVER_SECONDS
             try:
-                await self.publish_events(js, consumer, recover=recover)
                 if recover:
-                    recovered_at = time.monotonic()
-            except Exception as exc:  # NATS or Redis away: the events wait in Redis
+                    recovered_at = time.monotonic()  # even if some fail again: newer events go on meanwhile
+                await self.publish_events(js, consumer, recover=recover)
+            except Exception as exc:  # NATS or Redis away: the events wait in Redis, taken up at the next recovery
                 log.warning("order events not published yet: %s", exc)
-                recovered_at = 0.0  # what failed is ours and unacknowledged: take it up again first
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
 
