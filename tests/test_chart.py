@@ -140,13 +140,24 @@ OPERATOR_RULES = [
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     # Only get, never list or watch: the operator reads the one Secret a spec's secretRef names.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    # Only list: deletionPolicy Delete waits for the stack's pods to end before it deletes data.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
 ]  # fmt: skip
 
 
 def test_rbac_is_a_namespaced_role_by_default_and_least_privilege() -> None:
     docs = render({})
-    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole") and d["metadata"]["name"].endswith("-operator")]
     assert [(r["kind"], r["metadata"]["namespace"]) for r in roles] == [("Role", "ts")]
+    # Cluster-wide, only this: the operator's own CRD, read and patched (operator.manageCRD).
+    (crd_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    one_crd = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+               "resourceNames": ["tradingstacks.tradingstack.io"], "verbs": ["get", "patch"]}  # fmt: skip
+    assert crd_role["rules"] == [one_crd]
+    unmanaged = render({"operator": {"manageCRD": False}})
+    assert not [d for d in unmanaged if d["kind"].startswith("Cluster")]
+    assert "--manage-crd" not in next(d for d in unmanaged if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
     assert roles[0]["rules"] == OPERATOR_RULES
     text = yaml.safe_dump(roles)
     assert "'*'" not in text
@@ -164,7 +175,8 @@ def test_rbac_follows_watch_namespaces() -> None:
     assert {b["subjects"][0]["namespace"] for b in bindings} == {"ts"}
 
     wide = render(VALUES["cluster-wide"])
-    assert [d["kind"] for d in wide if "Role" in d["kind"]] == ["ClusterRole", "ClusterRoleBinding"]
+    assert [d["kind"] for d in wide if "Role" in d["kind"] and d["metadata"]["name"].endswith("-operator")] == [
+        "ClusterRole", "ClusterRoleBinding"]  # fmt: skip
     args = next(d for d in wide if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--all-namespaces" in args
 
@@ -319,6 +331,8 @@ _PATHS = {
     "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}",
     "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{name}",
     "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/{name}",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name}",
     "TradingStack": "/apis/tradingstack.io/v1alpha1/namespaces/{ns}/tradingstacks/{name}",
 }
 

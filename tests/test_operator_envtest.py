@@ -269,6 +269,33 @@ def test_delete_honours_deletion_policy(
     wait_for(lambda: children(kube, namespace, name) == {}, what="children removed")
 
 
+def test_delete_removes_the_data_only_once_the_stacks_pods_are_gone(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any], questdb: Any
+) -> None:
+    """A pod still running would write again what is deleted (tables come back on the next write):
+    deletionPolicy Delete removes the Deployments, waits for the pods, and only then the data."""
+    name = "bye-pods"
+    create_stack(kube, namespace, name, {**infra, "deletionPolicy": "Delete"})
+    wait_condition(kube, namespace, name, "TablesReady", "True")
+    # A pod of the stack, as a Deployment's would be (no kubelet here: it stays until deleted).
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"{name}-oms-abc", "labels": {"app.kubernetes.io/name": "tradingstack",
+                                                              "app.kubernetes.io/instance": name}},
+           "spec": {"containers": [{"name": "oms", "image": "tradingstack:test"}]}}  # fmt: skip
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", body=pod)
+
+    kube.request("DELETE", KubeClient.path("TradingStack", namespace, name))
+    wait_for(lambda: "Stopping" in {e["reason"] for e in events_for(kube, namespace, name)}, what="a Stopping event")
+    assert not [k for k in children(kube, namespace, name) if k[0] == "Deployment"]  # the writers go first
+    assert "ticks" in questdb.state.tables  # and the data waits for their pods
+    assert kube.get("TradingStack", namespace, name) is not None
+    kube.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}-oms-abc", body={"gracePeriodSeconds": 0})
+    wait_for(lambda: kube.get("TradingStack", namespace, name) is None, what="the stack to be gone")
+    assert "ticks" not in questdb.state.tables
+    reasons = {e["reason"]: e["message"] for e in events_for(kube, namespace, name)}
+    assert "Table/ticks" in reasons["Deleted"]
+
+
 def test_operator_restart_mid_reconcile_converges_without_duplicates(
     kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:
@@ -371,3 +398,31 @@ def test_lake_upkeep_compacts_each_table_when_due_and_reports_it(
     time.sleep(3)
     assert DeltaTable(uri, storage_options=options).version() == version
     assert get_stack(kube, namespace, "lakes")["status"]["lake"] == lake
+
+
+def test_the_operator_applies_its_own_crd_over_an_older_one_and_never_over_a_newer(kube: KubeClient) -> None:
+    """`helm upgrade` leaves crds/ as they were: the operator brings the CRD to its own model at start,
+    unless the cluster's is of a newer operator (a rollback must not prune newer fields)."""
+    from tradingstack import crd
+
+    def schema_has_role() -> bool:
+        live = kube.request("GET", crd.CRD_PATH)
+        accounts = live["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        return "role" in accounts["accounts"]["items"]["properties"]
+
+    older = crd.crd()
+    del older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["accounts"][
+        "items"]["properties"]["role"]  # fmt: skip
+    older["metadata"]["annotations"] = {crd.VERSION_ANNOTATION: "0.0.1"}
+    kube.request("PATCH", crd.CRD_PATH, body=older, query={"fieldManager": "tradingstack-operator", "force": "true"},
+                 content_type="application/apply-patch+yaml")  # fmt: skip
+    assert not schema_has_role()
+    try:
+        assert crd.ensure(kube, ours="0.0.0").startswith("kept")  # an older operator keeps its hands off
+        assert not schema_has_role()
+        assert crd.ensure(kube).startswith("applied")
+        assert schema_has_role()
+        live = kube.request("GET", crd.CRD_PATH)
+        assert live["metadata"]["annotations"][crd.VERSION_ANNOTATION] == crd.operator_version()
+    finally:
+        crd.ensure(kube)  # the session's other tests need today's schema

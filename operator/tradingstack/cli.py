@@ -165,6 +165,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
         os.environ[ALLOWED_ENV] = ",".join(args.allowed_image_repository)  # read by the startup handler
     kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
+    if args.manage_crd:
+        from tradingstack import crd
+        from tradingstack.kubeclient import KubeClient
+
+        kube = KubeClient.from_environment()
+        try:
+            logging.getLogger("tradingstack.crd").info(crd.ensure(kube))
+        finally:
+            kube.close()
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.run(
@@ -222,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--allowed-image-repository", action="append", metavar="REPO",
                     help="run only images from REPO or below it (repeatable); others are refused, "
                          "Degraded/ImageNotAllowed")  # fmt: skip
+    op.add_argument("--manage-crd", action="store_true",
+                    help="apply this version's TradingStack CRD at start (unless the cluster's is newer): "
+                         "helm upgrade leaves a chart's crds/ as they were")  # fmt: skip
     op.set_defaults(func=cmd_operator)
     return top
 

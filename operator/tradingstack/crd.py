@@ -164,3 +164,45 @@ HEADER = "# Generated from operator/tradingstack/api.py by `tradingstack crd`; d
 
 def crd_yaml() -> str:
     return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+
+
+# The operator version whose model a CRD was generated from: an operator never replaces the CRD of
+# a newer one (a rollback would otherwise prune the newer fields from every stored TradingStack).
+VERSION_ANNOTATION = "tradingstack.io/operator-version"
+CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{api.PLURAL}.{api.GROUP}"
+
+
+def operator_version() -> str:
+    from importlib.metadata import version
+
+    return version("tradingstack")
+
+
+def ensure(kube: Any, ours: str | None = None) -> str:
+    """Server-side apply this operator's CRD unless the cluster's is of a newer operator; what was done.
+
+    `helm upgrade` never updates a chart's `crds/`, so without this new fields would be refused
+    (or pruned) after an upgrade until someone applied the CRD by hand.
+    """
+    from packaging.version import InvalidVersion, Version
+
+    from tradingstack.kubeclient import KubeApiError
+
+    ours = ours or operator_version()
+    try:
+        live = kube.request("GET", CRD_PATH)
+    except KubeApiError as exc:
+        if exc.status != 404:
+            raise
+        live = None
+    theirs = ((live or {}).get("metadata", {}).get("annotations") or {}).get(VERSION_ANNOTATION)
+    try:
+        if theirs is not None and Version(theirs) > Version(ours):
+            return f"kept the CRD of operator {theirs}, newer than this one ({ours})"
+    except InvalidVersion:
+        pass  # not ours to judge: applied over
+    body = crd()
+    body["metadata"]["annotations"] = {VERSION_ANNOTATION: ours}
+    kube.request("PATCH", CRD_PATH, body=body, query={"fieldManager": "tradingstack-operator", "force": "true"},
+                 content_type="application/apply-patch+yaml")  # fmt: skip
+    return f"applied the CRD of operator {ours}" + (f" over {theirs}'s" if theirs else "")

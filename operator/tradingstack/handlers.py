@@ -26,7 +26,7 @@ from tradingstack.changes import UnreachableError
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient, load_config
 from tradingstack.plan import LABEL_MANAGED_BY, MANAGER
-from tradingstack.reconciler import BackendsNotReadyError, Reconciler
+from tradingstack.reconciler import BackendsNotReadyError, PodsStillRunningError, Reconciler
 from tradingstack.status import DeploymentState
 
 STACKS = (api.GROUP, api.VERSION, api.PLURAL)
@@ -34,6 +34,8 @@ MANAGED = {LABEL_MANAGED_BY: MANAGER}
 # How often the timer wakes to see whether a stack's drift check (spec.driftCheckIntervalSeconds) is due.
 RESYNC_TICK = float(os.environ.get("TRADINGSTACK_RESYNC_TICK", "5"))
 MAX_BACKOFF = 300.0
+# How often a deletion waiting for the stack's pods to end looks again.
+POD_WAIT_SECONDS = 2.0
 # How often the upkeep timer wakes to see which tables are due (spec.lake.upkeep.intervalSeconds).
 UPKEEP_TICK = float(os.environ.get("TRADINGSTACK_UPKEEP_TICK", "60"))
 
@@ -164,6 +166,8 @@ async def lake_upkeep(body: kopf.Body, memo: Any, **_: Any) -> None:
 def finalize(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
         memo.reconciler.delete(dict(body))
+    except PodsStillRunningError as exc:
+        raise kopf.TemporaryError(str(exc), delay=POD_WAIT_SECONDS) from exc
     except (KubeApiError, UnreachableError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     memo.last_full_pass.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)

@@ -209,6 +209,11 @@ def child_selector(stack: str) -> dict[str, str]:
     return {LABEL_INSTANCE: stack, LABEL_MANAGED_BY: MANAGER}
 
 
+def pod_selector(stack: str) -> dict[str, str]:
+    """Selects every pod of one TradingStack's services (their template labels)."""
+    return {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack}
+
+
 def common_labels(stack: str, service: ServiceName) -> dict[str, str]:
     return {**selector_labels(stack, service), LABEL_PART_OF: "tradingstack", LABEL_MANAGED_BY: MANAGER}
 

@@ -32,7 +32,14 @@ from tradingstack.credentials import ServerCredentials
 from tradingstack.images import ImagePolicy
 from tradingstack.kubeclient import KubeApiError, KubeClient
 from tradingstack.lake import tables_at
-from tradingstack.plan import AUDIT_SUBJECT_PREFIX, InvalidSpecError, Plan, child_selector, plan_from_body
+from tradingstack.plan import (
+    AUDIT_SUBJECT_PREFIX,
+    InvalidSpecError,
+    Plan,
+    child_selector,
+    plan_from_body,
+    pod_selector,
+)
 from tradingstack.status import DeploymentState, Observation, Reason, build_status, parse_rfc3339, rfc3339
 from tradingstack.workloads import WorkloadProvisioner, diff_object
 
@@ -60,6 +67,10 @@ def export_ready(namespace: str, name: str, status: dict[str, Any]) -> None:
 INFRA_CHANGES = Counter(
     "tradingstack_infra_changes_total", "Streams, buckets and tables created, updated or deleted", ["backend", "action"]
 )
+
+
+class PodsStillRunningError(Exception):
+    """deletionPolicy Delete: the stack's pods have not all ended; its data is deleted after they have."""
 
 
 class BackendsNotReadyError(Exception):
@@ -434,19 +445,40 @@ class Reconciler:
         except InvalidSpecError:
             return []  # nothing was ever provisioned for an invalid spec
         if policy != "Delete":
+            # The workloads go either way, deleted here rather than left to the garbage collector,
+            # whose informer for a new kind can lag behind by its discovery resync (30 s and more).
+            for (kind, obj_name), _obj in sorted(self.workloads.observe(plan).items()):
+                self.kube.delete(kind, plan.stack.namespace, obj_name)
             kept = [f"stream {s.name}" for s in plan.streams] + [f"bucket {b}" for b in plan.buckets]
             kept += [f"table {t.name}" for t in plan.tables]
             self.events(body, "Normal", "Retained", "deletionPolicy Retain keeps " + ", ".join(kept))
             return kept
         deleted = []
-        # Data first: if a backend is unreachable, the finalizer holds and the delete is retried.
+        # Pods first: a pod still running would write again what is deleted (a Delta append and
+        # QuestDB's line protocol both create tables), leaving orphans nothing deletes. So the
+        # Deployments go, and the data only once no pod of the stack is left; until then the
+        # finalizer holds and is retried.
+        live = self.workloads.observe(plan)
+        for (kind, obj_name), _obj in sorted(live.items()):
+            if kind == "Deployment" and self.kube.delete(kind, plan.stack.namespace, obj_name):
+                deleted.append(f"{kind}/{obj_name}")
+        pods = self.kube.list("Pod", plan.stack.namespace, pod_selector(plan.stack.name))
+        if pods:
+            removed = f"; removed {', '.join(deleted)}" if deleted else ""
+            waiting = f"deletionPolicy Delete waits for {len(pods)} pod(s) to end before it deletes the data"
+            self.events(body, "Normal", "Stopping", waiting + removed)
+            raise PodsStillRunningError(f"{len(pods)} pod(s) of {plan.stack.name} still running")
+        # Data next: if a backend is unreachable, the finalizer holds and the delete is retried.
         for provisioner in self.backend_factory(plan):
             for change in provisioner.delete(plan):
                 INFRA_CHANGES.labels(provisioner.backend, "delete").inc()
                 deleted.append(f"{change.kind}/{change.name}")
-        live = self.workloads.observe(plan)
         for (kind, obj_name), _obj in sorted(live.items()):
-            if self.kube.delete(kind, plan.stack.namespace, obj_name):
+            if kind != "Deployment" and self.kube.delete(kind, plan.stack.namespace, obj_name):
                 deleted.append(f"{kind}/{obj_name}")
-        self.events(body, "Normal", "Deleted", "deletionPolicy Delete removed " + (", ".join(deleted) or "nothing"))
+        # A finalizer run again after it succeeded (kopf retries a handler whose outcome it could not
+        # record) finds nothing left: it says nothing, rather than a "removed nothing" that reads as
+        # the outcome.
+        if deleted:
+            self.events(body, "Normal", "Deleted", "deletionPolicy Delete removed " + ", ".join(deleted))
         return deleted

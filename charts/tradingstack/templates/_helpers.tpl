@@ -122,6 +122,9 @@ s3:
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end -}}
 
 {{/* tradingstack.validateValues: every value rule, reported at once before rendering. */}}
