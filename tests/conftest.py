@@ -345,19 +345,23 @@ LAKE_SECRET = "lake-credentials"
 
 @pytest.fixture
 def infra(tmp_path: Path, s3_url: str, questdb: Any) -> Iterator[dict[str, Any]]:
-    """The spec block pointing a TradingStack at real servers: a nats-server, a lake bucket and a
-    QuestDB double of the test's own (a stack owns the streams, bucket and tables it creates; two
+    """The spec block pointing a TradingStack at real servers: a nats-server, a redis-server, a lake
+    bucket and a QuestDB double of the test's own (a stack owns the streams, bucket and tables it creates; two
     tests' stacks must not meet there), and the session's S3 server."""
     server = NatsServer(tmp_path / "nats-infra")
     server.start()
+    redis_server = RedisServer(tmp_path / "redis-infra")
+    redis_server.start()
     bucket = f"lake-{uuid.uuid4().hex[:10]}"
     yield {
         "infrastructure": {
             "nats": {"url": server.url},
+            "redis": {"url": redis_server.url},
             "questdb": {"url": questdb.url},
             "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": bucket, "secretRef": {"name": LAKE_SECRET}},
         }
     }
+    redis_server.stop()
     server.stop()
 
 

@@ -20,12 +20,13 @@ from tradingstack import backends
 from tradingstack.api import S3Endpoint
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import OWNERS_TABLE, QuestDBError, QuestDBProvisioner
+from tradingstack.backends.redis import RedisProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.changes import UnreachableError
 from tradingstack.lake import LAKE_TABLES, MARKET_TICKS
 from tradingstack.plan import Plan, StackRef, build_plan, parse_spec
 
-from conftest import NatsServer, free_port, wait_for
+from conftest import NatsServer, RedisServer, free_port, wait_for
 
 CREDS = S3Credentials("testing", "testing-secret")
 
@@ -572,3 +573,34 @@ def test_the_double_refuses_partition_drops_as_questdb_does(qdb: QuestDBDouble, 
     with pytest.raises(QuestDBError, match=error):
         provisioner.query(sql)
     assert qdb.state.mutations == mutations
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_redis_database_belongs_to_one_stack(redis_server: RedisServer) -> None:
+    """Every key the services keep (orders, resting orders, positions, the event publishers' group)
+    lives in the stack's Redis database: a second stack on the same one is refused with the reason
+    (its exeq would fill the first stack's orders), one on another database of that Redis is not."""
+    spec = {"infrastructure": {"redis": {"url": redis_server.url}}}
+    ours = build_plan(StackRef("demo", "ns", uid="u-1"), parse_spec(spec))
+    theirs = build_plan(StackRef("other", "team-b", uid="u-2"), parse_spec(spec))
+    provisioner = RedisProvisioner(redis_server.url)
+    first = provisioner.reconcile(ours)
+    assert first.ok
+    assert [c.action for c in first.changes] == ["create"]
+    assert provisioner.reconcile(ours).changes == []  # its own: nothing to do again
+    shared = provisioner.reconcile(theirs)
+    assert {(p.kind, p.reason) for p in shared.problems} == {("Redis", "OwnedByAnotherStack")}
+    assert "ns/demo" in shared.problems[0].message
+    assert RedisProvisioner(redis_server.url.replace("/0", "/1")).reconcile(theirs).ok
+    assert provisioner.delete(theirs) == []  # the other stack never releases ours
+    assert [c.action for c in provisioner.delete(ours)] == ["delete"]
+    assert provisioner.reconcile(theirs).ok  # free again
+    away = RedisProvisioner(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+    assert backends.run(away, ours).unreachable is not None

@@ -15,13 +15,15 @@ import yaml
 from questdb_double import QuestDBDouble
 from tradingstack.api import OWNERS_TABLE
 
-from conftest import NatsServer
+from conftest import NatsServer, RedisServer
 
 
 @pytest.fixture
 def stack_file(tmp_path: Path, s3_url: str) -> tuple[Path, NatsServer, QuestDBDouble]:
     nats_server = NatsServer(tmp_path / "js")
     nats_server.start()
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
     qdb = QuestDBDouble().__enter__()
     doc = {
         "apiVersion": "tradingstack.io/v1alpha1",
@@ -30,6 +32,7 @@ def stack_file(tmp_path: Path, s3_url: str) -> tuple[Path, NatsServer, QuestDBDo
         "spec": {
             "infrastructure": {
                 "nats": {"url": nats_server.url},
+                "redis": {"url": redis_server.url},
                 "questdb": {"url": qdb.url},
                 "s3": {"endpoint": s3_url, "allowHttp": True, "bucket": f"cli-{uuid.uuid4().hex[:8]}"},
             }
@@ -39,6 +42,7 @@ def stack_file(tmp_path: Path, s3_url: str) -> tuple[Path, NatsServer, QuestDBDo
     path.write_text(yaml.safe_dump(doc))
     yield path, nats_server, qdb
     qdb.__exit__()
+    redis_server.stop()
     nats_server.stop()
 
 
@@ -67,7 +71,7 @@ def test_check_then_provision_then_check_clean(stack_file: Any) -> None:
 
     after = run("check", "-f", str(path))
     assert after.returncode == 0, after.stdout + after.stderr
-    assert after.stdout.count("in sync") == 3
+    assert after.stdout.count("in sync") == 4  # streams, buckets, tables and the Redis database
 
 
 def test_check_says_what_drifted(stack_file: Any) -> None:

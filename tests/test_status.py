@@ -25,7 +25,7 @@ def all_available() -> dict[str, DeploymentState]:
 def ok_backends() -> dict[str, BackendResult]:
     return {
         name: BackendResult(name, items=[ItemStatus(f"{name}-1", True, "InSync")])
-        for name in ("streams", "buckets", "tables")
+        for name in ("streams", "buckets", "tables", "redis")
     }
 
 

@@ -949,13 +949,17 @@ class TradingStackStatus(Model):
     tables: list[InfraItemStatus] = Field(
         default_factory=list, description="Per-QuestDB-table state.", json_schema_extra=_ITEM_LIST
     )
+    redis: list[InfraItemStatus] = Field(
+        default_factory=list, description="The Redis database's claim by this stack.", json_schema_extra=_ITEM_LIST
+    )
     lake: list[LakeTableStatus] = Field(
         default_factory=list, description="Per-Delta-table upkeep.", json_schema_extra=_ITEM_LIST
     )
     conditions: list[Condition] = Field(
         default_factory=list,
         description=(
-            "Standard conditions: Ready, ServicesReady, StreamsReady, BucketsReady, TablesReady, Progressing, Degraded."
+            "Standard conditions: Ready, ServicesReady, StreamsReady, BucketsReady, TablesReady, RedisReady, "
+            "Progressing, Degraded."
         ),
         json_schema_extra=keyed_list("type"),
     )

@@ -176,8 +176,8 @@ def stack_credentials(kube: KubeClient, plan: Plan) -> StackCredentials:
     infra, namespace = plan.spec.infrastructure, plan.stack.namespace
     missing: dict[str, str] = {}
     found: dict[str, ServerCredentials] = {}
-    servers: list[tuple[str, str, api.NatsEndpoint | api.QuestDBEndpoint]] = [
-        ("streams", "nats", infra.nats), ("tables", "questdb", infra.questdb)
+    servers: list[tuple[str, str, api.NatsEndpoint | api.QuestDBEndpoint | api.RedisEndpoint]] = [
+        ("streams", "nats", infra.nats), ("tables", "questdb", infra.questdb), ("redis", "redis", infra.redis)
     ]  # fmt: skip
     for backend, server, endpoint in servers:
         ref = endpoint.secret_ref

@@ -21,6 +21,7 @@ class ConditionType(StrEnum):
     STREAMS_READY = "StreamsReady"  # every JetStream stream and consumer exists as declared
     BUCKETS_READY = "BucketsReady"  # every bucket and lake Delta table exists as declared
     TABLES_READY = "TablesReady"  # every QuestDB table exists as declared
+    REDIS_READY = "RedisReady"  # the stack's Redis database answers and is this stack's own
     PROGRESSING = "Progressing"  # the operator or a rollout is moving towards the spec
     DEGRADED = "Degraded"  # something needs a human: invalid spec, failed apply, failed rollout
 
@@ -51,8 +52,10 @@ BACKEND_CONDITIONS = {
     "streams": ConditionType.STREAMS_READY,
     "buckets": ConditionType.BUCKETS_READY,
     "tables": ConditionType.TABLES_READY,
+    "redis": ConditionType.REDIS_READY,
 }
-_BACKEND_NOUNS = {"streams": "streams and consumers", "buckets": "buckets and Delta tables", "tables": "tables"}
+_BACKEND_NOUNS = {"streams": "streams and consumers", "buckets": "buckets and Delta tables", "tables": "tables",
+                  "redis": "Redis database claims"}  # fmt: skip
 
 
 class Phase(StrEnum):

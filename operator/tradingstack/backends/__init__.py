@@ -1,6 +1,6 @@
 """Infrastructure provisioners, one per backend, with the same verbs.
 
-Each has `backend` (the status key: streams, buckets, tables), `reconcile(plan, dry_run)`
+Each has `backend` (the status key: streams, buckets, tables, redis), `reconcile(plan, dry_run)`
 returning a BackendResult (observe, diff and, unless dry_run, apply), and `delete(plan)`.
 """
 
@@ -12,6 +12,7 @@ from typing import Protocol
 
 from tradingstack.backends.jetstream import JetStreamProvisioner
 from tradingstack.backends.questdb import QuestDBProvisioner
+from tradingstack.backends.redis import RedisProvisioner
 from tradingstack.backends.s3 import S3Credentials, S3Provisioner
 from tradingstack.changes import BackendResult, Change, Problem, UnreachableError
 from tradingstack.credentials import ServerCredentials
@@ -35,6 +36,7 @@ class StackCredentials:
     s3: S3Credentials | None = None
     nats: ServerCredentials = field(default_factory=ServerCredentials)
     questdb: ServerCredentials = field(default_factory=ServerCredentials)
+    redis: ServerCredentials = field(default_factory=ServerCredentials)
     missing: dict[str, str] = field(default_factory=dict)  # backend -> why its Secret cannot be used
 
 
@@ -60,6 +62,7 @@ def provisioners(plan: Plan, credentials: StackCredentials | None = None) -> lis
         JetStreamProvisioner(infra.nats.url, credentials=creds.nats),
         S3Provisioner(infra.s3, creds.s3),
         QuestDBProvisioner(infra.questdb.url, credentials=creds.questdb),
+        RedisProvisioner(infra.redis.url, credentials=creds.redis),
     ]
     return [MissingSecret(p.backend, creds.missing[p.backend]) if p.backend in creds.missing else p for p in found]
 
