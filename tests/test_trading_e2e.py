@@ -426,12 +426,15 @@ def test_risks_sweep_releases_what_no_live_order_holds(platform: Platform) -> No
     async def scenario() -> None:
         client = aioredis.Redis.from_url(platform.redis.url)
         service = risk.RiskService(platform.settings(ServiceName.RISK), client)
-        assert (await exposure.reserve(client, risk.POSITIONS_KEY, "BTCUSDT", "buy", 4.0, 10.0, "ghost"))[0]
+        assert (
+            await exposure.reserve(client, risk.POSITIONS_KEY, "BTCUSDT", "buy", 4.0, 10.0, "ghost", None, 5)
+        ).reserved
         assert await exposure.open_quantities(client, "BTCUSDT") == (4.0, 0.0)
         await service._sweep(before=time.time() - 60)  # too young to judge
         assert await exposure.open_quantities(client, "BTCUSDT") == (4.0, 0.0)
         await service._sweep(before=time.time() + 1)
         assert await exposure.open_quantities(client, "BTCUSDT") == (0.0, 0.0)
+        assert await client.hget(exposure.OPEN_ORDERS_KEY, "-") is None
         await client.aclose()
 
     asyncio.run(scenario())
@@ -473,6 +476,22 @@ def test_an_order_with_thousands_of_fills_has_bounded_events_and_a_bad_event_blo
     assert len(json.dumps(big)) < 2_000
     assert events["orders.rejected.BTCUSDT"]["order_id"] == "later-1"  # the bad entry held nothing back
     assert [s for s, _ in platform.messages("DEAD_LETTER")] == ["dlq.ORDERS.invalid_order_event"]
+
+
+def test_an_account_has_at_most_max_open_orders_open(platform: Platform) -> None:
+    """A client sending orders without end: past maxOpenOrders risk refuses the next until one ends."""
+    platform.tick("BTCUSDT", 100.0, 99.9, 100.1)
+    limited = dataclasses.replace(platform, plan=build_plan(StackRef("e2e", "ns"), parse_spec(
+        platform.plan.spec.model_dump(by_alias=True, exclude_none=True) | {"maxOpenOrders": 3})))  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        oms_server = limited.serve_all(stack, (ServiceName.RISK, ServiceName.OMS, ServiceName.EXEQ))[ServiceName.OMS]
+        placed = [oms_server.post("/orders", order(f"open-{i}", "buy", 1, order_type="limit", limit_price=50.0))[1]
+                  for i in range(4)]  # fmt: skip
+        assert [p["status"] for p in placed] == ["routed", "routed", "routed", "rejected"]
+        assert "maxOpenOrders 3" in placed[3]["reason"]
+        assert oms_server.post(f"/orders/{placed[0]['order_id']}/cancel", {})[0] == 200
+        again = oms_server.post("/orders", order("open-again", "buy", 1, order_type="limit", limit_price=50.0))[1]
+        assert again["status"] == "routed", again
 
 
 def test_history_waits_for_questdb_while_positions_do_not(trading: Trading) -> None:

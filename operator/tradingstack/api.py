@@ -583,6 +583,13 @@ class Account(Model):
         "one get spec.riskLimits.",
         json_schema_extra=keyed_list("symbol"),
     )
+    max_open_orders: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Orders this account may have open at once; spec.maxOpenOrders "
+        "when unset. Risk refuses the next one (HIGH) until one fills or ends.",
+    )
     role: Literal["trader", "oversight"] = Field(
         "trader",
         description="trader: sees its own orders, fills, positions, alerts, reports and resting orders. "
@@ -839,6 +846,13 @@ class TradingStackSpec(Model):
         max_length=256,
         description="Per-symbol risk limits; symbols without one get the risk service's defaults.",
         json_schema_extra=keyed_list("symbol"),
+    )
+    max_open_orders: int = Field(
+        1_000,
+        ge=1,
+        le=1_000_000,
+        description="Orders one account (or open order entry) may have open at once "
+        "(routed, resting, partially filled): risk refuses the next one until one fills or ends.",
     )
     drift_check_interval_seconds: int = Field(
         60, ge=10, le=3600, description="How often the operator re-checks children and infrastructure."

@@ -339,6 +339,9 @@ def service_config(stack: StackRef, spec: TradingStackSpec, service: ServiceName
             a.name: [x.model_dump(by_alias=True) for x in a.risk_limits] for a in spec.accounts if a.risk_limits
         }
         config["RISK_ACCOUNT_LIMITS"] = json.dumps(by_account, sort_keys=True, separators=(",", ":"))
+    if service == ServiceName.RISK:
+        most = {"": spec.max_open_orders} | {a.name: a.max_open_orders for a in spec.accounts if a.max_open_orders}
+        config["RISK_MAX_OPEN_ORDERS"] = json.dumps(most, sort_keys=True, separators=(",", ":"))
     if service in LIMIT_SERVICES and spec.risk_limits:
         limits = [limit.model_dump(by_alias=True) for limit in spec.risk_limits]
         config["RISK_LIMITS"] = json.dumps(limits, sort_keys=True, separators=(",", ":"))

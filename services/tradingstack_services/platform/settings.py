@@ -91,6 +91,7 @@ class ServiceSettings(BaseSettings):
     LOG_FORMAT: str = "json"
     RISK_LIMITS: str | None = None  # JSON list of spec.riskLimits
     RISK_ACCOUNT_LIMITS: str | None = None  # JSON {account: [limits]} of spec.accounts[].riskLimits
+    RISK_MAX_OPEN_ORDERS: str | None = None  # JSON {"": spec.maxOpenOrders, account: accounts[].maxOpenOrders}
     # live-gateway
     LIVE_VENUE: Literal["binance"] = Field("binance", description="the exchange whose public market data is read")
     LIVE_WS_URL: str | None = Field(None, description="the venue's WebSocket base URL; defaults to its public one")

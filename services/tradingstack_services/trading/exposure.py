@@ -11,6 +11,9 @@ approves an order and released as the order stops being open:
 - an approval whose order was never stored (a retry that found its first order, a crash in
   between): by the OMS, or by risk's sweep, which releases what belongs to no live order.
 
+An account also has at most `maxOpenOrders` orders holding a reservation at once, so one client
+cannot open a million orders (each costs risk, exeq and the compliance-scanner's account state).
+
 Every change is one Lua script, atomic on the server, so concurrent approvals (any number of risk
 replicas) never reserve past the limit together. Reservations are per order id: releasing twice
 releases once.
@@ -19,12 +22,14 @@ releases once.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 OPEN_KEY = "tradingstack:risk:open"  # "{position key}|{side}" -> open quantity
 RESERVATIONS_KEY = "tradingstack:risk:reservations"  # order id -> "{position key}|{side}|{open}|{reserved at}"
+OPEN_ORDERS_KEY = "tradingstack:risk:open-orders"  # account ("-": open order entry) -> orders holding a reservation
 TOLERANCE = 1e-9
 
 _RESERVE = """
@@ -35,9 +40,12 @@ local open = tonumber(redis.call('HGET', KEYS[2], field) or '0') or 0
 local worst = pos - open - q
 if ARGV[2] == 'buy' then worst = pos + open + q end
 if redis.call('HEXISTS', KEYS[3], ARGV[5]) == 1 then return {1, tostring(worst)} end
+local orders = tonumber(redis.call('HGET', KEYS[4], ARGV[7]) or '0') or 0
+if orders >= tonumber(ARGV[8]) then return {2, tostring(orders)} end
 if math.abs(worst) > limit + 1e-9 then return {0, tostring(worst)} end
 redis.call('HINCRBYFLOAT', KEYS[2], field, q)
 redis.call('HSET', KEYS[3], ARGV[5], field .. '|' .. ARGV[3] .. '|' .. ARGV[6])
+redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
 return {1, tostring(worst)}
 """
 
@@ -53,6 +61,8 @@ if math.abs(now) < 1e-9 then redis.call('HDEL', KEYS[1], field) end
 left = left - take
 if left <= 1e-9 then
   redis.call('HDEL', KEYS[2], ARGV[1])
+  local account = string.match(field, '^([^/]*)/') or '-'
+  if redis.call('HINCRBY', KEYS[3], account, -1) <= 0 then redis.call('HDEL', KEYS[3], account) end
 else
   redis.call('HSET', KEYS[2], ARGV[1], field .. '|' .. string.format('%.17g', left) .. '|' .. at)
 end
@@ -65,20 +75,33 @@ def side_of(field: str) -> tuple[str, str]:
     return key, side
 
 
+@dataclass(frozen=True)
+class Reservation:
+    reserved: bool
+    worst: float = 0.0  # the worst-case position with every open order on the side, this one included
+    too_many_orders: int | None = None  # refused for the account's open orders: how many it has
+
+
 async def reserve(redis: aioredis.Redis, positions_key: str, position: str, side: str, quantity: float,
-                  max_position: float, order_id: str) -> tuple[bool, float]:  # fmt: skip
-    """Reserve an approved order's quantity if the position plus every open order on its side, plus
-    this one, stays within `max_position`; (reserved, that worst-case position)."""
-    answer: Any = await redis.eval(_RESERVE, 3, positions_key, OPEN_KEY, RESERVATIONS_KEY, position, side,
-                                   repr(quantity), repr(max_position), order_id, repr(time.time()))  # fmt: skip
-    return bool(int(answer[0])), float(answer[1])
+                  max_position: float, order_id: str, account: str | None,
+                  max_open_orders: int) -> Reservation:  # fmt: skip
+    """Reserve an approved order's quantity if its account has fewer than `max_open_orders` orders
+    holding a reservation and the position plus every open order on its side, plus this one, stays
+    within `max_position`."""
+    answer: Any = await redis.eval(_RESERVE, 4, positions_key, OPEN_KEY, RESERVATIONS_KEY, OPEN_ORDERS_KEY,
+                                   position, side, repr(quantity), repr(max_position), order_id, repr(time.time()),
+                                   account or "-", str(max_open_orders))  # fmt: skip
+    code, value = int(answer[0]), float(answer[1])
+    if code == 2:
+        return Reservation(False, too_many_orders=int(value))
+    return Reservation(code == 1, worst=value)
 
 
 def release_command(target: Any, order_id: str, quantity: float | None = None) -> Any:
     """Queue (on a pipeline) or run (on a client) the release of an order's open quantity: `quantity`
     of it (a fill), or all that is left (None: the order ended)."""
     amount = "all" if quantity is None else repr(quantity)
-    return target.eval(_RELEASE, 2, OPEN_KEY, RESERVATIONS_KEY, order_id, amount)
+    return target.eval(_RELEASE, 3, OPEN_KEY, RESERVATIONS_KEY, OPEN_ORDERS_KEY, order_id, amount)
 
 
 async def release(redis: aioredis.Redis, order_id: str, quantity: float | None = None) -> None:

@@ -45,6 +45,7 @@ CHECKS = Counter("tradingstack_risk_checks_total", "Risk checks", ["approved", "
 WARN_SHARE = 0.8
 POSITIONS_RESYNC_SECONDS = 5.0
 RESERVATION_SWEEP_SECONDS = 10.0
+DEFAULT_MAX_OPEN_ORDERS = 1_000  # spec.maxOpenOrders' default
 RESERVATION_GRACE_SECONDS = 30.0
 # How long a check waits for the first load of positions before it answers "not ready".
 POSITIONS_WAIT_SECONDS = 2.0
@@ -102,6 +103,11 @@ class Limits:
         self.stack = load_limits(settings.RISK_LIMITS)
         by_account = json.loads(settings.RISK_ACCOUNT_LIMITS or "{}")
         self.accounts = {account: by_symbol(limits) for account, limits in by_account.items()}
+        # {"": the stack's maxOpenOrders, account: its own}: RISK_MAX_OPEN_ORDERS as the operator renders it
+        self.open_orders: dict[str, int] = json.loads(settings.RISK_MAX_OPEN_ORDERS or "{}")
+
+    def max_open_orders(self, account: str | None) -> int:
+        return self.open_orders.get(account or "", self.open_orders.get("", DEFAULT_MAX_OPEN_ORDERS))
 
     def of(self, symbol: str, account: str | None = None) -> RiskLimit:
         """The account's own limit for the symbol, else the stack's, else the defaults."""
@@ -178,12 +184,17 @@ class RiskService:
         if result.approved and request.order_id is not None:
             # The position limit again, on the server, with every open order on the order's side: the
             # reservation and the check are one step, so concurrent approvals cannot pass it together.
-            reserved, worst = await exposure.reserve(self.redis, POSITIONS_KEY, key, request.side, request.quantity,
-                                                     limit.max_position, request.order_id)  # fmt: skip
-            if not reserved:
+            most = self.limits.max_open_orders(request.account)
+            held = await exposure.reserve(self.redis, POSITIONS_KEY, key, request.side, request.quantity,
+                                          limit.max_position, request.order_id, request.account, most)  # fmt: skip
+            if held.too_many_orders is not None:
+                result = CheckResult(approved=False, risk_level=RiskLevel.HIGH,
+                                     reason=f"{held.too_many_orders} open orders already, the account's maximum "
+                                     f"(maxOpenOrders {most})")  # fmt: skip
+            elif not held.reserved:
                 result = CheckResult(approved=False, risk_level=RiskLevel.CRITICAL,
-                                     reason=f"position would be {worst:g} with the open orders on its side, beyond "
-                                     f"the maximum {limit.max_position:g}")  # fmt: skip
+                                     reason=f"position would be {held.worst:g} with the open orders on its side, "
+                                     f"beyond the maximum {limit.max_position:g}")  # fmt: skip
         CHECKS.labels(str(result.approved).lower(), result.risk_level.value).inc()
         return result
 
