@@ -604,3 +604,22 @@ def test_a_redis_database_belongs_to_one_stack(redis_server: RedisServer) -> Non
     assert provisioner.reconcile(theirs).ok  # free again
     away = RedisProvisioner(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
     assert backends.run(away, ours).unreachable is not None
+
+
+def test_a_lake_another_stack_made_is_refused_unless_shared_on_purpose(lake: tuple[S3Endpoint, Plan]) -> None:
+    """Two stacks on one bucket: the second finds the Delta tables taken (OwnedByAnotherStack), as with
+    streams and QuestDB tables, unless its spec says `lake.shared: true` (its sinks keep their commits
+    apart by stream identity); deletion removes only what a stack made."""
+    endpoint, ours = lake
+    spec = ours.spec.model_dump(by_alias=True, exclude_none=True)
+    theirs = build_plan(StackRef("other", "team-b"), parse_spec(spec))
+    sharing = build_plan(StackRef("other", "team-b"), parse_spec({**spec, "lake": {"shared": True}}))
+    provisioner = S3Provisioner(endpoint, CREDS)
+    assert provisioner.reconcile(ours).ok
+    refused = provisioner.reconcile(theirs)
+    assert {(p.kind, p.reason) for p in refused.problems} == {("DeltaTable", "OwnedByAnotherStack")}
+    assert {p.name for p in refused.problems} == {f"{endpoint.bucket}/{t.path}" for t in LAKE_TABLES}
+    assert "ns/demo" in refused.problems[0].message
+    assert "lake.shared" in refused.problems[0].message
+    assert provisioner.reconcile(sharing).ok
+    assert [c for c in provisioner.delete(sharing) if c.kind == "DeltaTable"] == []  # not theirs to delete

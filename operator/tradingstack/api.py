@@ -768,6 +768,12 @@ class Lake(Model):
     )
 
     upkeep: LakeUpkeep = Field(default_factory=LakeUpkeep, description="Table upkeep.")
+    shared: bool = Field(
+        False,
+        description="Write into Delta tables another stack made (one bucket for several stacks, on purpose): each "
+        "stack's sinks record their own stream's identity with their commits, so neither skips the other's rows. "
+        "Without it such tables are refused (BucketsReady False, OwnedByAnotherStack).",
+    )
     tables: dict[str, LakeUpkeep] | None = Field(
         None,
         max_length=len(LAKE_TABLE_NAMES),

@@ -17,9 +17,9 @@ from deltalake.exceptions import TableNotFoundError
 
 from tradingstack import lake
 from tradingstack.api import S3Endpoint
-from tradingstack.changes import BackendResult, Change, ItemStatus, UnreachableError
+from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
 from tradingstack.lake import ALL_TABLES, LakeTable, tables_at
-from tradingstack.plan import Plan
+from tradingstack.plan import OWNER_PREFIX, Plan
 
 # Written into a bucket the operator creates, holding the creating stack's owner mark.
 OWNER_OBJECT = ".tradingstack-owner"
@@ -94,7 +94,8 @@ class S3Provisioner:
         for table in tables_at(plan.lake_tables):
             if lake_ready:
                 try:
-                    self._delta_table(table, result, plan.stack.owner)
+                    shared = plan.spec.lake is not None and plan.spec.lake.shared
+                    self._delta_table(table, result, plan.stack.owner, shared)
                 except OSError as exc:
                     # deltalake reports transport failures as OSError with the cause in the text.
                     if "connect" in str(exc).lower():
@@ -106,7 +107,7 @@ class S3Provisioner:
                 result.items.append(ItemStatus(name, False, "Missing"))
         return result
 
-    def _delta_table(self, table: LakeTable, result: BackendResult, owner: str) -> None:
+    def _delta_table(self, table: LakeTable, result: BackendResult, owner: str, shared: bool = False) -> None:
         name = f"{self.endpoint.bucket}/{table.path}"
         options = self.storage_options()
         try:
@@ -119,6 +120,14 @@ class S3Provisioner:
                     description=owner,  # made by this stack: its to delete
                 )  # fmt: skip
             result.items.append(ItemStatus(name, not result.dry_run, "InSync" if not result.dry_run else "Missing"))
+            return
+        holder = live.metadata().description or ""
+        if holder.startswith(OWNER_PREFIX) and holder != owner and not shared:
+            message = (f"Delta table {name} was made by {holder.removeprefix(OWNER_PREFIX)}; give this stack a bucket "
+                       "of its own (spec.infrastructure.s3.bucket), or set spec.lake.shared: true to write into it "
+                       "on purpose")  # fmt: skip
+            result.problems.append(Problem("DeltaTable", name, "OwnedByAnotherStack", message))
+            result.items.append(ItemStatus(name, False, "OwnedByAnotherStack", message))
             return
         present = {f.name for f in live.schema().fields}
         missing = [f for f in table.schema if f.name not in present]
