@@ -386,3 +386,13 @@ def test_ptrc_is_opt_in_reads_every_fill_and_brings_its_report_table() -> None:
     assert [(c.stream, c.filter_subject) for c in on.consumers if c.service == "ptrc"] == [("FILLS", "fills.>")]
     policy = by_key(on.objects)[("NetworkPolicy", "demo-ptrc")]["spec"]
     assert {p["port"] for p in policy["egress"][1]["ports"]} >= {4222, 6379}  # NATS, Redis (and S3)
+
+
+def test_the_single_writers_roll_with_recreate_and_the_others_overlap() -> None:
+    """A sink's rollout never runs an old and a new pod together (two writers of one Delta table
+    would commit a redelivered message twice); the other services roll as usual."""
+    plan = build_plan(StackRef("demo", "ns"), parse_spec({"services": {"sink-alt": {"replicas": 1}}}))
+    strategies = {o["metadata"]["name"]: o["spec"].get("strategy") for o in plan.objects if o["kind"] == "Deployment"}
+    assert strategies["demo-sink-ticks"] == strategies["demo-sink-alt"] == {"type": "Recreate"}
+    assert strategies["demo-oms"] is None and strategies["demo-pnl"] is None
+    assert parse_spec({"services": {"sink-ticks": {"replicas": 0}}}).service(ServiceName.SINK_TICKS).replicas == 0

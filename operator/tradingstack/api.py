@@ -70,6 +70,14 @@ class ServiceName(StrEnum):
 OPT_IN_SERVICES = frozenset(
     {ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT, ServiceName.LIVE, ServiceName.PTRC}
 )
+# Each is the one writer of its Delta commits: a message redelivered from one pod to another would be
+# committed twice. They run one pod (replicas 0 or 1) and roll with Recreate, so a rollout never
+# overlaps an old pod and a new one.
+SINGLE_WRITER_SERVICES = (ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT)
+_SINGLE_WRITER_MESSAGE = (
+    ", ".join(s.value for s in SINGLE_WRITER_SERVICES) + " run as one pod each (the single writer of their Delta "
+    "commits: two would commit a redelivered message twice); replicas may be 0 or 1"
+)
 
 
 # Seed ports, kept as defaults so existing dashboards and clients keep working.
@@ -802,6 +810,15 @@ class TradingStackSpec(Model):
                 "!has(self.services) || self.services.all(k, k in " + repr(_SERVICE_NAMES) + ")",
                 "unknown service name; known services: " + ", ".join(_SERVICE_NAMES),
             ),
+            cel(
+                "!has(self.services) || "
+                + " && ".join(
+                    f"(!('{s.value}' in self.services) || !has(self.services['{s.value}'].replicas) || "
+                    f"self.services['{s.value}'].replicas <= 1)"
+                    for s in SINGLE_WRITER_SERVICES
+                ),
+                _SINGLE_WRITER_MESSAGE,
+            ),
         )
     )
 
@@ -889,6 +906,13 @@ class TradingStackSpec(Model):
             raise ValueError(
                 f"unknown service name(s) {', '.join(unknown)}; known services: {', '.join(_SERVICE_NAMES)}"
             )
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _single_writers(cls, value: dict[str, ServiceSpec]) -> dict[str, ServiceSpec]:
+        if any(value[s.value].replicas > 1 for s in SINGLE_WRITER_SERVICES if s.value in value):
+            raise ValueError(_SINGLE_WRITER_MESSAGE)
         return value
 
     def service(self, name: ServiceName) -> ServiceSpec:

@@ -465,6 +465,7 @@ def _deployment(stack: StackRef, spec: TradingStackSpec, workload: Workload) -> 
         "metadata": _metadata(stack, workload),
         "spec": {
             "replicas": workload.replicas,
+            **({"strategy": {"type": "Recreate"}} if workload.service in api.SINGLE_WRITER_SERVICES else {}),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector_labels(stack.name, workload.service)},
             "template": {

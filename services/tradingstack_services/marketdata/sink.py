@@ -10,7 +10,8 @@
   After a crash between commit and ack, a redelivered message whose sequence a recent
   commit already holds is acknowledged and skipped: nothing lost, nothing written twice.
   A single high-water mark would not do: redeliveries of a dead sink's uncommitted
-  messages arrive after newer ones. One sink replica per consumer (the default).
+  messages arrive after newer ones. One sink replica per consumer: the CRD allows no more, and
+  its Deployment rolls with Recreate, so an old and a new pod never commit side by side.
 - On start the sink reads commits back until they reach the consumer's ack floor: nothing at or
   below it can come again, anything above it may, however long ago it was committed (a consumer
   deleted and made again by the operator delivers the whole stream anew; nats-server can also
