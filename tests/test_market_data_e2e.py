@@ -494,3 +494,39 @@ def test_a_record_no_commit_can_take_is_found_by_splitting_and_dead_lettered(pla
 def _dead_count(table: str, reason: str) -> float:
     return sum(s.value for m in DEAD.collect() for s in m.samples
                if s.name.endswith("_total") and s.labels == {"table": table, "reason": reason})  # fmt: skip
+
+
+def test_a_running_sink_writes_a_stream_made_again_under_it(platform: Any) -> None:
+    """The stream is deleted and made again while the sink runs: the new incarnation's sequences
+    start at 1 again, and the sink (which remembers the old one's as committed) must write them."""
+    server, plan, env = platform
+    settings = settings_from(env, SINK_MAX_ROWS="50", SINK_FETCH_BATCH="50", SINK_MAX_AGE_SECONDS="0.2")
+
+    async def scenario() -> int:
+        nc = await nats.connect(server.url)
+        sink = LakeSink(settings, MARKET_TICKS, tick_row)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(nc, stop))
+        try:
+            await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(0, 100))
+            await _until(lambda: sink.rows_committed >= 100, 30)
+            await nc.jsm().delete_stream("MARKET_TICKS")
+            assert (await asyncio.to_thread(JetStreamProvisioner(server.url).reconcile, plan)).ok
+            await publish_raw(server.url, "market.tick.BTCUSDT", _ticks(100, 60))
+            await _until(lambda: sink.rows_committed >= 160, 30)
+        finally:
+            stop.set()
+            await task
+            await nc.close()
+        return sink.rows_committed
+
+    assert asyncio.run(scenario()) == 160
+    rows = lake_rows(settings_from(env))
+    assert len({r["tick_id"] for r in rows}) == len(rows) == 160
+
+
+async def _until(check: Any, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)

@@ -193,6 +193,10 @@ class LakeSink:
     # Which stream the sequences are of: this stack's stream, and which incarnation of it (its
     # creation time), known once `run` has asked the server. Commits of any other are not ours.
     source: str = ""
+    # The highest sequence delivered for the first time in this run: a first delivery at or below it
+    # means the consumer was made again (a replay: the committed ranges say what to skip) or the
+    # stream was (new sequences under old numbers): `_check_incarnation` tells which.
+    first_seen: int = 0
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by stream sequence
     pending: dict[int, Msg] = field(default_factory=dict)  # the latest delivery of each
     oldest: float | None = None
@@ -263,10 +267,28 @@ class LakeSink:
         stream = self.stream or ""
         consumer = await bus.require_consumer(js, stream, self.durable or "")
         info = await js.stream_info(stream)
-        created = info.created.isoformat() if info.created else "unknown"
-        self.source = f"{self.settings.STACK_NAMESPACE}/{self.settings.STACK_NAME}/{stream}@{created}"
+        self.source = self._source_of(info)
         first = info.state.first_seq or 1
         return max(consumer.ack_floor.stream_seq if consumer.ack_floor else 0, first - 1)
+
+    def _source_of(self, info: Any) -> str:
+        created = info.created.isoformat() if info.created else "unknown"
+        return f"{self.settings.STACK_NAMESPACE}/{self.settings.STACK_NAME}/{self.stream}@{created}"
+
+    async def _check_incarnation(self, js: Any, messages: list[Msg]) -> None:
+        """Before a batch that goes back in the stream: if the stream itself was made again under the
+        running sink, what is buffered (the old incarnation's) is committed, and the new one starts
+        with nothing committed; a consumer made again (a replay of the same stream) changes nothing."""
+        firsts = [m.metadata.sequence.stream for m in messages if m.metadata.num_delivered == 1]
+        if not firsts or min(firsts) > self.first_seen:
+            return
+        source = self._source_of(await js.stream_info(self.stream))
+        if source == self.source:
+            return
+        log.warning("stream %s was made again (%s, was %s): its sequences start anew", self.stream, source,
+                    self.source)  # fmt: skip
+        await self.flush(js)  # the old incarnation's rows: their stream is gone, nothing would bring them back
+        self.source, self.committed, self.first_seen = source, SequenceRanges(), 0
 
     def _commit(self, batch: pa.Table, seqs: str) -> None:
         for attempt in range(5):
@@ -396,6 +418,8 @@ class LakeSink:
 
     async def handle(self, js: Any, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
+        if msg.metadata.num_delivered == 1:
+            self.first_seen = max(self.first_seen, seq)
         if seq in self.committed:
             SKIPPED.labels(self.name).inc()
             await msg.ack()  # committed before a crash, redelivered after it
@@ -452,6 +476,7 @@ class LakeSink:
                 await asyncio.sleep(0.5)
                 continue
             lag.fetched(messages)
+            await self._check_incarnation(js, messages)
             for msg in messages:
                 await self.handle(js, msg)
             if self.due():
