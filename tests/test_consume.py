@@ -151,6 +151,45 @@ def test_a_dead_letter_names_its_service_and_is_stored_once_when_sent_again(serv
     assert letter.headers["Tradingstack-Stream-Seq"] == "1"
 
 
+def test_poison_at_the_same_sequence_of_a_stream_made_again_is_parked_again(server: NatsServer) -> None:
+    """A stream deleted and made again numbers its messages from 1 again: its poison at sequence 1 is
+    a new dead letter, not a repeat of the old incarnation's (the stream's duplicate window would
+    have dropped it, by an id of stream and sequence alone)."""
+    config = settings(server.url, 3)
+    error = bus.InvalidMessageError("invalid_tick", "price: must be a finite number")
+
+    async def park_one() -> None:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(durable="worker", stream="WORK")
+        (msg,) = await sub.fetch(1, timeout=2)
+        await bus.dead_letter(js, msg, config, error)
+        await nc.close()
+
+    async def made_again() -> None:
+        nc = await nats.connect(server.url)
+        await nc.jsm().delete_stream("WORK")
+        await nc.jsm().delete_stream("DEAD_LETTER")  # prepare makes both; the dead letters are kept aside
+        await nc.close()
+
+    asyncio.run(prepare(server.url, 3, 1))
+    asyncio.run(park_one())
+    first = asyncio.run(dead_letters(server.url))
+    asyncio.run(made_again())
+    asyncio.run(prepare(server.url, 3, 1))
+
+    async def restore(letters: list[Msg]) -> None:  # the old incarnation's letter, as the DLQ kept it
+        nc = await nats.connect(server.url)
+        for letter in letters:
+            await nc.jetstream().publish(letter.subject, letter.data, headers=letter.headers)
+        await nc.close()
+
+    asyncio.run(restore(first))
+    asyncio.run(park_one())
+    letters = asyncio.run(dead_letters(server.url))
+    assert [m.headers["Tradingstack-Stream-Seq"] for m in letters] == ["1", "1"]
+
+
 def test_a_service_whose_durable_is_missing_says_so_once_and_on_readyz(
     server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -77,13 +77,20 @@ async def dead_letter(js: Any, msg: Msg, settings: ServiceSettings, error: Inval
         "Tradingstack-Stream": stream,
         "Tradingstack-Stream-Seq": str(meta.sequence.stream),
         "Tradingstack-Deliveries": str(meta.num_delivered),
-        # Parked again after a crash before the ack below: the stream's duplicate window keeps one.
-        "Nats-Msg-Id": f"dlq:{settings.SERVICE_NAME}:{stream}:{meta.sequence.stream}",
+        # Parked again after a crash before the ack below: the stream's duplicate window keeps one. The
+        # message's stored time tells a stream made again (numbered from 1 anew) from a redelivery.
+        "Nats-Msg-Id": f"dlq:{settings.SERVICE_NAME}:{stream}:{meta.sequence.stream}:{_stored_at(meta)}",
     }
     await js.publish(f"{settings.DEAD_LETTER_PREFIX}.{stream}.{error.reason}", msg.data, headers=headers)
     log.warning("dead-lettered seq %d: %s", meta.sequence.stream, error,
                 extra={"reason": error.reason, "subject": msg.subject})  # fmt: skip
     await msg.ack()
+
+
+def _stored_at(meta: Any) -> str:
+    """When the stream stored a message (the same on every delivery of it), as a compact token."""
+    stamp = getattr(meta, "timestamp", None)
+    return f"{stamp.timestamp():.6f}" if stamp is not None else "-"
 
 
 def event_id(msg: Msg) -> str:
