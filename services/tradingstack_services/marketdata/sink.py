@@ -76,6 +76,19 @@ COMMIT_RETRY_DELAY_MAX = 15.0
 COMMIT_SECONDS = Histogram("tradingstack_sink_commit_seconds", "Time to commit one batch to Delta", ["table"])
 
 RowMaker = Callable[[Msg, int], dict[str, Any]]
+
+
+def same_stream(recorded: Any, current: str) -> bool:
+    """Whether a commit's recorded stream identity is the current stream's (stack, stream and creation
+    time). A commit without one (an older sink's) is no one's.
+
+    nats-server 2.9 reports a stream's creation time as its first message's after a restart that
+    follows a config update (2.10 and later keep it): there the sink takes the stream for a new one,
+    and a restart may write its last uncommitted window again; it never skips a message.
+    """
+    return isinstance(recorded, str) and recorded == current
+
+
 MAX_SOURCE_LENGTH = 128
 # A batch whose commit fails this many times in a row with the same error while the table answers
 # reads is split in two; a single row that does so is dead-lettered ("uncommittable").
@@ -242,7 +255,7 @@ class LakeSink:
             read = table.history(window)
             # Other writers' commits (compaction) lack the key; another stack's, or an earlier
             # incarnation of this stream's, hold sequences that say nothing of this one's messages.
-            history = [c for c in read if self.seq_key in c and c.get(self.source_key) == self.source]
+            history = [c for c in read if self.seq_key in c and same_stream(c.get(self.source_key), self.source)]
             oldest = SequenceRanges()
             if history:
                 oldest.add_encoded(str(history[-1][self.seq_key]))
@@ -280,14 +293,18 @@ class LakeSink:
         running sink, what is buffered (the old incarnation's) is committed, and the new one starts
         with nothing committed; a consumer made again (a replay of the same stream) changes nothing."""
         firsts = [m.metadata.sequence.stream for m in messages if m.metadata.num_delivered == 1]
-        if not firsts or min(firsts) > self.first_seen:
-            return
+        if not firsts or (self.first_seen and min(firsts) > self.first_seen):
+            return  # in order after what this run has seen: nothing went back
         source = self._source_of(await js.stream_info(self.stream))
-        if source == self.source:
+        if same_stream(source, self.source):
             return
         log.warning("stream %s was made again (%s, was %s): its sequences start anew", self.stream, source,
                     self.source)  # fmt: skip
-        await self.flush(js)  # the old incarnation's rows: their stream is gone, nothing would bring them back
+        # The old incarnation's rows are committed (their stream is gone: nothing would bring them back),
+        # but never acknowledged: an ack names a sequence, which now is a new message's.
+        self.pending.clear()
+        self.committing.clear()
+        await self.flush(js)
         self.source, self.committed, self.first_seen = source, SequenceRanges(), 0
 
     def _commit(self, batch: pa.Table, seqs: str) -> None:
@@ -314,9 +331,9 @@ class LakeSink:
 
         Its messages stay unacknowledged meanwhile (redeliveries only replace the message to ack),
         and fetching pauses at the next flush, so memory stays bounded by one batch in flight.
-        A batch that fails the same way again and again while the table answers reads holds a row
-        no commit can take: it is split in halves, each committed alone, until that row is alone.
-        Returns those rows (sequence -> the error), committed by no one, for the dead-letter stream.
+        A batch whose rows cannot all take the table's schema is split in halves, each committed alone,
+        until the row at fault is alone. Returns those rows (sequence -> the error), committed by no
+        one, for the dead-letter stream.
         """
         parts: list[dict[int, dict[str, Any]]] = [rows]
         poison: dict[int, str] = {}
@@ -330,51 +347,44 @@ class LakeSink:
             else:
                 seqs = list(part)
                 half = len(seqs) // 2
-                log.warning("commit of %d rows to %s fails the same way while the table reads fine: "
-                            "splitting to find the row at fault (%s)", len(seqs), self.name, error)  # fmt: skip
+                log.warning("%d rows for %s do not make a batch of its schema: splitting to find the row at "
+                            "fault (%s)", len(seqs), self.name, error)  # fmt: skip
                 parts += [{q: part[q] for q in seqs[half:]}, {q: part[q] for q in seqs[:half]}]
         return poison
 
     async def _commit_part(self, rows: dict[int, dict[str, Any]]) -> str | None:
-        """Commit until done (None), or the error once it came SAME_FAILURES_BEFORE_SPLIT times in a row
-        while the table itself could be read (the rows are at fault, not S3)."""
+        """Commit until done (None), or why the rows cannot become a batch of the table's schema at all.
+
+        That is the rows' fault and the same on every try (no I/O is involved), so it is answered at
+        once, for `_commit_until_done` to split on. Anything the commit itself meets (S3 away, refusing,
+        stalling, a competing writer) is retried with backoff for as long as it lasts: the data is
+        never given up on the lake's account.
+        """
+        try:
+            batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:512]
         seqs = SequenceRanges.encode(list(rows))
         delay = COMMIT_RETRY_DELAY
-        retry, last_error, same = False, "", 0
+        retry = False
         while True:
             try:
                 # A failed attempt may have committed all the same (the answer was lost): look first.
                 if not (retry and await asyncio.to_thread(self._holds, seqs)):
-                    batch = await asyncio.to_thread(pa.Table.from_pylist, list(rows.values()), schema=self.table.schema)
                     await asyncio.to_thread(self._commit, batch, seqs)
                 return None
-            except Exception as exc:  # S3 away, 5xx, stalled, or a row it cannot take
+            except Exception as exc:  # S3 away, 5xx, stalled: the same rows again after a delay
                 COMMIT_FAILURES.labels(self.name).inc()
-                error = f"{type(exc).__name__}: {exc}"[:512]
-                same = same + 1 if error == last_error else 1
-                last_error = error
-                if same >= SAME_FAILURES_BEFORE_SPLIT and await asyncio.to_thread(self._readable):
-                    return error
                 log.warning("commit of %d rows to %s failed, trying again in %.1f s: %s",
-                            len(rows), self.name, delay, error)  # fmt: skip
+                            len(rows), self.name, delay, f"{type(exc).__name__}: {exc}")  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, COMMIT_RETRY_DELAY_MAX)
                 retry = True
 
-    def _readable(self) -> bool:
-        """Whether S3 answers for the table now (its log can be read): then a failing commit is the rows' fault."""
-        try:
-            DeltaTable(self.uri, storage_options=self.settings.storage_options()).version()
-        except TableNotFoundError:
-            return True  # S3 answered: there is no table yet (the first commit makes it)
-        except Exception:
-            return False
-        return True
-
     def _holds(self, seqs: str) -> bool:
         """Whether one of the table's latest commits is the one recording exactly these sequences."""
         table = DeltaTable(self.uri, storage_options=self.settings.storage_options())
-        return any(commit.get(self.seq_key) == seqs and commit.get(self.source_key) == self.source
+        return any(commit.get(self.seq_key) == seqs and same_stream(commit.get(self.source_key), self.source)
                    for commit in table.history(20))  # fmt: skip
 
     async def flush(self, js: Any) -> None:
@@ -409,8 +419,9 @@ class LakeSink:
         self.rows_committed += len(seqs)
         self.committed.add_encoded(SequenceRanges.encode(seqs))
         for seq, error in poison.items():  # parked durably before the ack, like any message that cannot be used
-            await bus.dead_letter(js, messages[seq], self.settings, InvalidMessageError("uncommittable", error))
-            DEAD.labels(self.name, "uncommittable").inc()
+            if seq in messages:  # else of a stream made again since: its message is gone with it
+                await bus.dead_letter(js, messages[seq], self.settings, InvalidMessageError("uncommittable", error))
+                DEAD.labels(self.name, "uncommittable").inc()
         for seq, msg in messages.items():  # only now: the rows are durable
             if seq not in poison:
                 await msg.ack()
@@ -454,6 +465,7 @@ class LakeSink:
         # Started again after a failure: what was buffered but not committed is unacknowledged and
         # comes back from JetStream, so start from nothing rather than from half a batch.
         self.rows, self.pending, self.committing, self.oldest, self.commit_task = {}, {}, {}, None, None
+        self.first_seen = 0
         js = nc.jetstream()
         # Reading the log back is a delta-rs call like a commit, and can hang behind a stalled S3 the
         # same way: the liveness check watches it too.

@@ -156,7 +156,8 @@ class Exeq:
             stored = await self.store.move(order.order_id, lambda o: o.moved(OrderStatus.CANCELLED, reason=reason))
         except TransitionError:
             return
-        await exposure.release(self.redis, order.order_id)  # its unfilled rest is open no more
+        # Its unfilled rest is open no more; what it filled leaves exposure as pnl applies the fills.
+        await exposure.release(self.redis, order.order_id, stored.order.remaining)
         log.warning("order %s cancelled: %s (%s)", order.order_id, reason, stored.order.status.value)
 
     async def _dead_letter(self, js: Any, msg: Msg, error: InvalidMessageError) -> None:

@@ -139,13 +139,11 @@ class Oms:
         else:
             decided = order.moved(OrderStatus.REJECTED, reason=result.reason, risk_level=result.risk_level)
         routed = decided.status is OrderStatus.ROUTED
-        try:
-            stored, created = await self.store.claim(decided, unrouted=routed)
-        except Exception:
-            await self._release_quietly(order.order_id)  # nothing stored: its approval holds nothing open
-            raise
+        # A claim that fails may still have stored the order (the answer lost): its reservation is left to
+        # risk's sweep, which releases it only if no live order of that id exists.
+        stored, created = await self.store.claim(decided, unrouted=routed)
         if not created:
-            if routed:  # this request's approval was for an order that is not stored: a retry's
+            if routed and stored.order.order_id != order.order_id:  # this approval's order is not stored
                 await self._release_quietly(order.order_id)
             return await self._known(stored, request), False
         await self._event(decided)
@@ -153,10 +151,11 @@ class Oms:
             await self._route(stored)
         return stored, True
 
-    async def _release_quietly(self, order_id: str) -> None:
-        """Give back an approval's open quantity; if Redis is away, risk's sweep does it later."""
+    async def _release_quietly(self, order_id: str, quantity: float | None = None) -> None:
+        """Give back an approval's open quantity (`quantity` of it, else all); if Redis is away, risk's
+        sweep does it later."""
         try:
-            await exposure.release(self.store.redis, order_id)
+            await exposure.release(self.store.redis, order_id, quantity)
         except aioredis.RedisError as exc:
             log.warning("open quantity of %s not released now (the sweep will): %s", order_id, exc)
 
@@ -208,7 +207,7 @@ class Oms:
             return order.moved(OrderStatus.CANCELLED, reason="cancelled by client")
 
         stored = await self.store.move(order_id, cancelled)
-        await self._release_quietly(order_id)  # the unfilled rest; fills still on their way pnl releases
+        await self._release_quietly(order_id, stored.order.remaining)  # fills on their way, pnl releases
         await self._event(stored.order)
         return stored.order
 

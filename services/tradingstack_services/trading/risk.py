@@ -47,6 +47,7 @@ POSITIONS_RESYNC_SECONDS = 5.0
 RESERVATION_SWEEP_SECONDS = 10.0
 DEFAULT_MAX_OPEN_ORDERS = 1_000  # spec.maxOpenOrders' default
 RESERVATION_GRACE_SECONDS = 30.0
+ENDED_GRACE_SECONDS = 600.0
 # How long a check waits for the first load of positions before it answers "not ready".
 POSITIONS_WAIT_SECONDS = 2.0
 
@@ -217,10 +218,15 @@ class RiskService:
         raws = await self.redis.mget([ORDER_KEY + order_id for order_id in old])
         for order_id, raw in zip(old, raws, strict=True):
             order = Order.model_validate_json(raw) if raw else None
-            if order is None or order.terminal:
+            if order is None:  # never stored (or expired long after it ended): nothing holds it
                 await exposure.release(self.redis, order_id)
-                log.info("released the open quantity of order %s (%s)", order_id,
-                         "never stored" if order is None else order.status.value)  # fmt: skip
+                log.info("released the open quantity of order %s, never stored", order_id)
+            elif order.terminal and old[order_id][2] < before - ENDED_GRACE_SECONDS:
+                # Ended long ago and still holding: its ending release was lost (a crash between the move and
+                # the release), or pnl has not applied its fills for that long. Holding more than is open
+                # errs the safe way, so only now.
+                await exposure.release(self.redis, order_id)
+                log.warning("released the open quantity of order %s, %s long ago", order_id, order.status.value)
 
     async def load_positions(self) -> None:
         raw = await self.redis.hgetall(POSITIONS_KEY)
@@ -277,8 +283,9 @@ def create(settings: ServiceSettings) -> FastAPI:
 
     @app.post("/check", responses={503: {"description": "positions not loaded yet; retry after Retry-After"}})
     async def check_order(request: CheckRequest) -> CheckResult:
+        """A question only: over HTTP nothing is reserved (orders are checked by the OMS, over NATS)."""
         try:
-            return await service.evaluate(request)
+            return await service.evaluate(request.model_copy(update={"order_id": None}))
         except NotReadyError as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "2"}) from exc
 
