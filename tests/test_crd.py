@@ -56,6 +56,7 @@ INVALID_SPECS = [
                  id="two-sink-writers"),
     pytest.param({"services": {"audit-log": {"enabled": True, "replicas": 2}}}, "run as one pod each",
                  id="two-audit-writers"),
+    pytest.param({"services": {"pnl": {"replicas": 2}}}, "run as one pod each", id="two-pnl-writers"),
     pytest.param({"riskLimits": [{"symbol": "BTC", "minQuantity": 5, "maxQuantity": 1}]},
                  "minQuantity may not exceed maxQuantity", id="min-above-max"),
     pytest.param({"infrastructure": {"s3": {"endpoint": "http://minio:9000"}}}, "allowHttp", id="plain-http"),

@@ -394,6 +394,7 @@ def test_the_single_writers_roll_with_recreate_and_the_others_overlap() -> None:
     plan = build_plan(StackRef("demo", "ns"), parse_spec({"services": {"sink-alt": {"replicas": 1}}}))
     strategies = {o["metadata"]["name"]: o["spec"].get("strategy") for o in plan.objects if o["kind"] == "Deployment"}
     assert strategies["demo-sink-ticks"] == strategies["demo-sink-alt"] == {"type": "Recreate"}
+    assert strategies["demo-pnl"] == {"type": "Recreate"}
     assert strategies["demo-oms"] is None
-    assert strategies["demo-pnl"] is None
+    assert strategies["demo-exeq"] is None
     assert parse_spec({"services": {"sink-ticks": {"replicas": 0}}}).service(ServiceName.SINK_TICKS).replicas == 0

@@ -70,13 +70,17 @@ class ServiceName(StrEnum):
 OPT_IN_SERVICES = frozenset(
     {ServiceName.COMPLIANCE, ServiceName.QUALITY, ServiceName.AUDIT, ServiceName.LIVE, ServiceName.PTRC}
 )
-# Each is the one writer of its Delta commits: a message redelivered from one pod to another would be
-# committed twice. They run one pod (replicas 0 or 1) and roll with Recreate, so a rollout never
+# Each is the one writer of a state whose result depends on the order it applies messages in: the
+# sinks' Delta commits (a message redelivered from one pod to another would be committed twice),
+# pnl's average-cost positions, ptrc's day ledgers, the compliance rules' account state (their
+# writes are compare-and-set, so two pods lose nothing, but they would apply fills in another order
+# than the stream's). They run one pod (replicas 0 or 1) and roll with Recreate, so a rollout never
 # overlaps an old pod and a new one.
-SINGLE_WRITER_SERVICES = (ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT)
+SINGLE_WRITER_SERVICES = (ServiceName.SINK_TICKS, ServiceName.SINK_ALT, ServiceName.AUDIT, ServiceName.PNL,
+                          ServiceName.PTRC, ServiceName.COMPLIANCE)  # fmt: skip
 _SINGLE_WRITER_MESSAGE = (
-    ", ".join(s.value for s in SINGLE_WRITER_SERVICES) + " run as one pod each (the single writer of their Delta "
-    "commits: two would commit a redelivered message twice); replicas may be 0 or 1"
+    ", ".join(s.value for s in SINGLE_WRITER_SERVICES) + " run as one pod each (each applies its stream in "
+    "order: two pods would commit a redelivered message twice or apply fills out of order); replicas may be 0 or 1"
 )
 
 

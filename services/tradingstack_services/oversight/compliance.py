@@ -3,8 +3,8 @@
 Per event (its `Nats-Msg-Id`, else a digest of it, is its identity): the account's state is read
 from Redis, the event judged, and the new state stored in one transaction with the alerts it
 raised under the event's identity, committed only if no other scanner changed the account's state
-meanwhile (WATCH), so replicas may share the durable consumer (events of one account may then be
-judged out of stream order across them: each is still counted once). The alerts are published on
+meanwhile (WATCH): a second pod (one the CRD does not allow, but a stuck one) loses no event. One
+pod, rolling with Recreate: the rules judge an account's events in stream order. The alerts are published on
 `compliance.alert.{RULE}.{SYMBOL}` (JetStream ack, `Nats-Msg-Id` = alert id) and written to
 QuestDB `compliance_alerts`, and only then is the event acknowledged. A redelivery finds the
 event judged and publishes and writes the same alerts again (deduplicated by id), so a crash

@@ -3,8 +3,9 @@
 Each fill is applied once (Redis keeps each applied fill id per fill day) to the account and
 symbol's running position (average cost, as pnl keeps it) and to that day's ledger, which
 remembers the position the day opened with, the trades, quantities and notionals; position,
-ledger and the applied mark change in one transaction (WATCHed: another replica's commit in
-between makes it run again on the newer state), before the fill is acknowledged. A report
+ledger and the applied mark change in one transaction (WATCHed: another pod's commit in between
+makes it run again on the newer state), before the fill is acknowledged. One pod, rolling with
+Recreate: a ledger's opening position depends on the order fills are applied in. A report
 of a day has one row per account and symbol that traded: opening and closing position, trades,
 bought and sold, realized P&L over the day, unrealized P&L at the mark (today: the last tick; a
 past day: its last fill), fees (none: paper execution). For the latest day, each closing position

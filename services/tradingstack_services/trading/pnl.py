@@ -10,7 +10,9 @@ as a rolling update runs them, never lose each other's fills); the positions are
 the batch and the position after it go to QuestDB (`fills`, `positions`, both deduplicated
 on their keys), and only then are the fills acknowledged. A redelivery (crash, QuestDB
 away) finds its fills applied and rewrites the same history rows from what Redis kept.
-Any number of replicas may share the durable consumer.
+One pod (the CRD allows no more, and it rolls with Recreate): average cost depends on the order
+fills are applied in, which two pods sharing the consumer would not keep; the compare-and-set makes
+even that case lose no fill.
 """
 
 from __future__ import annotations
