@@ -254,13 +254,13 @@ def test_orders_survive_every_process_dying_exactly_once(platform: Platform) -> 
 
     time.sleep(2)
     poison: list[tuple[str, int, str]] = []
+    # The services that roll with overlap (the single writers roll with Recreate: no overlap to test).
+    rolling = [s for name, s in platform.services.items() if name not in SINGLE_WRITER_SERVICES]
     for _ in range(ROUNDS):
         poison += publish_poison(platform.nats.url, TRADING_POISON)
         for name in SERVICES:  # SIGKILL each service in turn, then start it again (what the kubelet does)
             service = platform.services[name]
             recovered(f"SIGKILL {name.value}", lambda service=service: (service.kill(), time.sleep(1), service.start()))
-        # The services that roll with overlap (the single writers roll with Recreate: no overlap to test).
-        rolling = [s for name, s in platform.services.items() if name not in SINGLE_WRITER_SERVICES]
         recovered("rollout overlap (10 s)", lambda: overlap(rolling, 10))
         recovered("restart nats-server", lambda: (platform.nats.stop(), time.sleep(2), platform.nats.start()))
         recovered("restart redis-server", lambda: (platform.redis.stop(), time.sleep(2), platform.redis.start()))
