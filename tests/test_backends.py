@@ -13,6 +13,7 @@ from typing import Any
 import nats
 import pyarrow.fs as pafs
 import pytest
+import redis
 from deltalake import DeltaTable
 
 from questdb_double import QuestDBDouble
@@ -600,7 +601,10 @@ def test_a_redis_database_belongs_to_one_stack(redis_server: RedisServer) -> Non
     assert "ns/demo" in shared.problems[0].message
     assert RedisProvisioner(redis_server.url.replace("/0", "/1")).reconcile(theirs).ok
     assert provisioner.delete(theirs) == []  # the other stack never releases ours
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("tradingstack:order:o-1", "{}")  # what the services keep
     assert [c.action for c in provisioner.delete(ours)] == ["delete"]
+    assert client.keys("tradingstack:*") == []  # a stack made next on this database starts empty
     assert provisioner.reconcile(theirs).ok  # free again
     away = RedisProvisioner(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
     assert backends.run(away, ours).unreachable is not None

@@ -280,7 +280,8 @@ def test_delete_removes_the_data_only_once_the_stacks_pods_are_gone(
     # A pod of the stack, as a Deployment's would be (no kubelet here: it stays until deleted).
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": f"{name}-oms-abc", "labels": {"app.kubernetes.io/name": "tradingstack",
-                                                              "app.kubernetes.io/instance": name}},
+                                                              "app.kubernetes.io/instance": name,
+                                                              "app.kubernetes.io/managed-by": "tradingstack-operator"}},
            "spec": {"containers": [{"name": "oms", "image": "tradingstack:test"}]}}  # fmt: skip
     kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", body=pod)
 

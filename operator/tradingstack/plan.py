@@ -210,8 +210,9 @@ def child_selector(stack: str) -> dict[str, str]:
 
 
 def pod_selector(stack: str) -> dict[str, str]:
-    """Selects every pod of one TradingStack's services (their template labels)."""
-    return {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack}
+    """Selects every pod of one TradingStack's services (their template labels): not the operator's
+    own, nor a chart's, which share the name and may share the instance."""
+    return {LABEL_NAME: "tradingstack", LABEL_INSTANCE: stack, LABEL_MANAGED_BY: MANAGER}
 
 
 def common_labels(stack: str, service: ServiceName) -> dict[str, str]:

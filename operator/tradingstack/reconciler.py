@@ -462,7 +462,11 @@ class Reconciler:
         for (kind, obj_name), _obj in sorted(live.items()):
             if kind == "Deployment" and self.kube.delete(kind, plan.stack.namespace, obj_name):
                 deleted.append(f"{kind}/{obj_name}")
-        pods = self.kube.list("Pod", plan.stack.namespace, pod_selector(plan.stack.name))
+        pods = [
+            p
+            for p in self.kube.list("Pod", plan.stack.namespace, pod_selector(plan.stack.name))
+            if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]  # ended: writes nothing
         if pods:
             removed = f"; removed {', '.join(deleted)}" if deleted else ""
             waiting = f"deletionPolicy Delete waits for {len(pods)} pod(s) to end before it deletes the data"

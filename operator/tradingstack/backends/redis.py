@@ -16,7 +16,8 @@ from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, Unr
 from tradingstack.credentials import ServerCredentials
 from tradingstack.plan import OWNER_PREFIX, Plan
 
-OWNER_KEY = "tradingstack:owner"
+KEY_PREFIX = "tradingstack:"  # every key the services keep
+OWNER_KEY = KEY_PREFIX + "owner"
 
 
 class RedisProvisioner:
@@ -64,8 +65,22 @@ class RedisProvisioner:
         return result
 
     def delete(self, plan: Plan) -> list[Change]:
-        """Give the database back, if it is this stack's (its keys stay: Redis has no table to drop)."""
+        """Delete the stack's keys and give the database back, if it is this stack's: a stack made next
+        on it (the same one again, say) must not find old orders resting or old positions."""
         if self._holder() != plan.stack.owner:
             return []
-        self.client.delete(OWNER_KEY)
-        return [Change("delete", "Redis", OWNER_KEY, "database released")]
+        try:
+            removed = 0
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1_000):
+                if key != OWNER_KEY.encode():
+                    batch.append(key)
+                if len(batch) >= 1_000:
+                    removed += int(self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(self.client.unlink(*batch))
+            self.client.delete(OWNER_KEY)
+        except redis.RedisError as exc:
+            raise UnreachableError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
+        return [Change("delete", "Redis", OWNER_KEY, f"database released, {removed} keys of the stack deleted")]
