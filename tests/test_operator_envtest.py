@@ -297,6 +297,20 @@ def test_delete_removes_the_data_only_once_the_stacks_pods_are_gone(
     assert "Table/ticks" in reasons["Deleted"]
 
 
+def test_a_second_stack_on_a_taken_redis_database_runs_no_service(
+    kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
+) -> None:
+    """Its exeq would fill the first stack's orders: RedisReady False (OwnedByAnotherStack), and not one
+    of its Deployments is made, while the first stack runs on."""
+    create_stack(kube, namespace, "first", infra)
+    wait_condition(kube, namespace, "first", "RedisReady", "True")
+    create_stack(kube, namespace, "second", infra)
+    refused = wait_condition(kube, namespace, "second", "RedisReady", "False", reason="OwnedByAnotherStack")
+    assert f"{namespace}/first" in condition(refused, "RedisReady")["message"]
+    assert not [k for k in children(kube, namespace, "second") if k[0] == "Deployment"]
+    assert [k for k in children(kube, namespace, "first") if k[0] == "Deployment"]
+
+
 def test_operator_restart_mid_reconcile_converges_without_duplicates(
     kube: KubeClient, operator: OperatorRunner, namespace: str, infra: dict[str, Any]
 ) -> None:

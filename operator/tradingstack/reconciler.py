@@ -274,14 +274,24 @@ class Reconciler:
             RECONCILES.labels("paused").inc()
             return outcome
 
-        try:
-            outcome.changes = self.workloads.reconcile(plan)
-        except KubeApiError as exc:
-            outcome.apply_error = exc
-            self.events(body, "Warning", "ApplyFailed", str(exc))
+        provisioners = self.backend_factory(plan)
+        # The Redis claim first: a stack whose database another stack holds runs no service there
+        # (its exeq would fill the other stack's orders), so its workloads are not applied at all.
+        for provisioner in provisioners:
+            if provisioner.backend == "redis":
+                outcome.backends["redis"] = backends.run(provisioner, plan)
+        claim = outcome.backends.get("redis")
+        if claim is not None and any(p.reason == "OwnedByAnotherStack" for p in claim.problems):
+            self.events(body, "Warning", "OwnedByAnotherStack", "no service started: " + str(claim.problems[0]))
+        else:
+            try:
+                outcome.changes = self.workloads.reconcile(plan)
+            except KubeApiError as exc:
+                outcome.apply_error = exc
+                self.events(body, "Warning", "ApplyFailed", str(exc))
         # Infrastructure is reconciled even when the workloads failed: they do not depend on each other.
-        for provisioner in self.backend_factory(plan):
-            result = backends.run(provisioner, plan)
+        for provisioner in provisioners:
+            result = outcome.backends.get(provisioner.backend) or backends.run(provisioner, plan)
             outcome.backends[result.backend] = result
             for change in result.changes:
                 INFRA_CHANGES.labels(result.backend, change.action).inc()

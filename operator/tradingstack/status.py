@@ -42,6 +42,7 @@ class Reason(StrEnum):
     UNREACHABLE = "Unreachable"  # the backend's server did not answer; retried with backoff
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # the spec changes a field the server cannot change
     REJECTED = "Rejected"  # the server refused a statement
+    OWNED_BY_ANOTHER_STACK = "OwnedByAnotherStack"  # a stream, table, lake table or Redis database is another's
     SECRET_NOT_FOUND = "SecretNotFound"  # the Secret named in secretRef is missing or incomplete
     IMAGE_NOT_ALLOWED = "ImageNotAllowed"  # an image outside the operator's allowed repositories
     PROVISION_FAILED = "ProvisionFailed"  # any other backend error
