@@ -627,3 +627,9 @@ def test_a_lake_another_stack_made_is_refused_unless_shared_on_purpose(lake: tup
     assert "lake.shared" in refused.problems[0].message
     assert provisioner.reconcile(sharing).ok
     assert [c for c in provisioner.delete(sharing) if c.kind == "DeltaTable"] == []  # not theirs to delete
+    # ptrc's reports replace a day's rows in place: that table is never shared.
+    with_reports = {"services": {"ptrc": {"enabled": True}}}
+    assert provisioner.reconcile(plan_for({**spec, **with_reports})).ok
+    sharing_reports = parse_spec({**spec, **with_reports, "lake": {"shared": True}})
+    refused = provisioner.reconcile(build_plan(StackRef("other", "team-b"), sharing_reports))
+    assert {p.name for p in refused.problems} == {f"{endpoint.bucket}/lake/reports"}

@@ -138,6 +138,23 @@ def test_an_event_seen_again_or_out_of_order_counts_each_fill_once() -> None:
     assert sum(c[1] for c in state.counts.values()) == 1
 
 
+def test_bounded_events_out_of_order_still_count_every_fill_once() -> None:
+    """As published (each event carries only its newest fill): the event of fill 3 ahead of fill 2's,
+    then every one again; the position holds all three fills, each once."""
+    stored = order("o", quantity=3, fills=[(0, 1, 100), (1, 1, 101), (2, 1, 102)], status=FILLED)
+    events = []
+    for n in (1, 2, 3):
+        step = stored.model_copy(update={"fills": stored.fills[:n], "filled_quantity": float(n),
+                                         "status": FILLED if n == 3 else OrderStatus.PARTIALLY_FILLED})  # fmt: skip
+        events.append(Order.model_validate_json(step.event()))
+    state = AccountState()
+    for event in (events[0], events[2], events[1], *events):
+        judge(state, event, RULES, LIMIT, 100.0)
+    assert state.symbols["BTCUSDT"].position == 3
+    assert sum(c[1] for c in state.counts.values()) == 3
+    assert (state.orders["o"].fills, state.orders["o"].later) == (3, [])
+
+
 def test_a_replay_raises_the_same_alerts_with_the_same_ids() -> None:
     events = [order("b", "buy", fills=[(0, 9, 100)], quantity=9, status=FILLED),
               order("s", "sell", at=5, fills=[(5, 1, 100)], status=FILLED)]  # fmt: skip

@@ -784,7 +784,8 @@ class Lake(Model):
         False,
         description="Write into Delta tables another stack made (one bucket for several stacks, on purpose): each "
         "stack's sinks record their own stream's identity with their commits, so neither skips the other's rows. "
-        "Without it such tables are refused (BucketsReady False, OwnedByAnotherStack).",
+        "Without it such tables are refused (BucketsReady False, OwnedByAnotherStack); lake/reports always is "
+        "(ptrc replaces a day's rows in place).",
     )
     tables: dict[str, LakeUpkeep] | None = Field(
         None,

@@ -18,7 +18,7 @@ from deltalake.exceptions import TableNotFoundError
 from tradingstack import lake
 from tradingstack.api import S3Endpoint
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
-from tradingstack.lake import ALL_TABLES, LakeTable, tables_at
+from tradingstack.lake import ALL_TABLES, REPORTS, LakeTable, tables_at
 from tradingstack.plan import OWNER_PREFIX, Plan
 
 # Written into a bucket the operator creates, holding the creating stack's owner mark.
@@ -94,7 +94,9 @@ class S3Provisioner:
         for table in tables_at(plan.lake_tables):
             if lake_ready:
                 try:
-                    shared = plan.spec.lake is not None and plan.spec.lake.shared
+                    # Appended to only, with each commit's stream identity: shareable. ptrc's reports replace a
+                    # day's rows in place, which would replace another stack's: never shared.
+                    shared = plan.spec.lake is not None and plan.spec.lake.shared and table != REPORTS
                     self._delta_table(table, result, plan.stack.owner, shared)
                 except OSError as exc:
                     # deltalake reports transport failures as OSError with the cause in the text.

@@ -48,7 +48,8 @@ class SymbolState(BaseModel):
 
 
 class OrderSeen(BaseModel):
-    fills: int = 0  # how many of its fills were judged
+    fills: int = 0  # its fills 1..fills were judged
+    later: list[int] = Field(default_factory=list)  # and these numbers past a gap (events out of order)
     finished: datetime | None = None
 
 
@@ -91,12 +92,19 @@ def judge(
         _count(state, order.created_at, 0)
         _fat_finger(order, rules, mid, alert)
         _ratios(state, order, rules, order.created_at, alert)
-    # An event carries its newest fill only (every fill has an event of its own); a stored order all.
-    unseen = order.fills[seen.fills :] if order.fills else [order.last_fill] if order.last_fill else []
-    for fill in unseen if order.fill_total > seen.fills else []:
+    # An event carries its newest fill only, numbered by the fill count (every fill has an event of its
+    # own, and events may come out of order); a stored order carries them all.
+    numbered = list(enumerate(order.fills, 1)) if order.fills else (
+        [(order.fill_total, order.last_fill)] if order.last_fill else [])  # fmt: skip
+    for number, fill in numbered:
+        if number <= seen.fills or number in seen.later:
+            continue  # judged already
         _count(state, fill.ts, 1)
         _fill(state.symbols.setdefault(order.symbol, SymbolState()), fill, rules, limit, alert)
-    seen.fills = max(seen.fills, order.fill_total)
+        seen.later.append(number)
+    while seen.fills + 1 in seen.later:
+        seen.later.remove(seen.fills + 1)
+        seen.fills += 1
     if order.status in (OrderStatus.FILLED, OrderStatus.REJECTED, OrderStatus.CANCELLED) and seen.finished is None:
         seen.finished = order.updated_at
         if order.status == OrderStatus.CANCELLED:
