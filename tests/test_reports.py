@@ -138,11 +138,10 @@ def test_the_days_report_is_served_reconciled_and_written_to_the_lake_once(platf
 def test_a_day_closes_once_its_fills_are_all_applied() -> None:
     ended = datetime.fromisoformat("2026-01-03T00:00:00+00:00") + timedelta(seconds=reports.CLOSE_GRACE_SECONDS)
     early = ended - timedelta(seconds=1)
-    assert not reports.closable(DAY, early, None, caught_up=True)  # a fill of its last instant may be on its way
-    assert reports.closable(DAY, ended, None, caught_up=True)
-    assert not reports.closable(DAY, ended, None, caught_up=False)  # fills still pending may be the day's
-    assert not reports.closable(DAY, ended, ended.timestamp() - 1, caught_up=False)
-    assert reports.closable(DAY, ended, ended.timestamp(), caught_up=False)  # a later fill is applied already
+    assert not reports.closable(DAY, early, 10, ack_floor=10)  # a fill of its last instant may be on its way
+    assert not reports.closable(DAY, ended, None, ack_floor=10)  # where the stream stood is not known yet
+    assert not reports.closable(DAY, ended, 10, ack_floor=9)  # a fill stored before then is not applied yet
+    assert reports.closable(DAY, ended, 10, ack_floor=10)
 
 
 def test_every_ended_day_an_outage_skipped_is_written_once_its_fills_are_applied(
@@ -164,8 +163,17 @@ def test_every_ended_day_an_outage_skipped_is_written_once_its_fills_are_applied
         found = sorted({r["date"] for r in table.to_pyarrow_table().to_pylist()})
         return found if found == days else None
 
+    def trades_of(day: str) -> int | None:
+        table = DeltaTable(table_uri, storage_options=settings.storage_options())
+        rows = [r for r in table.to_pyarrow_table().to_pylist() if r["date"] == day]
+        return rows[0]["trades"] if rows else None
+
     with LiveServer(reports.create(settings)):
         wait_for(reported_days, 30, f"reports of {days}")
+        assert trades_of(days[0]) == 1
+        late = fill(days[0], "late", "sell", 1.0, 101.0, 9)  # a fill of a reported day, arriving late
+        platform.run(lambda nc: _publish_all(nc, [late]))
+        wait_for(lambda: trades_of(days[0]) == 2, 30, f"the report of {days[0]} written again with the late fill")
 
 
 async def _publish_all(nc: Any, fills: list[Fill]) -> None:

@@ -12,8 +12,9 @@ past day: its last fill), fees (none: paper execution). For the latest day, each
 is reconciled against pnl's own position of the account and symbol: a mismatch is an alert
 (`tradingstack_ptrc_reconciliation_mismatches`, the chart's `TradingStackPositionsMismatch`).
 Reports are written to the Delta table `lake/reports` (partitioned by date; writing a day again
-replaces it) for every ended UTC day once the FILLS consumer has passed its end (after an outage,
-each day it missed), and on `POST /reports/{date}`; `GET /reports?date=` serves a day
+replaces it) for every ended UTC day once the FILLS consumer has applied every fill the stream held
+just after its end (after an outage, each day it missed; again when a late fill of it comes), and on
+`POST /reports/{date}`; `GET /reports?date=` serves a day
 as JSON or CSV (`format=csv`).
 """
 
@@ -52,7 +53,6 @@ POSITIONS_KEY = PREFIX + "positions"
 TTL_SECONDS = 40 * 24 * 3600
 CLOSE_CHECK_SECONDS = 60.0
 CLOSE_GRACE_SECONDS = 60.0
-WATERMARK_KEY = PREFIX + "watermark"  # sorted set: "fills" -> epoch seconds of the latest fill applied
 FILLS = Counter("tradingstack_ptrc_fills_applied_total", "Fills applied to positions and day ledgers")
 DEAD = Counter("tradingstack_ptrc_dead_lettered_total", "Fill messages sent to the dead-letter stream", ["reason"])
 MISMATCHES = Gauge("tradingstack_ptrc_reconciliation_mismatches",
@@ -68,13 +68,17 @@ def written_key(day: str) -> str:
     return f"{PREFIX}written:{day}"
 
 
-def closable(day: str, now: datetime, watermark: float | None, caught_up: bool) -> bool:
+def day_end_key(day: str) -> str:
+    """The FILLS stream's last sequence when the day had ended CLOSE_GRACE_SECONDS ago (set once)."""
+    return f"{PREFIX}day-end:{day}"
+
+
+def closable(day: str, now: datetime, day_end_seq: int | None, ack_floor: int) -> bool:
     """Whether a day's report can be written: the day ended CLOSE_GRACE_SECONDS ago (a fill made at
-    its last instant has reached the stream by then), and the FILLS consumer has passed its end:
-    nothing pending for it now, or a fill stamped after that moment already applied (`watermark`,
-    epoch seconds of the latest fill applied, for a stream too busy ever to be caught up)."""
+    its last instant has reached the stream by then), and the FILLS consumer has acknowledged, so
+    applied, every fill the stream held at that moment (`day_end_seq`, recorded once after it)."""
     closed = datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(days=1, seconds=CLOSE_GRACE_SECONDS)
-    return now >= closed and (caught_up or (watermark is not None and watermark >= closed.timestamp()))
+    return now >= closed and day_end_seq is not None and ack_floor >= day_end_seq
 
 
 def applied_key(day: str) -> str:
@@ -213,7 +217,8 @@ class Ptrc:
                 if marks:
                     tx.hset(applied_key(day), mapping=marks)
                     tx.expire(applied_key(day), TTL_SECONDS)
-            tx.zadd(WATERMARK_KEY, {"fills": max(f.ts.timestamp() for f in new)}, gt=True)  # only ever forward
+            for day in {f"{f.ts:%Y-%m-%d}" for f in new} - {today()}:
+                tx.delete(written_key(day))  # a late fill of a reported day: that day is written again
             return len(new)
 
         watched = [POSITIONS_KEY, *(ledger_key(d) for d in days), *(applied_key(d) for d in days)]
@@ -295,11 +300,21 @@ class Ptrc:
         unwritten = [d for d, mark in zip(days, marks, strict=True) if mark is None]
         if not unwritten:
             return []
-        consumer = await js.consumer_info(self.settings.NATS_STREAM, self.settings.NATS_DURABLE)
-        caught_up = consumer.num_pending == 0 and consumer.num_ack_pending == 0
-        watermark = await self.redis.zscore(WATERMARK_KEY, "fills")
         now = datetime.now(UTC)
-        return [d for d in unwritten if closable(d, now, watermark, caught_up)]
+        ended = [d for d in unwritten if closable(d, now, 0, 0)]  # past its end and the grace
+        if not ended:
+            return []
+        last_seq = (await js.stream_info(self.settings.NATS_STREAM)).state.last_seq
+        for day in ended:  # the first check after a day's end records where the stream stood
+            await self.redis.set(day_end_key(day), last_seq, nx=True, ex=TTL_SECONDS)
+        marks = await self.redis.mget([day_end_key(d) for d in ended])
+        consumer = await js.consumer_info(self.settings.NATS_STREAM, self.settings.NATS_DURABLE)
+        floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+        return [
+            d
+            for d, mark in zip(ended, marks, strict=True)
+            if closable(d, now, int(mark) if mark is not None else None, floor)
+        ]
 
 
 def today() -> str:
