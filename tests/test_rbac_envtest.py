@@ -195,8 +195,11 @@ def test_each_rule_is_needed(rbac: tuple[Envtest, KubeClient], infra: dict[str, 
             log = stack.enter_context(operator_as(kubeconfig, ["--namespace", namespace], tmp_path / f"op-{index}.log"))
             admin.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=lake_secret())
             runs.append((rule, namespace, log))
-        for _, namespace, _ in runs:
+        for index, (_, namespace, _) in enumerate(runs):
             spec = {**copy.deepcopy(infra), "driftCheckIntervalSeconds": 10, "deletionPolicy": "Delete"}
+            # A Redis database each: a stack on another's database runs nothing, and would meet no 403.
+            redis_url = spec["infrastructure"]["redis"]["url"]
+            spec["infrastructure"]["redis"]["url"] = redis_url.rsplit("/", 1)[0] + f"/{index + 1}"
             create_stack(admin, namespace, "lacking", spec)
         for rule, namespace, _ in runs:
             if rule["resources"] == ["pods"]:  # listed only by a deletion, which waits for the pods to end
