@@ -30,7 +30,6 @@ import redis.asyncio as aioredis
 OPEN_KEY = "tradingstack:risk:open"  # "{position key}|{side}" -> open quantity
 RESERVATIONS_KEY = "tradingstack:risk:reservations"  # order id -> "{position key}|{side}|{open}|{reserved at}"
 OPEN_ORDERS_KEY = "tradingstack:risk:open-orders"  # account ("-": open order entry) -> orders holding a reservation
-TOLERANCE = 1e-9
 
 _RESERVE = """
 local pos = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
@@ -68,11 +67,6 @@ else
 end
 return 1
 """
-
-
-def side_of(field: str) -> tuple[str, str]:
-    key, _, side = field.rpartition("|")
-    return key, side
 
 
 @dataclass(frozen=True)

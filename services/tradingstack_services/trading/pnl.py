@@ -4,8 +4,8 @@ Per batch of fills: the fills not applied yet (Redis keeps each applied fill id 
 position right after it, in one hash per fill day that outlives the FILLS stream's
 retention) are applied in order to the symbols' positions (average cost); the positions,
 the quantities risk reads (`tradingstack:positions`) and the applied fills go to Redis in
-one transaction, committed only if no other pnl changed them meanwhile (WATCH: two replicas,
-as a rolling update runs them, never lose each other's fills); the positions are announced on
+one transaction, committed only if no other pnl changed them meanwhile (WATCH: should two pods
+ever run at once, neither loses the other's fills); the positions are announced on
 `positions.{SYMBOL}`; then every fill of
 the batch and the position after it go to QuestDB (`fills`, `positions`, both deduplicated
 on their keys), and only then are the fills acknowledged. A redelivery (crash, QuestDB
