@@ -10,6 +10,9 @@ another server is the way to run two. deletionPolicy Delete gives the database b
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import redis
 
 from tradingstack.changes import BackendResult, Change, ItemStatus, Problem, UnreachableError
@@ -30,11 +33,17 @@ class RedisProvisioner:
             options["ssl_ca_data"] = credentials.ca_data
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **options)
 
-    def _holder(self) -> str | None:
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Redis's own errors as the backends' UnreachableError: the pass is retried later."""
         try:
-            raw = self.client.get(OWNER_KEY)
+            yield
         except redis.RedisError as exc:
             raise UnreachableError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def _holder(self) -> str | None:
+        with self._reachable():
+            raw = self.client.get(OWNER_KEY)
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def reconcile(self, plan: Plan, dry_run: bool = False) -> BackendResult:
@@ -42,16 +51,13 @@ class RedisProvisioner:
         owner = plan.stack.owner
         holder = self._holder()
         if holder is None:
-            if not dry_run:
-                try:
-                    claimed = self.client.set(OWNER_KEY, owner, nx=True)
-                except redis.RedisError as exc:
-                    raise UnreachableError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
-                holder = owner if claimed else self._holder()  # another stack may have claimed it first
             result.changes.append(Change("create", "Redis", OWNER_KEY, f"database owned by {plan.stack.namespace}/"
                                          f"{plan.stack.name}"))  # fmt: skip
-            if dry_run:
-                holder = owner
+            holder = owner
+            if not dry_run:
+                with self._reachable():
+                    if not self.client.set(OWNER_KEY, owner, nx=True):
+                        holder = self._holder()  # another stack claimed it first
         if holder != owner:
             other = (holder or "").removeprefix(OWNER_PREFIX)
             message = (f"Redis database {self.url} belongs to stack {other}: two stacks on one database would fill "
@@ -69,7 +75,7 @@ class RedisProvisioner:
         on it (the same one again, say) must not find old orders resting or old positions."""
         if self._holder() != plan.stack.owner:
             return []
-        try:
+        with self._reachable():
             removed = 0
             batch: list[bytes] = []
             for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1_000):
@@ -81,6 +87,4 @@ class RedisProvisioner:
             if batch:
                 removed += int(self.client.unlink(*batch))
             self.client.delete(OWNER_KEY)
-        except redis.RedisError as exc:
-            raise UnreachableError(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from exc
         return [Change("delete", "Redis", OWNER_KEY, f"database released, {removed} keys of the stack deleted")]
